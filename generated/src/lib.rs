@@ -1,0 +1,1 @@
+//! Typed bindings for Taskcluster exchanges (placeholder until generated).

@@ -1,0 +1,15 @@
+//! Runtime for typed AMQP topic-exchange bindings generated from Taskcluster
+//! exchange references (crate `taskcluster-exchanges`).
+//!
+//! - [`routing`]: routing-key patterns, concrete keys and their parsing.
+//! - [`binding`]: the traits generated code implements ([`Exchange`], [`Binding`], [`Message`], [`Decode`]).
+//! - [`broker`]: the broker abstraction and its implementations.
+#![deny(missing_docs)]
+
+pub mod binding;
+pub mod broker;
+pub mod routing;
+
+pub use binding::{Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message};
+pub use broker::{Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage};
+pub use routing::{RoutingKeyError, RoutingKeyErrorKind, RoutingKeyWord};
