@@ -201,6 +201,12 @@ pub struct PendingMessage {
 /// Every method that changes broker state returns only when the broker has
 /// done it: [`publish`](Broker::publish) returns after the broker confirmed.
 pub trait Broker: Clone + Send + Sync + 'static {
+    /// The full name of an application's named queue. Pulse requires
+    /// `queue/<user>/<name>` on RabbitMQ; the embedded broker keeps `name`.
+    fn qualify_queue_name(&self, name: &str) -> String {
+        name.to_owned()
+    }
+
     /// Declares a topic exchange.
     fn declare_exchange(
         &self,
