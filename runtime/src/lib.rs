@@ -4,11 +4,13 @@
 //! - [`routing`]: routing-key patterns, concrete keys and their parsing.
 //! - [`binding`]: the traits generated code implements ([`Exchange`], [`Binding`], [`Message`], [`Decode`]).
 //! - [`broker`]: the broker abstraction and its implementations.
+//! - [`topic`]: topic-exchange matching of routing keys against binding patterns.
 #![deny(missing_docs)]
 
 pub mod binding;
 pub mod broker;
 pub mod routing;
+pub mod topic;
 
 pub use binding::{Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message};
 pub use broker::{Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage};
