@@ -9,7 +9,10 @@
 
 pub mod binding;
 pub mod broker;
+pub mod consumer;
+pub mod publisher;
 pub mod routing;
+pub mod validate;
 pub mod topic;
 
 pub use binding::{Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message};
