@@ -4,6 +4,10 @@
 //!
 //! Consumers, publishers, queues and jobs are written once against [`Broker`].
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
+pub mod memory;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;

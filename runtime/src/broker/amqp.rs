@@ -1,0 +1,760 @@
+//! RabbitMQ (AMQP 0-9-1) broker over [`lapin`], following Pulse's conventions.
+//!
+//! - Named queues are `queue/<user>/<name>` ([`Broker::qualify_queue_name`]);
+//!   an unnamed queue (`declare_queue("")`) gets a client-generated name
+//!   `queue/<user>/ephemeral-<random>` and is exclusive and auto-deleted.
+//!   (Client-generated rather than server-named: Pulse only lets a user
+//!   configure `queue/<user>/...`, and the name survives reconnection.)
+//! - [`publish`](Broker::publish) waits for a publisher confirm; a nack is
+//!   [`BrokerError::QueueFull`] when publishing straight to a queue (the
+//!   default exchange; `x-overflow: reject-publish`), else [`BrokerError::NotConfirmed`].
+//!   Publishing to a missing queue through the default exchange is
+//!   [`BrokerError::QueueNotFound`] (mandatory flag).
+//! - [`publish_delayed`](Broker::publish_delayed) needs no plugin: the message
+//!   waits in a retry queue `<queue>.delay.<ms>` whose `x-message-ttl` dead-letters
+//!   it into `<queue>`. Delays are rounded *up* to tiers (at most 12.5 % late,
+//!   never early); unused tier queues expire (`x-expires`).
+//! - [`pending`](Broker::pending) takes every ready message with `basic.get` on a
+//!   temporary channel and closes it, which puts them back in order — but marks
+//!   them *redelivered*, and hides them from consumers meanwhile.
+//!
+//! # Connection recovery
+//!
+//! Recovery is this module's own, not lapin's: lapin 4's auto-recovery
+//! replays topology per channel and cannot re-declare server-named queues.
+//! A supervisor task watches the connection; when it dies, it reconnects with
+//! capped exponential backoff, replays every exchange, queue and binding
+//! declared through this broker, and publishes the new connection.
+//! Operations in flight wait for it (up to the configured operation timeout)
+//! and retry — so a publish whose confirm was lost is sent again
+//! (at-least-once). Consumers re-subscribe with the same prefetch and keep
+//! feeding the same [`DeliveryStream`]; deliveries from the dead connection
+//! fail to settle with [`BrokerError::AckFailed`] and are redelivered.
+
+mod config;
+mod convert;
+mod link;
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::protocol::{AMQPError, AMQPErrorKind};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, Confirmation, ExchangeKind};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
+use convert::{MAX_TTL_MS, Target, short};
+use link::{Link, LinkState, SupervisorHandles, Topology};
+
+use super::{
+    Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions,
+    OutgoingMessage, PendingMessage, QueueOptions,
+};
+
+/// A [`Broker`] on RabbitMQ. Cheap to clone; clones share one connection.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: AmqpConfig,
+    state: Arc<watch::Sender<LinkState>>,
+    topology: Arc<std::sync::Mutex<Topology>>,
+    recoveries: Arc<AtomicU64>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Ends the supervisor, which drops (and so closes) the connection.
+        self.state.send_replace(LinkState::Closed);
+    }
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("config", &self.shared.config)
+            .field("connected", &self.is_connected())
+            .field("recoveries", &self.recoveries())
+            .finish()
+    }
+}
+
+/// How an operation's lapin error is handled.
+enum Failure {
+    /// A channel-level AMQP error caused by this operation.
+    Soft(AMQPError),
+    /// The channel closed (someone else's error); the connection is fine: retry on a new channel.
+    ChannelLost(String),
+    /// The connection is gone: wait for recovery and retry.
+    ConnectionLost(String),
+}
+
+fn classify(error: &lapin::Error, link: &Link) -> Failure {
+    if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
+        && matches!(amqp.kind(), AMQPErrorKind::Soft(_))
+    {
+        return Failure::Soft(amqp.clone());
+    }
+    if link.is_up() {
+        Failure::ChannelLost(error.to_string())
+    } else {
+        link.broken.notify_one();
+        Failure::ConnectionLost(error.to_string())
+    }
+}
+
+/// How many fresh channels an operation tries when its channel is closed under it.
+const CHANNEL_RETRIES: u32 = 5;
+
+impl AmqpBroker {
+    /// Connects to RabbitMQ (one attempt: fails at once if it is unreachable)
+    /// and starts the supervisor that recovers the connection later.
+    pub async fn connect(config: AmqpConfig) -> Result<Self, BrokerError> {
+        let (link, events) = link::open(&config, 1).await?;
+        let state = Arc::new(watch::Sender::new(LinkState::Up(link.clone())));
+        let topology = Arc::new(std::sync::Mutex::new(Topology::default()));
+        let recoveries = Arc::new(AtomicU64::new(0));
+        let handles = SupervisorHandles {
+            config: config.clone(),
+            state: Arc::downgrade(&state),
+            topology: Arc::downgrade(&topology),
+            recoveries: recoveries.clone(),
+        };
+        tokio::spawn(link::supervise(handles, link, events));
+        Ok(AmqpBroker {
+            shared: Arc::new(Shared {
+                config,
+                state,
+                topology,
+                recoveries,
+            }),
+        })
+    }
+
+    /// Connects using [`AmqpConfig::from_url`].
+    pub async fn connect_url(url: &str) -> Result<Self, BrokerError> {
+        Self::connect(AmqpConfig::from_url(url)?).await
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AmqpConfig {
+        &self.shared.config
+    }
+
+    /// Whether the connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.shared.state.borrow(), LinkState::Up(link) if link.is_up())
+    }
+
+    /// How many times the connection was lost and re-established.
+    pub fn recoveries(&self) -> u64 {
+        self.shared.recoveries.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection. Operations afterwards fail with
+    /// [`BrokerError::Closed`]; consumers' streams end.
+    pub async fn close(&self) {
+        let previous = self.shared.state.send_replace(LinkState::Closed);
+        if let LinkState::Up(link) = previous
+            && link.is_up()
+        {
+            // Best effort: the server cleans up after a dropped connection as well.
+            let _ = link
+                .connection
+                .close(200, "closed by application".into())
+                .await;
+        }
+    }
+
+    fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
+        self.shared
+            .topology
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.shared.config.operation_timeout()
+    }
+
+    /// The current link, waiting for recovery until `deadline`.
+    async fn link(&self, deadline: Instant) -> Result<Arc<Link>, BrokerError> {
+        let mut watcher = self.shared.state.subscribe();
+        loop {
+            let last_failure = match &*watcher.borrow_and_update() {
+                LinkState::Up(link) if link.is_up() => return Ok(link.clone()),
+                LinkState::Up(link) => {
+                    link.broken.notify_one();
+                    "connection lost".to_owned()
+                }
+                LinkState::Down(reason) => reason.clone(),
+                LinkState::Closed => return Err(BrokerError::Closed),
+            };
+            // Short naps as well as change notifications: an `Up` link can die without a state change yet.
+            let nap = Instant::now() + Duration::from_millis(100);
+            match tokio::time::timeout_at(deadline.min(nap), watcher.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(BrokerError::Closed),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(BrokerError::Connection(format!(
+                        "not connected to {} after {:?}: {last_failure}",
+                        self.shared.config.endpoint(),
+                        self.shared.config.operation_timeout()
+                    )));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Runs `operation` on the current link; retries it on a fresh channel when
+    /// its channel was closed by someone else, and after recovery when the
+    /// connection dropped, until the operation timeout.
+    async fn run<T, F, Fut>(
+        &self,
+        what: &str,
+        target: &Target,
+        operation: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: Fn(Arc<Link>) -> Fut,
+        Fut: Future<Output = Result<T, lapin::Error>>,
+    {
+        let deadline = self.deadline();
+        let mut channel_failures = 0;
+        loop {
+            let link = self.link(deadline).await?;
+            let failure = match tokio::time::timeout_at(deadline, operation(link.clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => classify(&error, &link),
+                Err(_) => {
+                    return Err(BrokerError::Connection(format!(
+                        "{what} `{}`: no answer from {} within {:?}",
+                        target
+                            .queue
+                            .as_deref()
+                            .or(target.exchange.as_deref())
+                            .unwrap_or_default(),
+                        self.shared.config.endpoint(),
+                        self.shared.config.operation_timeout()
+                    )));
+                }
+            };
+            match failure {
+                Failure::Soft(error) => return Err(target.soft_error(what, &error)),
+                Failure::ChannelLost(reason) => {
+                    channel_failures += 1;
+                    if channel_failures > CHANNEL_RETRIES {
+                        return Err(BrokerError::Connection(format!(
+                            "{what}: channel keeps closing: {reason}"
+                        )));
+                    }
+                }
+                Failure::ConnectionLost(reason) => {
+                    tracing::debug!(%reason, "{what}: waiting for AMQP connection recovery");
+                }
+            }
+        }
+    }
+
+    /// Publishes on the shared confirm channel; see [`Broker::publish`].
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        let exchange_name = short("exchange", exchange)?;
+        let key = short("routing key", routing_key)?;
+        let properties = convert::properties(message)?;
+        // Straight to a queue: an unroutable message means the queue is missing.
+        let direct = exchange == DEFAULT_EXCHANGE;
+        let options = BasicPublishOptions {
+            mandatory: direct,
+            immediate: false,
+        };
+        let target = Target::exchange(exchange);
+        let not_confirmed = |reason: String| BrokerError::NotConfirmed {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            reason,
+        };
+        let deadline = self.deadline();
+        let mut channel_failures = 0;
+        loop {
+            let link = self.link(deadline).await?;
+            let attempt = async {
+                let channel = link.publisher().await?;
+                let confirm = channel
+                    .basic_publish(
+                        exchange_name.clone(),
+                        key.clone(),
+                        options,
+                        &message.body,
+                        properties.clone(),
+                    )
+                    .await?;
+                confirm.await
+            };
+            let failure = match tokio::time::timeout_at(deadline, attempt).await {
+                Err(_) => {
+                    return Err(not_confirmed(format!(
+                        "no confirm within {:?}",
+                        self.shared.config.operation_timeout()
+                    )));
+                }
+                Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
+                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                    return Err(if direct {
+                        BrokerError::QueueNotFound(routing_key.to_owned())
+                    } else {
+                        not_confirmed(format!("returned as unroutable: {}", returned.reply_text))
+                    });
+                }
+                Ok(Ok(Confirmation::Nack(_))) => {
+                    return Err(if direct {
+                        BrokerError::QueueFull(routing_key.to_owned())
+                    } else {
+                        not_confirmed(
+                            "rejected by the broker (a queue it routes to is full: x-overflow reject-publish)"
+                                .to_owned(),
+                        )
+                    });
+                }
+                Ok(Ok(Confirmation::NotRequested)) => {
+                    return Err(not_confirmed("channel not in confirm mode".to_owned()));
+                }
+                Ok(Err(error)) => classify(&error, &link),
+            };
+            match failure {
+                // The shared channel also fails for other publishers' errors: only ours are final.
+                Failure::Soft(error) if target.mentioned_in(&error) => {
+                    return Err(target.soft_error("publish to exchange", &error));
+                }
+                Failure::Soft(error) => {
+                    channel_failures += 1;
+                    if channel_failures > CHANNEL_RETRIES {
+                        return Err(not_confirmed(error.get_message().to_string()));
+                    }
+                }
+                Failure::ChannelLost(reason) => {
+                    channel_failures += 1;
+                    if channel_failures > CHANNEL_RETRIES {
+                        return Err(not_confirmed(reason));
+                    }
+                }
+                Failure::ConnectionLost(reason) => {
+                    tracing::debug!(%reason, "publish: waiting for AMQP connection recovery, then resending");
+                }
+            }
+        }
+    }
+
+    /// Opens a channel with `prefetch` and starts consuming `queue` on it.
+    async fn subscribe(
+        &self,
+        queue: &ShortString,
+        prefetch: u16,
+    ) -> Result<(Channel, lapin::Consumer), BrokerError> {
+        let target = Target::queue(queue.as_str());
+        self.run("consume queue", &target, |link| {
+            let queue = queue.clone();
+            async move {
+                let channel = link.channel().await?;
+                // lapin buffers without bound: prefetch is the only limit on in-flight deliveries.
+                channel
+                    .basic_qos(prefetch, BasicQosOptions { global: false })
+                    .await?;
+                let consumer = channel
+                    .basic_consume(
+                        queue,
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                Ok((channel, consumer))
+            }
+        })
+        .await
+    }
+}
+
+/// A fresh unique queue-name suffix (128 random bits, hex).
+fn random_suffix() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos());
+    let mut suffix = String::with_capacity(32);
+    for _ in 0..2 {
+        let mut hasher = RandomState::new().build_hasher();
+        hasher.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+        hasher.write_u128(nanos);
+        hasher.write_u32(std::process::id());
+        suffix.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    suffix
+}
+
+/// Forwards deliveries from `queue` into `sender` until the stream's receiver
+/// is dropped, re-subscribing after connection loss or a server-side cancel.
+async fn forward_deliveries(
+    broker: AmqpBroker,
+    queue: ShortString,
+    prefetch: u16,
+    sender: mpsc::Sender<Result<Delivery, BrokerError>>,
+    mut subscription: (Channel, lapin::Consumer),
+) {
+    loop {
+        let (channel, mut consumer) = subscription;
+        loop {
+            tokio::select! {
+                _ = sender.closed() => return, // Drops the consumer (basic.cancel) and closes its channel.
+                item = consumer.next() => match item {
+                    Some(Ok(delivery)) => {
+                        if sender.send(Ok(convert::delivery(delivery, None))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, queue = queue.as_str(), "AMQP consumer interrupted");
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+        drop(consumer);
+        drop(channel);
+        subscription = loop {
+            let attempt = tokio::select! {
+                _ = sender.closed() => return,
+                attempt = broker.subscribe(&queue, prefetch) => attempt,
+            };
+            match attempt {
+                Ok(subscription) => break subscription,
+                // Still reconnecting: keep waiting; the supervisor logs the failures.
+                Err(BrokerError::Connection(reason)) => {
+                    tracing::debug!(%reason, queue = queue.as_str(), "AMQP consumer waiting for the broker");
+                }
+                Err(error) => {
+                    let _ = sender.send(Err(error)).await;
+                    return;
+                }
+            }
+        };
+    }
+}
+
+impl Broker for AmqpBroker {
+    fn qualify_queue_name(&self, name: &str) -> String {
+        format!("queue/{}/{name}", self.shared.config.username())
+    }
+
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        let exchange = short("exchange", name)?;
+        let target = Target::exchange(name);
+        let what = if options.passive {
+            "check exchange"
+        } else {
+            "declare exchange"
+        };
+        self.run(what, &target, |link| {
+            let exchange = exchange.clone();
+            async move {
+                let channel = link.channel().await?;
+                channel
+                    .exchange_declare(
+                        exchange,
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            passive: options.passive,
+                            durable: options.durable,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        })
+        .await?;
+        if !options.passive {
+            self.topology().exchanges.insert(name.to_owned(), options);
+        }
+        Ok(())
+    }
+
+    async fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<String, BrokerError> {
+        let (name, options) = if name.is_empty() {
+            let name = self.qualify_queue_name(&format!("ephemeral-{}", random_suffix()));
+            let options = QueueOptions {
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                ..options
+            };
+            (name, options)
+        } else {
+            (name.to_owned(), options)
+        };
+        let queue = short("queue", &name)?;
+        let arguments = convert::queue_arguments(&name, &options)?;
+        let declare_options = QueueDeclareOptions {
+            passive: false,
+            durable: options.durable,
+            exclusive: options.exclusive,
+            auto_delete: options.auto_delete,
+            nowait: false,
+        };
+        // Recorded before declaring so a recovery racing with this call restores it too.
+        let previous = self.topology().queues.insert(name.clone(), options);
+        let result = self
+            .run("declare queue", &Target::queue(&name), |link| {
+                let (queue, arguments) = (queue.clone(), arguments.clone());
+                async move {
+                    let channel = link.channel().await?;
+                    channel
+                        .queue_declare(queue, declare_options, arguments)
+                        .await
+                }
+            })
+            .await;
+        match result {
+            Ok(_) => Ok(name),
+            Err(error) => {
+                let mut topology = self.topology();
+                match previous {
+                    Some(previous) => topology.queues.insert(name, previous),
+                    None => topology.queues.remove(&name),
+                };
+                Err(error)
+            }
+        }
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let queue = short("queue", name)?;
+        let target = Target::queue(name);
+        // RabbitMQ deletes a missing queue without complaint; the contract reports it.
+        self.run("delete queue", &target, |link| {
+            let queue = queue.clone();
+            async move {
+                let channel = link.channel().await?;
+                channel
+                    .queue_declare(
+                        queue.clone(),
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_delete(queue, QueueDeleteOptions::default())
+                    .await
+            }
+        })
+        .await?;
+        let mut topology = self.topology();
+        topology.queues.remove(name);
+        topology.bindings.retain(|(queue, _, _)| queue != name);
+        Ok(())
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        pattern: &str,
+    ) -> Result<(), BrokerError> {
+        let queue_name = short("queue", queue)?;
+        let exchange_name = short("exchange", exchange)?;
+        let key = short("routing-key pattern", pattern)?;
+        self.run("bind queue", &Target::binding(queue, exchange), |link| {
+            let (queue_name, exchange_name, key) =
+                (queue_name.clone(), exchange_name.clone(), key.clone());
+            async move {
+                let channel = link.channel().await?;
+                channel
+                    .queue_bind(
+                        queue_name,
+                        exchange_name,
+                        key,
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        })
+        .await?;
+        self.topology().bindings.insert((
+            queue.to_owned(),
+            exchange.to_owned(),
+            pattern.to_owned(),
+        ));
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        self.publish_confirmed(exchange, routing_key, &message)
+            .await
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: OutgoingMessage,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let delay_ms = u64::try_from(convert::millis(queue, delay)?).unwrap_or(u64::MAX);
+        if delay_ms == 0 {
+            return self
+                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message)
+                .await;
+        }
+        let tier_ms = convert::delay_tier_ms(delay_ms);
+        let tier_ms_signed = i64::try_from(tier_ms).unwrap_or(i64::MAX).min(MAX_TTL_MS);
+        let delay_queue = format!("{queue}.delay.{tier_ms}");
+        let target_queue = short("queue", queue)?;
+        let delay_queue_name = short("delay queue", &delay_queue)?;
+        let mut arguments = FieldTable::default();
+        arguments.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(tier_ms_signed),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.as_bytes().into()),
+        );
+        // Each use re-declares the tier queue, renewing its lease; it outlives its last message by a minute at least.
+        let expires = tier_ms_signed
+            .saturating_mul(2)
+            .max(tier_ms_signed + 60_000)
+            .min(MAX_TTL_MS);
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+        self.run("delay queue for", &Target::queue(queue), |link| {
+            let (target_queue, delay_queue_name, arguments) = (
+                target_queue.clone(),
+                delay_queue_name.clone(),
+                arguments.clone(),
+            );
+            async move {
+                let channel = link.channel().await?;
+                // The target must exist now: a message dead-lettered to a missing queue vanishes.
+                channel
+                    .queue_declare(
+                        target_queue,
+                        QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .queue_declare(
+                        delay_queue_name,
+                        QueueDeclareOptions {
+                            durable: true,
+                            ..Default::default()
+                        },
+                        arguments,
+                    )
+                    .await
+            }
+        })
+        .await?;
+        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &message)
+            .await
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<DeliveryStream, BrokerError> {
+        if prefetch == 0 {
+            return Err(BrokerError::Invalid(format!(
+                "consume queue `{queue}`: prefetch must be at least 1 (0 would mean unlimited)"
+            )));
+        }
+        let queue_name = short("queue", queue)?;
+        let subscription = self.subscribe(&queue_name, prefetch).await?;
+        let (sender, receiver) = mpsc::channel(usize::from(prefetch));
+        tokio::spawn(forward_deliveries(
+            self.clone(),
+            queue_name,
+            prefetch,
+            sender,
+            subscription,
+        ));
+        Ok(DeliveryStream::new(receiver))
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        let queue_name = short("queue", queue)?;
+        let got = self
+            .run("get from queue", &Target::queue(queue), |link| {
+                let queue_name = queue_name.clone();
+                async move {
+                    // A channel of its own: its close requeues the message if the delivery is dropped unsettled.
+                    let channel = link.channel().await?;
+                    let message = channel
+                        .basic_get(queue_name, BasicGetOptions { no_ack: false })
+                        .await?;
+                    Ok(message.map(|message| (message, channel)))
+                }
+            })
+            .await?;
+        Ok(got.map(|(message, channel)| convert::delivery(message.delivery, Some(channel))))
+    }
+
+    async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
+        let queue_name = short("queue", queue)?;
+        self.run("list pending in queue", &Target::queue(queue), |link| {
+            let queue_name = queue_name.clone();
+            async move {
+                let channel = link.channel().await?;
+                let mut messages = Vec::new();
+                while let Some(message) = channel
+                    .basic_get(queue_name.clone(), BasicGetOptions { no_ack: false })
+                    .await?
+                {
+                    messages.push(convert::pending(message.delivery));
+                }
+                // Closing the channel requeues them all, in their original order.
+                channel.close(200, "listed".into()).await?;
+                Ok(messages)
+            }
+        })
+        .await
+    }
+}

@@ -1,0 +1,367 @@
+//! One live AMQP connection ("link"), the topology to replay on a new one,
+//! and the supervisor task that reconnects with backoff.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
+use tokio::sync::{Mutex, Notify, watch};
+
+use super::config::AmqpConfig;
+use super::convert::queue_arguments;
+use crate::broker::{BrokerError, ExchangeOptions, QueueOptions};
+
+/// An open connection plus the long-lived channels shared by operations.
+pub(crate) struct Link {
+    /// Counts connections made by this broker: 1 for the first.
+    pub(crate) generation: u64,
+    pub(crate) connection: Connection,
+    /// Confirm-mode channel shared by concurrent publishes; reopened when closed.
+    publisher: Mutex<Option<Channel>>,
+    /// Woken by operations that saw the connection fail, so the supervisor reacts at once.
+    pub(crate) broken: Notify,
+}
+
+impl Link {
+    pub(crate) fn is_up(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// A fresh channel, for operations whose failure closes their channel.
+    pub(crate) async fn channel(&self) -> Result<Channel, lapin::Error> {
+        self.connection.create_channel().await
+    }
+
+    /// The shared publisher channel, in confirm mode.
+    pub(crate) async fn publisher(&self) -> Result<Channel, lapin::Error> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+/// The state operations look at to find the connection.
+#[derive(Clone)]
+pub(crate) enum LinkState {
+    /// Connected, topology replayed.
+    Up(Arc<Link>),
+    /// Reconnecting; the last failure.
+    Down(String),
+    /// [`AmqpBroker::close`](super::AmqpBroker::close) was called.
+    Closed,
+}
+
+/// Declarations made through this broker, replayed on every new connection.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Topology {
+    pub(crate) exchanges: BTreeMap<String, ExchangeOptions>,
+    pub(crate) queues: BTreeMap<String, QueueOptions>,
+    /// `(queue, exchange, pattern)`.
+    pub(crate) bindings: BTreeSet<(String, String, String)>,
+}
+
+/// Connection events (errors, blocked, ...).
+pub(crate) type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
+
+/// Opens a connection and returns it with its event stream (created before
+/// anything can fail, so no error event is missed).
+pub(crate) async fn open(
+    config: &AmqpConfig,
+    generation: u64,
+) -> Result<(Arc<Link>, Events), BrokerError> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(config.connection_name().into());
+    let connect = Connection::connect_uri(config.lapin_uri(), properties);
+    let connection = match tokio::time::timeout(config.connect_timeout(), connect).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            return Err(BrokerError::Connection(format!(
+                "cannot connect to {} as `{}`: {error}",
+                config.endpoint(),
+                config.username()
+            )));
+        }
+        Err(_) => {
+            return Err(BrokerError::Connection(format!(
+                "cannot connect to {} as `{}`: no answer within {:?}",
+                config.endpoint(),
+                config.username(),
+                config.connect_timeout()
+            )));
+        }
+    };
+    let events: Events = Box::pin(connection.events_listener());
+    let link = Arc::new(Link {
+        generation,
+        connection,
+        publisher: Mutex::new(None),
+        broken: Notify::new(),
+    });
+    Ok((link, events))
+}
+
+/// Why a replay stopped.
+enum ReplayError {
+    /// The new connection died too: reconnect again.
+    ConnectionLost(lapin::Error),
+}
+
+/// Re-declares `topology` on `link`. Items that fail with a channel-level error
+/// (an exchange deleted behind our back, a conflicting redeclaration) are logged
+/// and skipped so one bad item cannot block recovery of the rest.
+pub(crate) async fn replay(link: &Link, topology: &Topology) -> Result<(), BrokerError> {
+    match replay_inner(link, topology).await {
+        Ok(()) => Ok(()),
+        Err(ReplayError::ConnectionLost(error)) => Err(BrokerError::Connection(format!(
+            "connection lost while restoring topology: {error}"
+        ))),
+    }
+}
+
+async fn replay_inner(link: &Link, topology: &Topology) -> Result<(), ReplayError> {
+    let mut channel = link.channel().await.map_err(ReplayError::ConnectionLost)?;
+    for (name, options) in &topology.exchanges {
+        let declare = |channel: Channel| {
+            let name = name.clone();
+            let options = *options;
+            async move {
+                channel
+                    .exchange_declare(
+                        name.into(),
+                        ExchangeKind::Topic,
+                        ExchangeDeclareOptions {
+                            passive: false,
+                            durable: options.durable,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        };
+        retry_item(link, &mut channel, &format!("exchange `{name}`"), declare).await?;
+    }
+    for (name, options) in &topology.queues {
+        let Ok(arguments) = queue_arguments(name, options) else {
+            continue; // Validated when first declared.
+        };
+        let declare = |channel: Channel| {
+            let name = name.clone();
+            let arguments = arguments.clone();
+            let options = QueueDeclareOptions {
+                passive: false,
+                durable: options.durable,
+                exclusive: options.exclusive,
+                auto_delete: options.auto_delete,
+                nowait: false,
+            };
+            async move {
+                channel
+                    .queue_declare(name.into(), options, arguments)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        retry_item(link, &mut channel, &format!("queue `{name}`"), declare).await?;
+    }
+    for (queue, exchange, pattern) in &topology.bindings {
+        let bind = |channel: Channel| {
+            let (queue, exchange, pattern) = (queue.clone(), exchange.clone(), pattern.clone());
+            async move {
+                channel
+                    .queue_bind(
+                        queue.into(),
+                        exchange.into(),
+                        pattern.into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+        };
+        let what = format!("binding of queue `{queue}` to exchange `{exchange}` by `{pattern}`");
+        retry_item(link, &mut channel, &what, bind).await?;
+    }
+    Ok(())
+}
+
+/// Runs one replay step; on a channel error opens a fresh channel. An exclusive
+/// queue of the dead connection may linger briefly (RESOURCE_LOCKED): retried.
+async fn retry_item<F, Fut>(
+    link: &Link,
+    channel: &mut Channel,
+    what: &str,
+    step: F,
+) -> Result<(), ReplayError>
+where
+    F: Fn(Channel) -> Fut,
+    Fut: Future<Output = Result<(), lapin::Error>>,
+{
+    const LOCKED_RETRIES: u32 = 50;
+    let mut attempt = 0;
+    loop {
+        let error = match step(channel.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if !link.is_up() {
+            return Err(ReplayError::ConnectionLost(error));
+        }
+        *channel = link.channel().await.map_err(ReplayError::ConnectionLost)?;
+        let locked = matches!(
+            error.kind(),
+            lapin::ErrorKind::ProtocolError(amqp)
+                if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED))
+        );
+        if locked && attempt < LOCKED_RETRIES {
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        tracing::error!(%error, "AMQP recovery could not restore {what}; skipping it");
+        return Ok(());
+    }
+}
+
+/// Shared pieces the supervisor needs; it holds the broker weakly so dropping
+/// every broker handle ends it.
+pub(crate) struct SupervisorHandles {
+    pub(crate) config: AmqpConfig,
+    pub(crate) state: Weak<watch::Sender<LinkState>>,
+    pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
+    pub(crate) recoveries: Arc<AtomicU64>,
+}
+
+/// Watches `link`; when it dies, reconnects with capped exponential backoff,
+/// replays the topology and publishes the new link. Ends when the broker is
+/// closed or dropped.
+pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, mut events: Events) {
+    let SupervisorHandles {
+        config,
+        state,
+        topology,
+        recoveries,
+    } = handles;
+    loop {
+        // Wait for the link to die (or the broker to go away).
+        let mut poll = tokio::time::interval(Duration::from_millis(250));
+        let reason = loop {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            let mut watcher = state.subscribe();
+            drop(state);
+            if matches!(*watcher.borrow_and_update(), LinkState::Closed) {
+                return;
+            }
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(Event::Error(error)) if !link.is_up() => break error.to_string(),
+                    None if !link.is_up() => break "connection ended".to_owned(),
+                    Some(_) => {}
+                    None => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
+                _ = link.broken.notified() => {}
+                _ = poll.tick() => {}
+                _ = watcher.changed() => {}
+            }
+            if !link.is_up() {
+                break "connection closed".to_owned();
+            }
+        };
+        tracing::warn!(
+            endpoint = %config.endpoint(),
+            generation = link.generation,
+            %reason,
+            "AMQP connection lost; reconnecting"
+        );
+        let Some(sender) = state.upgrade() else {
+            return;
+        };
+        if matches!(*sender.borrow(), LinkState::Closed) {
+            return;
+        }
+        sender.send_replace(LinkState::Down(reason));
+        drop(sender);
+        drop(link);
+
+        let mut attempt = 0;
+        let generation = recoveries.load(Ordering::SeqCst) + 2;
+        (link, events) = loop {
+            let Some(sender) = state.upgrade() else {
+                return;
+            };
+            if matches!(*sender.borrow(), LinkState::Closed) {
+                return;
+            }
+            let mut closed = sender.subscribe();
+            drop(sender);
+            let delay = config.backoff(attempt);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = closed.wait_for(|state| matches!(state, LinkState::Closed)) => return,
+            }
+            attempt = attempt.saturating_add(1);
+            let (candidate, candidate_events) = match open(&config, generation).await {
+                Ok(opened) => opened,
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "AMQP reconnect failed");
+                    set_down(&state, error.to_string());
+                    continue;
+                }
+            };
+            let Some(snapshot) = topology
+                .upgrade()
+                .map(|topology| topology.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            else {
+                return;
+            };
+            match replay(&candidate, &snapshot).await {
+                Ok(()) => break (candidate, candidate_events),
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "AMQP topology replay failed");
+                    set_down(&state, error.to_string());
+                }
+            }
+        };
+        let Some(sender) = state.upgrade() else {
+            return;
+        };
+        if matches!(*sender.borrow(), LinkState::Closed) {
+            return;
+        }
+        recoveries.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(endpoint = %config.endpoint(), generation = link.generation, "AMQP connection recovered");
+        sender.send_replace(LinkState::Up(link.clone()));
+    }
+}
+
+fn set_down(state: &Weak<watch::Sender<LinkState>>, reason: String) {
+    if let Some(sender) = state.upgrade() {
+        sender.send_if_modified(|current| {
+            if matches!(current, LinkState::Closed) {
+                false
+            } else {
+                *current = LinkState::Down(reason);
+                true
+            }
+        });
+    }
+}
