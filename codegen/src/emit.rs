@@ -31,7 +31,9 @@ pub enum Manifest {
     },
 }
 
-/// Every generated file by path relative to the crate root (`src/queue.rs`).
+/// Every generated file by path relative to the crate root (`src/queue.rs`):
+/// `Cargo.toml`, `src/lib.rs`, one `src/<module>.rs` per service and
+/// `src/rustfmt.toml` (which keeps `cargo fmt` off the generated code).
 pub fn emit(
     model: &Model,
     schemas: &SchemaSet,
@@ -40,6 +42,14 @@ pub fn emit(
     let mut files = BTreeMap::new();
     files.insert("Cargo.toml".to_owned(), cargo_toml(model, manifest));
     files.insert("src/lib.rs".to_owned(), lib_file(model)?);
+    files.insert(
+        "src/rustfmt.toml".to_owned(),
+        format!(
+            "{}# The code here is formatted by prettyplease as it is generated; `cargo fmt` leaves it so.\n\
+             disable_all_formatting = true\n",
+            header("references/").replacen("//", "#", 1)
+        ),
+    );
     for service in &model.services {
         files.insert(
             format!("src/{}.rs", service.module),
@@ -105,8 +115,8 @@ fn format_file(file: &str, tokens: TokenStream, source: &str) -> Result<String, 
 
 /// Puts a blank line between top-level items (prettyplease leaves none).
 ///
-/// An item ends at a column-0 line that is `}` or ends with `;` (a raw-string
-/// schema literal ends with `}"#;` there, and its inner lines are indented),
+/// An item ends at a column-0 line that is `}` or ends with `;` (but not the
+/// `}"#;` closing a schema literal, whose other lines are indented),
 /// an inner attribute at its closing `]`, inner docs at their last `//!` line.
 fn separate_items(code: &str) -> String {
     let lines: Vec<&str> = code.lines().collect();
@@ -124,7 +134,8 @@ fn separate_items(code: &str) -> String {
                 line.ends_with(']')
             } else {
                 *line == "}"
-                    || (line.ends_with(';') && !line.starts_with("//"))
+                    // `}"#;` closes a schema literal inside an `impl`, not an item.
+                    || (line.ends_with(';') && !line.starts_with("//") && !line.starts_with("}\""))
                     || (line.starts_with("//!")
                         && !lines
                             .get(index + 1)
