@@ -10,7 +10,9 @@
 pub mod binding;
 pub mod broker;
 pub mod consumer;
+pub mod jobs;
 pub mod publisher;
+pub mod queue;
 pub mod routing;
 pub mod validate;
 pub mod topic;

@@ -1,0 +1,687 @@
+//! A work queue on any [`Broker`], after tsuru's `Q`: put with a delay, get
+//! with a timeout, delete, release with a delay, and a handler with
+//! start/stop/wait.
+//!
+//! # Semantics
+//!
+//! - The queue is durable, named [`Broker::qualify_queue_name`] of the given
+//!   name, with a durable dead-letter queue `<full name>.dead`.
+//! - [`WorkQueue::get`] waits for a message without polling: it subscribes to
+//!   the queue with prefetch 1 and waits for the first delivery up to the
+//!   timeout. The subscription lives inside the returned [`QueuedMessage`]
+//!   until it is deleted or released, so a message that is dropped unsettled
+//!   goes back to the queue (flagged redelivered). (Each `get` thus costs one
+//!   subscribe/cancel on the broker.)
+//! - [`WorkQueue::release`] first puts a copy back (after the delay) with its
+//!   attempt count plus one, then acknowledges the original: a crash in
+//!   between can duplicate the message but never lose it.
+//! - Attempts are counted in our own header [`ATTEMPTS_HEADER`]
+//!   (`tc-attempts`), never in an `x-` header, which RabbitMQ reserves.
+//! - [`WorkQueue::handler`] runs a function for each message: `Ok` deletes
+//!   it; an error (or a panic) releases it after an exponential backoff, and
+//!   after [`HandlerOptions::max_attempts`] failures moves it to the
+//!   dead-letter queue with the last error in [`LAST_ERROR_HEADER`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+
+use crate::broker::{
+    AckHandle, BoxFuture, Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream,
+    OutgoingMessage, PendingMessage, QueueOptions,
+};
+use crate::consumer::{
+    DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, Phase, Runner, RunnerConfig,
+    panic_message,
+};
+
+/// Header counting how many times a message was released (failed) before.
+pub const ATTEMPTS_HEADER: &str = "tc-attempts";
+
+/// Header holding the error of a message's last failed attempt.
+pub const LAST_ERROR_HEADER: &str = "tc-last-error";
+
+/// A message to put into a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueMessage {
+    /// The body.
+    pub body: Vec<u8>,
+    /// An identifier, kept across releases.
+    pub message_id: Option<String>,
+    /// Application headers (never `x-` names; `tc-` names are the runtime's).
+    pub headers: BTreeMap<String, String>,
+}
+
+impl QueueMessage {
+    /// A message with this body and no id or headers.
+    pub fn new(body: impl Into<Vec<u8>>) -> Self {
+        QueueMessage {
+            body: body.into(),
+            ..QueueMessage::default()
+        }
+    }
+
+    /// Sets the message id.
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.message_id = Some(id.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+}
+
+/// A message taken from a queue, as a handler sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    /// The message as it was put (headers include the runtime's `tc-` ones).
+    pub message: QueueMessage,
+    /// How many times it was released before (from [`ATTEMPTS_HEADER`]).
+    pub attempts: u32,
+    /// Whether the broker delivered it before without it being settled
+    /// (a consumer went away, or a stop interrupted its handler).
+    pub redelivered: bool,
+}
+
+impl Received {
+    pub(crate) fn from_delivery(queue: &str, delivery: Delivery) -> (Self, Box<dyn AckHandle>) {
+        let attempts = parse_attempts(queue, &delivery.headers);
+        let received = Received {
+            message: QueueMessage {
+                body: delivery.body,
+                message_id: delivery.message_id,
+                headers: delivery.headers,
+            },
+            attempts,
+            redelivered: delivery.redelivered,
+        };
+        (received, delivery.acker)
+    }
+
+    /// The error of the last failed attempt, if it was recorded.
+    pub fn last_error(&self) -> Option<&str> {
+        self.message
+            .headers
+            .get(LAST_ERROR_HEADER)
+            .map(String::as_str)
+    }
+}
+
+fn parse_attempts(queue: &str, headers: &BTreeMap<String, String>) -> u32 {
+    match headers.get(ATTEMPTS_HEADER) {
+        None => 0,
+        Some(text) => text.parse().unwrap_or_else(|_| {
+            tracing::warn!(%queue, value = %text, "unreadable `{ATTEMPTS_HEADER}` header; counting 0 attempts");
+            0
+        }),
+    }
+}
+
+/// A message taken with [`WorkQueue::get`]: settle it with
+/// [`WorkQueue::delete`] or [`WorkQueue::release`]. Dropping it unsettled
+/// returns it to the queue.
+pub struct QueuedMessage {
+    received: Received,
+    acker: Box<dyn AckHandle>,
+    /// The subscription the message came through: kept open until the
+    /// message is settled, because closing it returns the message to the queue.
+    _subscription: DeliveryStream,
+}
+
+impl fmt::Debug for QueuedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QueuedMessage")
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::ops::Deref for QueuedMessage {
+    type Target = Received;
+
+    fn deref(&self) -> &Received {
+        &self.received
+    }
+}
+
+/// A queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The broker failed.
+    #[error("queue `{queue}`: {operation} failed: {source}")]
+    Broker {
+        /// The queue's full name.
+        queue: String,
+        /// What was being done (`put`, `get`, `release`, ...).
+        operation: &'static str,
+        /// The broker's error.
+        source: BrokerError,
+    },
+    /// A message carries a header the broker would drop or misread.
+    #[error("queue `{queue}`: header `{header}` is not allowed ({reason})")]
+    InvalidHeader {
+        /// The queue's full name.
+        queue: String,
+        /// The header name.
+        header: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A handler option is out of range.
+    #[error("queue `{queue}`: invalid handler option: {reason}")]
+    InvalidOption {
+        /// The queue's full name.
+        queue: String,
+        /// Why.
+        reason: String,
+    },
+    /// [`QueueHandler::stop`] was called while the handler was not running.
+    #[error("handler of queue `{queue}` is not running")]
+    NotRunning {
+        /// The queue's full name.
+        queue: String,
+    },
+}
+
+/// Exponential backoff: `base * 2^attempt`, at most `cap`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay after the first failure.
+    pub base: Duration,
+    /// The longest delay.
+    pub cap: Duration,
+}
+
+impl Backoff {
+    /// The delay before retrying after `attempt` earlier failures (0 for the first failure).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
+        self.base.checked_mul(factor).unwrap_or(self.cap).min(self.cap)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+        }
+    }
+}
+
+/// How a [`QueueHandler`] runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerOptions {
+    /// Messages handled at once (also the prefetch). Default 1.
+    pub concurrency: u16,
+    /// Failures after which a message is dead-lettered; `None` retries forever. Default 5.
+    pub max_attempts: Option<u32>,
+    /// Delay before a failed message is retried.
+    pub backoff: Backoff,
+    /// How long `stop` lets running handlers finish before dropping them
+    /// (their messages go back to the queue, not counted as attempts). Default: no limit.
+    pub drain_timeout: Option<Duration>,
+}
+
+impl Default for HandlerOptions {
+    fn default() -> Self {
+        HandlerOptions {
+            concurrency: 1,
+            max_attempts: Some(5),
+            backoff: Backoff::default(),
+            drain_timeout: None,
+        }
+    }
+}
+
+struct QueueInner<B> {
+    broker: B,
+    name: String,
+    dead_letter: String,
+}
+
+/// A durable work queue; see the [module docs](self). Cheap to clone.
+pub struct WorkQueue<B: Broker> {
+    inner: Arc<QueueInner<B>>,
+}
+
+impl<B: Broker> Clone for WorkQueue<B> {
+    fn clone(&self) -> Self {
+        WorkQueue {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B: Broker> fmt::Debug for WorkQueue<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkQueue")
+            .field("name", &self.inner.name)
+            .field("dead_letter", &self.inner.dead_letter)
+            .finish()
+    }
+}
+
+impl<B: Broker> WorkQueue<B> {
+    /// Declares the queue `name` (qualified by [`Broker::qualify_queue_name`])
+    /// and its dead-letter queue.
+    pub async fn open(broker: B, name: &str) -> Result<Self, QueueError> {
+        let full = broker.qualify_queue_name(name);
+        let dead_letter = format!("{full}{DEAD_LETTER_SUFFIX}");
+        let queue = WorkQueue {
+            inner: Arc::new(QueueInner {
+                broker,
+                name: full,
+                dead_letter,
+            }),
+        };
+        queue
+            .declare()
+            .await
+            .map_err(|source| queue.error("declare", source))?;
+        Ok(queue)
+    }
+
+    pub(crate) async fn declare(&self) -> Result<String, BrokerError> {
+        let inner = &self.inner;
+        let durable = QueueOptions {
+            durable: true,
+            ..QueueOptions::default()
+        };
+        inner
+            .broker
+            .declare_queue(&inner.dead_letter, durable.clone())
+            .await?;
+        let options = QueueOptions {
+            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+            dead_letter_routing_key: Some(inner.dead_letter.clone()),
+            ..durable
+        };
+        inner.broker.declare_queue(&inner.name, options).await
+    }
+
+    pub(crate) fn error(&self, operation: &'static str, source: BrokerError) -> QueueError {
+        QueueError::Broker {
+            queue: self.inner.name.clone(),
+            operation,
+            source,
+        }
+    }
+
+    /// The queue's full name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The full name of the dead-letter queue.
+    pub fn dead_letter_queue(&self) -> &str {
+        &self.inner.dead_letter
+    }
+
+    /// The broker the queue lives on.
+    pub fn broker(&self) -> &B {
+        &self.inner.broker
+    }
+
+    /// Puts a message into the queue, visible after `delay` (zero: at once).
+    /// Returns once the broker holds it.
+    pub async fn put(&self, message: QueueMessage, delay: Duration) -> Result<(), QueueError> {
+        if let Some(header) = message
+            .headers
+            .keys()
+            .find(|name| name.to_ascii_lowercase().starts_with("x-"))
+        {
+            return Err(QueueError::InvalidHeader {
+                queue: self.inner.name.clone(),
+                header: header.clone(),
+                reason: "`x-` headers are reserved by RabbitMQ",
+            });
+        }
+        let outgoing = outgoing(message);
+        self.inner
+            .broker
+            .publish_delayed(&self.inner.name, outgoing, delay)
+            .await
+            .map_err(|source| self.error("put", source))
+    }
+
+    /// Takes the next message, waiting up to `timeout` for one; `None` if
+    /// none came. The message must then be deleted or released.
+    pub async fn get(&self, timeout: Duration) -> Result<Option<QueuedMessage>, QueueError> {
+        let broker = &self.inner.broker;
+        let mut subscription = broker
+            .consume(&self.inner.name, 1)
+            .await
+            .map_err(|source| self.error("get", source))?;
+        match tokio::time::timeout(timeout, subscription.next()).await {
+            Err(_elapsed) => Ok(None),
+            Ok(Some(Ok(delivery))) => {
+                let (received, acker) = Received::from_delivery(&self.inner.name, delivery);
+                Ok(Some(QueuedMessage {
+                    received,
+                    acker,
+                    _subscription: subscription,
+                }))
+            }
+            Ok(Some(Err(source))) => Err(self.error("get", source)),
+            Ok(None) => Err(self.error(
+                "get",
+                BrokerError::Connection("the subscription ended".to_owned()),
+            )),
+        }
+    }
+
+    /// Deletes (acknowledges) a message taken with [`get`](Self::get).
+    pub async fn delete(&self, message: QueuedMessage) -> Result<(), QueueError> {
+        message
+            .acker
+            .ack()
+            .await
+            .map_err(|source| self.error("delete", source))
+    }
+
+    /// Puts a message taken with [`get`](Self::get) back into the queue,
+    /// visible after `delay`, with its attempt count plus one.
+    pub async fn release(&self, message: QueuedMessage, delay: Duration) -> Result<(), QueueError> {
+        self.release_parts(&message.received, &*message.acker, delay, None)
+            .await
+    }
+
+    /// Moves a message taken with [`get`](Self::get) to the dead-letter
+    /// queue, recording `error` in its [`LAST_ERROR_HEADER`].
+    pub async fn dead_letter(&self, message: QueuedMessage, error: &str) -> Result<(), QueueError> {
+        self.dead_letter_parts(&message.received, &*message.acker, error)
+            .await
+    }
+
+    /// The messages waiting in the queue, oldest first (messages still
+    /// waiting out a delay are not listed).
+    pub async fn pending(&self) -> Result<Vec<PendingMessage>, QueueError> {
+        self.inner
+            .broker
+            .pending(&self.inner.name)
+            .await
+            .map_err(|source| self.error("pending", source))
+    }
+
+    /// The messages in the dead-letter queue, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<PendingMessage>, QueueError> {
+        self.inner
+            .broker
+            .pending(&self.inner.dead_letter)
+            .await
+            .map_err(|source| self.error("dead_letters", source))
+    }
+
+    /// Publishes a copy with one more attempt (and the last error) after
+    /// `delay`, then acknowledges the original.
+    pub(crate) async fn release_parts(
+        &self,
+        received: &Received,
+        acker: &dyn AckHandle,
+        delay: Duration,
+        last_error: Option<&str>,
+    ) -> Result<(), QueueError> {
+        let mut copy = received.message.clone();
+        copy.headers.insert(
+            ATTEMPTS_HEADER.to_owned(),
+            received.attempts.saturating_add(1).to_string(),
+        );
+        if let Some(error) = last_error {
+            copy.headers
+                .insert(LAST_ERROR_HEADER.to_owned(), error.to_owned());
+        }
+        self.inner
+            .broker
+            .publish_delayed(&self.inner.name, outgoing(copy), delay)
+            .await
+            .map_err(|source| self.error("release", source))?;
+        acker
+            .ack()
+            .await
+            .map_err(|source| self.error("release (acknowledging the original)", source))
+    }
+
+    /// Publishes a copy carrying `error` into the dead-letter queue, then
+    /// acknowledges the original.
+    pub(crate) async fn dead_letter_parts(
+        &self,
+        received: &Received,
+        acker: &dyn AckHandle,
+        error: &str,
+    ) -> Result<(), QueueError> {
+        let mut copy = received.message.clone();
+        copy.headers.insert(
+            ATTEMPTS_HEADER.to_owned(),
+            received.attempts.saturating_add(1).to_string(),
+        );
+        copy.headers
+            .insert(LAST_ERROR_HEADER.to_owned(), error.to_owned());
+        self.inner
+            .broker
+            .publish_delayed(&self.inner.dead_letter, outgoing(copy), Duration::ZERO)
+            .await
+            .map_err(|source| self.error("dead-letter", source))?;
+        acker
+            .ack()
+            .await
+            .map_err(|source| self.error("dead-letter (acknowledging the original)", source))
+    }
+
+    /// A handler running `handle` for each message of the queue, with the
+    /// default [`HandlerOptions`]; start it with [`QueueHandler::start`].
+    pub fn handler<F, Fut>(&self, handle: F) -> QueueHandler<B>
+    where
+        F: Fn(Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.build_handler(HandlerOptions::default(), handle)
+    }
+
+    /// A handler with the given options.
+    pub fn handler_with<F, Fut>(
+        &self,
+        options: HandlerOptions,
+        handle: F,
+    ) -> Result<QueueHandler<B>, QueueError>
+    where
+        F: Fn(Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        if options.concurrency == 0 {
+            return Err(QueueError::InvalidOption {
+                queue: self.inner.name.clone(),
+                reason: "concurrency must be at least 1".to_owned(),
+            });
+        }
+        if options.max_attempts == Some(0) {
+            return Err(QueueError::InvalidOption {
+                queue: self.inner.name.clone(),
+                reason: "max_attempts must be at least 1".to_owned(),
+            });
+        }
+        Ok(self.build_handler(options, handle))
+    }
+
+    fn build_handler<F, Fut>(&self, options: HandlerOptions, handle: F) -> QueueHandler<B>
+    where
+        F: Fn(Received) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        let config = RunnerConfig {
+            prefetch: options.concurrency.max(1),
+            max_in_flight: usize::from(options.concurrency.max(1)),
+            drain_timeout: options.drain_timeout,
+            ..RunnerConfig::default()
+        };
+        let dispatch = Arc::new(QueueDispatch {
+            queue: self.clone(),
+            options,
+            handle: Box::new(move |received| Box::pin(handle(received))),
+        });
+        QueueHandler {
+            runner: Arc::new(Runner::new(self.inner.broker.clone(), dispatch, config)),
+            queue: self.inner.name.clone(),
+        }
+    }
+}
+
+fn outgoing(message: QueueMessage) -> OutgoingMessage {
+    OutgoingMessage {
+        body: message.body,
+        content_type: None,
+        message_id: message.message_id,
+        persistent: true,
+        headers: message.headers,
+        cc: Vec::new(),
+    }
+}
+
+type HandleFn =
+    Box<dyn Fn(Received) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+
+struct QueueDispatch<B: Broker> {
+    queue: WorkQueue<B>,
+    options: HandlerOptions,
+    handle: HandleFn,
+}
+
+impl<B: Broker> Dispatch for QueueDispatch<B> {
+    fn prepare(&self) -> BoxFuture<'_, Result<String, BrokerError>> {
+        Box::pin(self.queue.declare())
+    }
+
+    fn process(
+        self: Arc<Self>,
+        delivery: Delivery,
+        mut interrupt: Interrupt,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let queue = self.queue.name().to_owned();
+            let (received, acker) = Received::from_delivery(&queue, delivery);
+            let outcome = tokio::select! {
+                outcome = AssertUnwindSafe((self.handle)(received.clone())).catch_unwind() => outcome,
+                () = interrupt.interrupted() => {
+                    tracing::warn!(%queue, "handler interrupted by stop; returning the message");
+                    if let Err(error) = acker.nack(true).await {
+                        tracing::warn!(%queue, %error, "returning the message failed");
+                    }
+                    return;
+                }
+            };
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(panic) => Some(format!("handler panicked: {}", panic_message(&*panic))),
+            };
+            let settled = match failure {
+                None => acker
+                    .ack()
+                    .await
+                    .map_err(|source| self.queue.error("delete", source)),
+                Some(error)
+                    if self
+                        .options
+                        .max_attempts
+                        .is_some_and(|max| received.attempts.saturating_add(1) >= max) =>
+                {
+                    tracing::error!(%queue, %error, attempts = received.attempts + 1, "handler failed for the last time; dead-lettering");
+                    self.queue
+                        .dead_letter_parts(&received, &*acker, &error)
+                        .await
+                }
+                Some(error) => {
+                    let delay = self.options.backoff.delay(received.attempts);
+                    tracing::warn!(%queue, %error, retry_in = ?delay, "handler failed; releasing");
+                    self.queue
+                        .release_parts(&received, &*acker, delay, Some(&error))
+                        .await
+                }
+            };
+            if let Err(error) = settled {
+                // Unsettled, the message is redelivered: handled at least once.
+                tracing::warn!(%error, "settling a message failed");
+            }
+        })
+    }
+}
+
+/// Runs a function for each message of a queue; see [`WorkQueue::handler`].
+/// Dropping a running handler stops it.
+pub struct QueueHandler<B: Broker> {
+    runner: Arc<Runner<B, QueueDispatch<B>>>,
+    queue: String,
+}
+
+impl<B: Broker> QueueHandler<B> {
+    /// Starts handling; returns once subscribed. Safe to call while running.
+    pub async fn start(&self) -> Result<(), QueueError> {
+        self.runner
+            .start()
+            .await
+            .map_err(|source| QueueError::Broker {
+                queue: self.queue.clone(),
+                operation: "start",
+                source,
+            })
+    }
+
+    /// Stops taking messages; running handlers finish. An error if not running.
+    pub fn stop(&self) -> Result<(), QueueError> {
+        self.runner
+            .stop()
+            .map_err(|NotRunning| QueueError::NotRunning {
+                queue: self.queue.clone(),
+            })
+    }
+
+    /// Resolves once the handler has stopped (at once if not running).
+    pub async fn wait(&self) {
+        self.runner.wait().await;
+    }
+
+    /// Whether the handler is running (started and not asked to stop).
+    pub fn is_running(&self) -> bool {
+        self.runner.phase() == Phase::Running
+    }
+}
+
+impl<B: Broker> Drop for QueueHandler<B> {
+    fn drop(&mut self) {
+        let _ = self.runner.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let backoff = Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+        };
+        let delays: Vec<u128> = (0..6).map(|a| backoff.delay(a).as_millis()).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn attempts_header_is_read_and_garbage_counts_zero() {
+        let mut headers = BTreeMap::new();
+        assert_eq!(parse_attempts("q", &headers), 0);
+        headers.insert(ATTEMPTS_HEADER.to_owned(), "3".to_owned());
+        assert_eq!(parse_attempts("q", &headers), 3);
+        headers.insert(ATTEMPTS_HEADER.to_owned(), "three".to_owned());
+        assert_eq!(parse_attempts("q", &headers), 0);
+    }
+}
