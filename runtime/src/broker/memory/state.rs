@@ -1,0 +1,778 @@
+//! The embedded broker's state and its rules, all synchronous: every change
+//! happens under one lock, so routing, dispatch and settlement are atomic.
+
+use std::any::Any;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Weak};
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::{MemoryAck, Shared};
+use crate::broker::{
+    BrokerError, DEFAULT_EXCHANGE, Delivery, ExchangeOptions, OutgoingMessage, PendingMessage,
+    QueueOptions,
+};
+use crate::topic::TopicTrie;
+
+/// What a consumer's stream carries.
+pub(super) type DeliverySender = mpsc::Sender<Result<Delivery, BrokerError>>;
+
+/// Everything the broker holds.
+pub(super) struct State {
+    /// The `Shared` this state lives in, for the ack handles it creates.
+    pub(super) this: Weak<Shared>,
+    exchanges: HashMap<String, ExchangeState>,
+    queues: HashMap<String, QueueState>,
+    next_id: u64,
+    /// Values whose drop could take the broker lock again (a delivery's ack
+    /// handle) or must not run under it (a consumer's sender): dropped by
+    /// `Shared::with_state` once the lock is released.
+    pub(super) graveyard: Vec<Box<dyn Any + Send>>,
+}
+
+struct ExchangeState {
+    options: ExchangeOptions,
+    bindings: TopicTrie<String>,
+}
+
+struct QueueState {
+    /// Distinguishes this queue from a later one of the same name.
+    id: u64,
+    options: QueueOptions,
+    /// The connection an exclusive queue belongs to.
+    owner: Option<u64>,
+    /// Messages waiting, in `seq` order.
+    ready: VecDeque<Queued>,
+    /// Delivered, not yet settled, by delivery tag.
+    unacked: HashMap<u64, Unacked>,
+    consumers: Vec<Consumer>,
+    /// Round-robin position: the consumer to try first.
+    next_consumer: usize,
+    next_seq: u64,
+    /// `(exchange, pattern)` pairs, to unbind when the queue goes.
+    bindings: BTreeSet<(String, String)>,
+    /// Wakes the task expiring messages of a queue with a message TTL.
+    expiry: Option<Arc<Notify>>,
+}
+
+impl Drop for QueueState {
+    fn drop(&mut self) {
+        // Lets the expiry task notice the queue is gone and end.
+        if let Some(expiry) = &self.expiry {
+            expiry.notify_one();
+        }
+    }
+}
+
+/// A message as published: shared by every queue it was routed to.
+pub(super) struct Content {
+    pub(super) exchange: String,
+    pub(super) routing_key: String,
+    pub(super) message: OutgoingMessage,
+}
+
+struct Queued {
+    /// Position in the queue; a requeued message goes back to it.
+    seq: u64,
+    content: Arc<Content>,
+    redelivered: bool,
+    expires_at: Option<Instant>,
+}
+
+struct Unacked {
+    message: Queued,
+    /// The consumer it went to; `None` for `get`.
+    consumer: Option<u64>,
+}
+
+struct Consumer {
+    id: u64,
+    prefetch: usize,
+    in_flight: usize,
+    sender: DeliverySender,
+    /// Dropping it stops the task watching for the stream's end.
+    _stop_watching: oneshot::Sender<()>,
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Settlement {
+    Ack,
+    Requeue,
+    DeadLetter,
+}
+
+/// A queue as `declare_queue` leaves it, for the caller to start its tasks.
+pub(super) struct Declared {
+    pub(super) name: String,
+    /// Set when the queue is new and has a message TTL: its expiry task to start.
+    pub(super) expiry: Option<(u64, Arc<Notify>)>,
+}
+
+/// A consumer as `consume` registers it, for the caller to start its watcher.
+pub(super) struct Registered {
+    pub(super) queue_id: u64,
+    pub(super) consumer_id: u64,
+}
+
+/// The longest exchange or queue name or routing key AMQP carries.
+const MAX_NAME_LEN: usize = 255;
+
+fn check_len(what: &str, value: &str) -> Result<(), BrokerError> {
+    if value.len() > MAX_NAME_LEN {
+        return Err(BrokerError::Invalid(format!(
+            "{what} `{value}` is {} bytes, AMQP allows {MAX_NAME_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn differences(old: &QueueOptions, new: &QueueOptions) -> Vec<String> {
+    let mut differ = Vec::new();
+    let mut check = |field: &str, old: String, new: String| {
+        if old != new {
+            differ.push(format!("{field} was {old}, now {new}"));
+        }
+    };
+    check("durable", old.durable.to_string(), new.durable.to_string());
+    check(
+        "exclusive",
+        old.exclusive.to_string(),
+        new.exclusive.to_string(),
+    );
+    check(
+        "auto_delete",
+        old.auto_delete.to_string(),
+        new.auto_delete.to_string(),
+    );
+    check(
+        "dead_letter_exchange",
+        format!("{:?}", old.dead_letter_exchange),
+        format!("{:?}", new.dead_letter_exchange),
+    );
+    check(
+        "dead_letter_routing_key",
+        format!("{:?}", old.dead_letter_routing_key),
+        format!("{:?}", new.dead_letter_routing_key),
+    );
+    check(
+        "max_length",
+        format!("{:?}", old.max_length),
+        format!("{:?}", new.max_length),
+    );
+    check(
+        "message_ttl",
+        format!("{:?}", old.message_ttl),
+        format!("{:?}", new.message_ttl),
+    );
+    differ
+}
+
+impl State {
+    pub(super) fn new(this: Weak<Shared>) -> Self {
+        State {
+            this,
+            exchanges: HashMap::new(),
+            queues: HashMap::new(),
+            next_id: 1,
+            graveyard: Vec::new(),
+        }
+    }
+
+    pub(super) fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    pub(super) fn declare_exchange(
+        &mut self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        check_len("exchange name", name)?;
+        if name == DEFAULT_EXCHANGE {
+            // RabbitMQ refuses to (re)declare the default exchange, but it exists.
+            return if options.passive {
+                Ok(())
+            } else {
+                Err(BrokerError::Invalid(
+                    "the default exchange `` cannot be declared".to_owned(),
+                ))
+            };
+        }
+        match self.exchanges.get(name) {
+            Some(_) if options.passive => Ok(()),
+            None if options.passive => Err(BrokerError::ExchangeNotFound(name.to_owned())),
+            Some(existing) if existing.options.durable != options.durable => {
+                Err(BrokerError::Conflict {
+                    name: name.to_owned(),
+                    detail: format!(
+                        "durable was {}, now {}",
+                        existing.options.durable, options.durable
+                    ),
+                })
+            }
+            Some(_) => Ok(()),
+            None if name.starts_with("amq.") => Err(BrokerError::Invalid(format!(
+                "exchange name `{name}`: the `amq.` prefix is reserved"
+            ))),
+            None => {
+                self.exchanges.insert(
+                    name.to_owned(),
+                    ExchangeState {
+                        options: ExchangeOptions {
+                            passive: false,
+                            ..options
+                        },
+                        bindings: TopicTrie::new(),
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn declare_queue(
+        &mut self,
+        name: &str,
+        options: QueueOptions,
+        connection: u64,
+    ) -> Result<Declared, BrokerError> {
+        check_len("queue name", name)?;
+        if options.dead_letter_routing_key.is_some() && options.dead_letter_exchange.is_none() {
+            return Err(BrokerError::Invalid(format!(
+                "queue `{name}`: a dead-letter routing key needs a dead-letter exchange"
+            )));
+        }
+        if let Some(existing) = self.queues.get(name) {
+            check_owner(name, existing, connection)?;
+            let differ = differences(&existing.options, &options);
+            if !differ.is_empty() {
+                return Err(BrokerError::Conflict {
+                    name: name.to_owned(),
+                    detail: differ.join(", "),
+                });
+            }
+            return Ok(Declared {
+                name: name.to_owned(),
+                expiry: None,
+            });
+        }
+        if name.starts_with("amq.") {
+            return Err(BrokerError::Invalid(format!(
+                "queue name `{name}`: the `amq.` prefix is reserved"
+            )));
+        }
+        let id = self.next_id();
+        let name = if name.is_empty() {
+            format!("amq.gen-{id}")
+        } else {
+            name.to_owned()
+        };
+        let expiry = options.message_ttl.map(|_| Arc::new(Notify::new()));
+        let queue = QueueState {
+            id,
+            owner: options.exclusive.then_some(connection),
+            options,
+            ready: VecDeque::new(),
+            unacked: HashMap::new(),
+            consumers: Vec::new(),
+            next_consumer: 0,
+            next_seq: 0,
+            bindings: BTreeSet::new(),
+            expiry: expiry.clone(),
+        };
+        self.queues.insert(name.clone(), queue);
+        Ok(Declared {
+            name,
+            expiry: expiry.map(|notify| (id, notify)),
+        })
+    }
+
+    /// Deletes a queue, its messages and bindings; its consumers' streams end.
+    /// Deleting a queue that does not exist succeeds, as on RabbitMQ.
+    pub(super) fn delete_queue(&mut self, name: &str, connection: u64) -> Result<(), BrokerError> {
+        if let Some(queue) = self.queues.get(name) {
+            check_owner(name, queue, connection)?;
+            self.remove_queue(name);
+        }
+        Ok(())
+    }
+
+    fn remove_queue(&mut self, name: &str) {
+        let Some(queue) = self.queues.remove(name) else {
+            return;
+        };
+        for (exchange, pattern) in &queue.bindings {
+            if let Some(exchange) = self.exchanges.get_mut(exchange) {
+                exchange.bindings.remove(pattern, &name.to_owned());
+            }
+        }
+        // Holds the consumers' senders: dropped once the lock is released.
+        self.graveyard.push(Box::new(queue));
+    }
+
+    /// Deletes the exclusive queues of a connection that closed.
+    pub(super) fn close_connection(&mut self, connection: u64) {
+        let owned: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, queue)| queue.owner == Some(connection))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in owned {
+            self.remove_queue(&name);
+        }
+    }
+
+    pub(super) fn bind_queue(
+        &mut self,
+        queue: &str,
+        exchange: &str,
+        pattern: &str,
+        connection: u64,
+    ) -> Result<(), BrokerError> {
+        check_len("binding pattern", pattern)?;
+        if exchange == DEFAULT_EXCHANGE {
+            return Err(BrokerError::Invalid(format!(
+                "queue `{queue}` cannot be bound to the default exchange ``"
+            )));
+        }
+        let Some(exchange_state) = self.exchanges.get_mut(exchange) else {
+            return Err(BrokerError::ExchangeNotFound(exchange.to_owned()));
+        };
+        let Some(queue_state) = self.queues.get_mut(queue) else {
+            return Err(BrokerError::QueueNotFound(queue.to_owned()));
+        };
+        check_owner(queue, queue_state, connection)?;
+        exchange_state.bindings.insert(pattern, queue.to_owned());
+        queue_state
+            .bindings
+            .insert((exchange.to_owned(), pattern.to_owned()));
+        Ok(())
+    }
+
+    /// Routes a published message into every queue its routing key or a CC
+    /// key selects, once per queue. A full queue does not get it and makes the
+    /// publish fail with [`BrokerError::QueueFull`]; queues with room still
+    /// get it (what RabbitMQ's `reject-publish` overflow does).
+    pub(super) fn publish(
+        &mut self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        check_len("routing key", routing_key)?;
+        for cc in &message.cc {
+            check_len("CC routing key", cc)?;
+        }
+        let content = Arc::new(Content {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            message,
+        });
+        self.route(content)
+    }
+
+    fn route(&mut self, content: Arc<Content>) -> Result<(), BrokerError> {
+        let keys = std::iter::once(content.routing_key.as_str())
+            .chain(content.message.cc.iter().map(String::as_str));
+        let targets: Vec<String> = if content.exchange == DEFAULT_EXCHANGE {
+            let mut names: Vec<String> = keys
+                .filter(|key| self.queues.contains_key(*key))
+                .map(str::to_owned)
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        } else {
+            let Some(exchange) = self.exchanges.get(&content.exchange) else {
+                return Err(BrokerError::ExchangeNotFound(content.exchange.clone()));
+            };
+            exchange
+                .bindings
+                .matches_any(keys)
+                .into_iter()
+                .cloned()
+                .collect()
+        };
+        let mut full = None;
+        for target in targets {
+            if let Err(error) = self.enqueue(&target, Arc::clone(&content)) {
+                full.get_or_insert(error);
+            }
+        }
+        full.map_or(Ok(()), Err)
+    }
+
+    /// Puts a message at the back of a queue, unless the queue is full.
+    pub(super) fn enqueue(&mut self, name: &str, content: Arc<Content>) -> Result<(), BrokerError> {
+        let Some(queue) = self.queues.get_mut(name) else {
+            return Err(BrokerError::QueueNotFound(name.to_owned()));
+        };
+        if let Some(max) = queue.options.max_length
+            && queue.ready.len() >= max as usize
+        {
+            return Err(BrokerError::QueueFull(name.to_owned()));
+        }
+        let seq = queue.next_seq;
+        queue.next_seq += 1;
+        queue.ready.push_back(Queued {
+            seq,
+            content,
+            redelivered: false,
+            expires_at: queue.options.message_ttl.map(|ttl| Instant::now() + ttl),
+        });
+        if let Some(expiry) = &queue.expiry {
+            expiry.notify_one();
+        }
+        self.dispatch(name);
+        Ok(())
+    }
+
+    /// Checks that the queue exists.
+    pub(super) fn check_exists(&self, name: &str) -> Result<(), BrokerError> {
+        if self.queues.contains_key(name) {
+            Ok(())
+        } else {
+            Err(BrokerError::QueueNotFound(name.to_owned()))
+        }
+    }
+
+    /// Checks that the queue exists and that this connection may use it.
+    pub(super) fn check_queue(&self, name: &str, connection: u64) -> Result<(), BrokerError> {
+        match self.queues.get(name) {
+            None => Err(BrokerError::QueueNotFound(name.to_owned())),
+            Some(queue) => check_owner(name, queue, connection),
+        }
+    }
+
+    /// Dead-letters (or drops) the messages at the head of a queue whose TTL
+    /// has passed. Messages are in `seq` order and every one of them got the
+    /// queue's TTL when it entered, so the expired ones are at the front.
+    fn expire(&mut self, name: &str) {
+        let Some(queue) = self.queues.get_mut(name) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut expired = Vec::new();
+        while let Some(front) = queue.ready.front()
+            && front.expires_at.is_some_and(|at| at <= now)
+        {
+            expired.extend(queue.ready.pop_front());
+        }
+        if expired.is_empty() {
+            return;
+        }
+        let exchange = queue.options.dead_letter_exchange.clone();
+        let routing_key = queue.options.dead_letter_routing_key.clone();
+        for message in expired {
+            self.dead_letter(exchange.as_deref(), routing_key.as_deref(), &message);
+        }
+    }
+
+    /// Republishes a rejected or expired message to a dead-letter exchange,
+    /// as RabbitMQ does: with the queue's dead-letter routing key (and no CC
+    /// keys) if it has one, else with its own keys. Dropped without a
+    /// dead-letter exchange, or where the dead-letter exchange is missing or
+    /// a target queue full (RabbitMQ drops those too).
+    fn dead_letter(&mut self, exchange: Option<&str>, routing_key: Option<&str>, message: &Queued) {
+        let Some(exchange) = exchange else {
+            return;
+        };
+        let mut republished = message.content.message.clone();
+        let routing_key = match routing_key {
+            Some(key) => {
+                republished.cc.clear();
+                key.to_owned()
+            }
+            None => message.content.routing_key.clone(),
+        };
+        let content = Arc::new(Content {
+            exchange: exchange.to_owned(),
+            routing_key,
+            message: republished,
+        });
+        if let Err(error) = self.route(content) {
+            tracing::warn!(%error, exchange, "dead-lettered message dropped");
+        }
+    }
+
+    /// Hands ready messages to consumers with room under their prefetch, in
+    /// turn (round robin).
+    fn dispatch(&mut self, name: &str) {
+        loop {
+            self.expire(name);
+            let Some(queue) = self.queues.get_mut(name) else {
+                return;
+            };
+            if queue.ready.is_empty() || queue.consumers.is_empty() {
+                return;
+            }
+            let count = queue.consumers.len();
+            let Some(index) = (0..count)
+                .map(|offset| (queue.next_consumer + offset) % count)
+                .find(|&index| {
+                    let consumer = &queue.consumers[index];
+                    consumer.in_flight < consumer.prefetch
+                })
+            else {
+                return;
+            };
+            queue.next_consumer = (index + 1) % count;
+            let Some(message) = queue.ready.pop_front() else {
+                return;
+            };
+            let tag = self.next_id;
+            self.next_id += 1;
+            let delivery = make_delivery(&self.this, name, queue.id, tag, &message);
+            let consumer = &mut queue.consumers[index];
+            consumer.in_flight += 1;
+            let consumer_id = consumer.id;
+            let sent = consumer.sender.try_send(Ok(delivery));
+            queue.unacked.insert(
+                tag,
+                Unacked {
+                    message,
+                    consumer: Some(consumer_id),
+                },
+            );
+            if let Err(unsent) = sent {
+                // The stream was dropped (its watcher has not run yet); the
+                // channel holds at most `prefetch` deliveries, so it is not full.
+                self.graveyard.push(Box::new(unsent.into_inner()));
+                self.cancel_consumer(name, consumer_id);
+            }
+        }
+    }
+
+    pub(super) fn register_consumer(
+        &mut self,
+        name: &str,
+        prefetch: u16,
+        sender: DeliverySender,
+        stop_watching: oneshot::Sender<()>,
+        connection: u64,
+    ) -> Result<Registered, BrokerError> {
+        let consumer_id = self.next_id();
+        let Some(queue) = self.queues.get_mut(name) else {
+            return Err(BrokerError::QueueNotFound(name.to_owned()));
+        };
+        check_owner(name, queue, connection)?;
+        queue.consumers.push(Consumer {
+            id: consumer_id,
+            prefetch: usize::from(prefetch),
+            in_flight: 0,
+            sender,
+            _stop_watching: stop_watching,
+        });
+        let queue_id = queue.id;
+        self.dispatch(name);
+        Ok(Registered {
+            queue_id,
+            consumer_id,
+        })
+    }
+
+    /// Ends a consumer: its unacknowledged deliveries go back to their places
+    /// in the queue, flagged redelivered; an auto-delete queue left without
+    /// consumers is deleted.
+    pub(super) fn cancel_consumer(&mut self, name: &str, consumer_id: u64) {
+        let Some(queue) = self.queues.get_mut(name) else {
+            return;
+        };
+        let Some(index) = queue.consumers.iter().position(|c| c.id == consumer_id) else {
+            return;
+        };
+        let consumer = queue.consumers.remove(index);
+        if queue.next_consumer > index {
+            queue.next_consumer -= 1;
+        }
+        if queue.next_consumer >= queue.consumers.len() {
+            queue.next_consumer = 0;
+        }
+        self.graveyard.push(Box::new(consumer));
+        let tags: Vec<u64> = queue
+            .unacked
+            .iter()
+            .filter(|(_, unacked)| unacked.consumer == Some(consumer_id))
+            .map(|(tag, _)| *tag)
+            .collect();
+        for tag in tags {
+            if let Some(unacked) = queue.unacked.remove(&tag) {
+                requeue(queue, unacked.message);
+            }
+        }
+        if queue.consumers.is_empty() && queue.options.auto_delete {
+            self.remove_queue(name);
+        } else {
+            self.dispatch(name);
+        }
+    }
+
+    /// Whether `consumer_id` still consumes queue `name` (number `queue_id`).
+    pub(super) fn consumer_exists(&self, name: &str, queue_id: u64, consumer_id: u64) -> bool {
+        self.queues
+            .get(name)
+            .is_some_and(|q| q.id == queue_id && q.consumers.iter().any(|c| c.id == consumer_id))
+    }
+
+    pub(super) fn settle(
+        &mut self,
+        name: &str,
+        queue_id: u64,
+        tag: u64,
+        settlement: Settlement,
+    ) -> Result<(), BrokerError> {
+        let queue = match self.queues.get_mut(name) {
+            Some(queue) if queue.id == queue_id => queue,
+            _ => {
+                return Err(BrokerError::AckFailed(format!(
+                    "queue `{name}` was deleted"
+                )));
+            }
+        };
+        let Some(unacked) = queue.unacked.remove(&tag) else {
+            return Err(BrokerError::AckFailed(format!(
+                "delivery {tag} from queue `{name}` is no longer outstanding (its consumer was cancelled and it was requeued)"
+            )));
+        };
+        if let Some(consumer) = queue
+            .consumers
+            .iter_mut()
+            .find(|c| Some(c.id) == unacked.consumer)
+        {
+            consumer.in_flight -= 1;
+        }
+        match settlement {
+            Settlement::Ack => {}
+            Settlement::Requeue => requeue(queue, unacked.message),
+            Settlement::DeadLetter => {
+                let exchange = queue.options.dead_letter_exchange.clone();
+                let routing_key = queue.options.dead_letter_routing_key.clone();
+                self.dead_letter(
+                    exchange.as_deref(),
+                    routing_key.as_deref(),
+                    &unacked.message,
+                );
+            }
+        }
+        self.dispatch(name);
+        Ok(())
+    }
+
+    /// `basic.get`: takes the first ready message, to be settled like a delivery.
+    pub(super) fn get(
+        &mut self,
+        name: &str,
+        connection: u64,
+    ) -> Result<Option<Delivery>, BrokerError> {
+        self.check_queue(name, connection)?;
+        self.expire(name);
+        let tag = self.next_id();
+        let Some(queue) = self.queues.get_mut(name) else {
+            return Err(BrokerError::QueueNotFound(name.to_owned()));
+        };
+        let Some(message) = queue.ready.pop_front() else {
+            return Ok(None);
+        };
+        let delivery = make_delivery(&self.this, name, queue.id, tag, &message);
+        queue.unacked.insert(
+            tag,
+            Unacked {
+                message,
+                consumer: None,
+            },
+        );
+        Ok(Some(delivery))
+    }
+
+    pub(super) fn pending(
+        &mut self,
+        name: &str,
+        connection: u64,
+    ) -> Result<Vec<PendingMessage>, BrokerError> {
+        self.check_queue(name, connection)?;
+        self.expire(name);
+        let Some(queue) = self.queues.get(name) else {
+            return Err(BrokerError::QueueNotFound(name.to_owned()));
+        };
+        Ok(queue
+            .ready
+            .iter()
+            .map(|queued| {
+                let content = &queued.content;
+                PendingMessage {
+                    message_id: content.message.message_id.clone(),
+                    routing_key: content.routing_key.clone(),
+                    headers: content.message.headers.clone(),
+                    body: content.message.body.clone(),
+                }
+            })
+            .collect())
+    }
+
+    /// For the expiry task: expires what is due in queue `name` (number
+    /// `queue_id`), then tells when the next message is due (`Some(None)`:
+    /// none waiting), or `None` once the queue is gone.
+    pub(super) fn expire_due(&mut self, name: &str, queue_id: u64) -> Option<Option<Instant>> {
+        if self.queues.get(name).is_none_or(|q| q.id != queue_id) {
+            return None;
+        }
+        self.dispatch(name);
+        let queue = self.queues.get(name)?;
+        Some(queue.ready.front().and_then(|m| m.expires_at))
+    }
+}
+
+fn check_owner(name: &str, queue: &QueueState, connection: u64) -> Result<(), BrokerError> {
+    match queue.owner {
+        Some(owner) if owner != connection => Err(BrokerError::Conflict {
+            name: name.to_owned(),
+            detail: "the queue is exclusive to another connection".to_owned(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Puts a message back at its original place, flagged redelivered.
+fn requeue(queue: &mut QueueState, mut message: Queued) {
+    message.redelivered = true;
+    let position = queue.ready.partition_point(|m| m.seq < message.seq);
+    queue.ready.insert(position, message);
+    if let Some(expiry) = &queue.expiry {
+        expiry.notify_one();
+    }
+}
+
+fn make_delivery(
+    shared: &Weak<Shared>,
+    queue: &str,
+    queue_id: u64,
+    tag: u64,
+    queued: &Queued,
+) -> Delivery {
+    let content = &queued.content;
+    let message = &content.message;
+    Delivery {
+        exchange: content.exchange.clone(),
+        routing_key: content.routing_key.clone(),
+        body: message.body.clone(),
+        content_type: message.content_type.clone(),
+        message_id: message.message_id.clone(),
+        headers: message.headers.clone(),
+        cc: message.cc.clone(),
+        redelivered: queued.redelivered,
+        acker: Box::new(MemoryAck {
+            shared: Weak::clone(shared),
+            queue: queue.to_owned(),
+            queue_id,
+            tag,
+            settled: AtomicBool::new(false),
+        }),
+    }
+}

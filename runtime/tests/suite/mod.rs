@@ -1,0 +1,972 @@
+//! The broker conformance suite: behaviour every [`Broker`] must share, so
+//! code tested against the embedded broker behaves the same on RabbitMQ.
+//!
+//! # Use
+//! Each behaviour is a `pub async fn <behaviour><B: Broker>(broker: &B)` that
+//! panics on a violation. A broker's test file runs them all with the macro:
+//!
+//! ```ignore
+//! mod suite;
+//!
+//! async fn broker() -> MyBroker { /* connect */ }
+//!
+//! suite::conformance_tests!(broker);
+//! ```
+//!
+//! which expands to one `#[tokio::test]` per behaviour, each calling
+//! `broker().await` for its own broker handle.
+//!
+//! Every test declares exchanges and queues with unique names (process id,
+//! time and a counter), so the suite can run in parallel against one shared
+//! RabbitMQ; each deletes its queues when it passes. Named queues go through
+//! [`Broker::qualify_queue_name`].
+//!
+//! Timing: "eventually" means within [`EVENTUALLY`] (generous, so a loaded
+//! machine does not fail a test); "nothing arrives" is checked over
+//! [`QUIET`]; delays are checked from below by measuring, never by racing.
+#![allow(dead_code)] // Each test binary uses the suite through the macro only.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use exchange_runtime::broker::{
+    Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions,
+    OutgoingMessage, QueueOptions,
+};
+
+/// How long something that should happen may take.
+pub const EVENTUALLY: Duration = Duration::from_secs(5);
+/// How long to watch for something that must not happen.
+pub const QUIET: Duration = Duration::from_millis(300);
+
+/// Expands to one `#[tokio::test]` per conformance behaviour, each running it
+/// against a broker from `$make_broker().await`.
+macro_rules! conformance_tests {
+    ($make_broker:path) => {
+        $crate::suite::conformance_tests!(@each $make_broker;
+            topic_routing_follows_rabbitmq,
+            default_exchange_routes_by_queue_name,
+            unroutable_message_is_dropped,
+            cc_keys_route_each_queue_once,
+            delivery_carries_message_properties,
+            publish_to_missing_exchange_fails,
+            declarations_check_existence_and_options,
+            server_named_queues_are_unique,
+            binding_needs_exchange_and_queue,
+            missing_queue_operations_fail,
+            prefetch_limits_unacknowledged_deliveries,
+            nack_with_requeue_redelivers_in_place,
+            nack_without_requeue_dead_letters,
+            expired_messages_are_dead_lettered,
+            delayed_publish_is_not_visible_early,
+            get_and_pending,
+            cancelled_consumer_requeues_its_deliveries,
+            dropped_delivery_is_requeued,
+            settling_twice_fails,
+            consumers_share_a_queue_in_turn,
+            auto_delete_queue_goes_with_its_last_consumer,
+            full_queue_rejects_publish,
+            full_queue_does_not_stop_other_queues,
+            deleted_queue_loses_messages_and_bindings,
+            deleted_queue_ends_its_consumers,
+        );
+    };
+    (@each $make_broker:path; $($behaviour:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $behaviour() {
+                let broker = $make_broker().await;
+                $crate::suite::$behaviour(&broker).await;
+            }
+        )*
+    };
+}
+pub(crate) use conformance_tests;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A name no other test, process or earlier run uses.
+pub fn unique(what: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos());
+    format!(
+        "conformance-{what}-{}-{nanos:x}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A message whose body and id are `body`.
+pub fn message(body: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        body: body.as_bytes().to_vec(),
+        message_id: Some(body.to_owned()),
+        ..OutgoingMessage::default()
+    }
+}
+
+fn body(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(&delivery.body).into_owned()
+}
+
+async fn new_exchange<B: Broker>(broker: &B, what: &str) -> String {
+    let name = unique(what);
+    broker
+        .declare_exchange(&name, ExchangeOptions::default())
+        .await
+        .unwrap_or_else(|error| panic!("declaring exchange `{name}`: {error}"));
+    name
+}
+
+async fn new_queue<B: Broker>(broker: &B, what: &str, options: QueueOptions) -> String {
+    let name = broker.qualify_queue_name(&unique(what));
+    let declared = broker
+        .declare_queue(&name, options)
+        .await
+        .unwrap_or_else(|error| panic!("declaring queue `{name}`: {error}"));
+    assert_eq!(declared, name, "a named queue keeps its name");
+    name
+}
+
+async fn bind<B: Broker>(broker: &B, queue: &str, exchange: &str, pattern: &str) {
+    broker
+        .bind_queue(queue, exchange, pattern)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("binding `{queue}` to `{exchange}` with `{pattern}`: {error}")
+        });
+}
+
+async fn publish<B: Broker>(broker: &B, exchange: &str, key: &str, message: OutgoingMessage) {
+    broker
+        .publish(exchange, key, message)
+        .await
+        .unwrap_or_else(|error| panic!("publishing to `{exchange}` with key `{key}`: {error}"));
+}
+
+/// Publishes `body` straight to `queue` through the default exchange.
+async fn send<B: Broker>(broker: &B, queue: &str, body: &str) {
+    publish(broker, DEFAULT_EXCHANGE, queue, message(body)).await;
+}
+
+async fn pending_bodies<B: Broker>(broker: &B, queue: &str) -> Vec<String> {
+    broker
+        .pending(queue)
+        .await
+        .unwrap_or_else(|error| panic!("listing queue `{queue}`: {error}"))
+        .into_iter()
+        .map(|pending| String::from_utf8_lossy(&pending.body).into_owned())
+        .collect()
+}
+
+/// Waits until the ready messages of `queue` are `expected` (in order).
+async fn assert_pending<B: Broker>(broker: &B, queue: &str, expected: &[&str]) {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        let found = pending_bodies(broker, queue).await;
+        if found == expected {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue `{queue}` holds {found:?}, expected {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn consume<B: Broker>(broker: &B, queue: &str, prefetch: u16) -> DeliveryStream {
+    broker
+        .consume(queue, prefetch)
+        .await
+        .unwrap_or_else(|error| panic!("consuming `{queue}`: {error}"))
+}
+
+async fn next_delivery(stream: &mut DeliveryStream, what: &str) -> Delivery {
+    match tokio::time::timeout(EVENTUALLY, stream.next()).await {
+        Ok(Some(Ok(delivery))) => delivery,
+        Ok(Some(Err(error))) => panic!("{what}: the consumer failed: {error}"),
+        Ok(None) => panic!("{what}: the consumer ended"),
+        Err(_) => panic!("{what}: nothing delivered within {EVENTUALLY:?}"),
+    }
+}
+
+async fn assert_quiet(stream: &mut DeliveryStream, what: &str) {
+    if let Ok(item) = tokio::time::timeout(QUIET, stream.next()).await {
+        panic!("{what}: expected no delivery, got {item:?}");
+    }
+}
+
+async fn get<B: Broker>(broker: &B, queue: &str) -> Option<Delivery> {
+    broker
+        .get(queue)
+        .await
+        .unwrap_or_else(|error| panic!("getting from `{queue}`: {error}"))
+}
+
+/// `get`, retried until a message is there.
+async fn get_eventually<B: Broker>(broker: &B, queue: &str) -> Delivery {
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        if let Some(delivery) = get(broker, queue).await {
+            return delivery;
+        }
+        assert!(Instant::now() < deadline, "queue `{queue}` stayed empty");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn ack(delivery: Delivery) {
+    let what = format!("acknowledging `{}`", body(&delivery));
+    delivery
+        .ack()
+        .await
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+}
+
+async fn delete_queues<B: Broker>(broker: &B, queues: &[&str]) {
+    for queue in queues {
+        broker
+            .delete_queue(queue)
+            .await
+            .unwrap_or_else(|error| panic!("deleting queue `{queue}`: {error}"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Routing
+// ---------------------------------------------------------------------------
+
+/// Topic matching: `*` is one word, `#` zero or more, wildcards only as whole
+/// words, `a..b` has an empty middle word, and `""` has no words at all.
+pub async fn topic_routing_follows_rabbitmq<B: Broker>(broker: &B) {
+    const KEYS: [&str; 9] = [
+        "a.b.c", "a.b", "", "a..b", ".", "a.", "oneword", "b.c", "a*.b",
+    ];
+    let cases: [(&str, &[&str]); 13] = [
+        ("a.b.c", &["a.b.c"]),
+        ("a.*.c", &["a.b.c"]),
+        ("a.#.b", &["a.b", "a..b"]),
+        ("#", &KEYS),
+        ("*", &["oneword"]),
+        ("a.#", &["a.b.c", "a.b", "a..b", "a."]),
+        ("#.b.#", &["a.b.c", "a.b", "a..b", "b.c", "a*.b"]),
+        ("", &[""]),
+        ("*.*", &["a.b", ".", "a.", "b.c", "a*.b"]),
+        ("a..b", &["a..b"]),
+        ("a*.#", &["a*.b"]),
+        (
+            "*.#",
+            &["a.b.c", "a.b", "a..b", ".", "a.", "oneword", "b.c", "a*.b"],
+        ),
+        ("#.#.#", &KEYS),
+    ];
+    let exchange = new_exchange(broker, "topic").await;
+    let mut queues = Vec::new();
+    for (pattern, _) in cases {
+        let queue = new_queue(broker, "topic", QueueOptions::default()).await;
+        bind(broker, &queue, &exchange, pattern).await;
+        queues.push(queue);
+    }
+    for key in KEYS {
+        publish(broker, &exchange, key, message(key)).await;
+    }
+    for ((pattern, expected), queue) in cases.iter().zip(&queues) {
+        let deadline = Instant::now() + EVENTUALLY;
+        loop {
+            let found = pending_bodies(broker, queue).await;
+            if found == *expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pattern `{pattern}` got keys {found:?}, expected {expected:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+    delete_queues(broker, &names).await;
+}
+
+pub async fn default_exchange_routes_by_queue_name<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "default", QueueOptions::default()).await;
+    send(broker, &queue, "direct").await;
+    // A key naming no queue: dropped, not an error.
+    publish(broker, DEFAULT_EXCHANGE, &unique("nobody"), message("lost")).await;
+    assert_pending(broker, &queue, &["direct"]).await;
+    let delivery = get_eventually(broker, &queue).await;
+    assert_eq!(delivery.exchange, DEFAULT_EXCHANGE);
+    assert_eq!(delivery.routing_key, queue);
+    ack(delivery).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn unroutable_message_is_dropped<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "unroutable").await;
+    let queue = new_queue(broker, "unroutable", QueueOptions::default()).await;
+    bind(broker, &queue, &exchange, "wanted.*").await;
+    publish(broker, &exchange, "unwanted.key", message("lost")).await;
+    publish(broker, &exchange, "wanted.key", message("kept")).await;
+    assert_pending(broker, &queue, &["kept"]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// A message is routed by its key and each CC key, and a queue matched by
+/// several of them (or by overlapping patterns) gets it once.
+pub async fn cc_keys_route_each_queue_once<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "cc").await;
+    let both = new_queue(broker, "cc-both", QueueOptions::default()).await;
+    let cc_only = new_queue(broker, "cc-only", QueueOptions::default()).await;
+    let neither = new_queue(broker, "cc-neither", QueueOptions::default()).await;
+    let everything = new_queue(broker, "cc-all", QueueOptions::default()).await;
+    bind(broker, &both, &exchange, "key.one").await;
+    bind(broker, &both, &exchange, "key.two").await;
+    bind(broker, &both, &exchange, "#.one").await;
+    bind(broker, &cc_only, &exchange, "key.three").await;
+    bind(broker, &neither, &exchange, "key.four").await;
+    bind(broker, &everything, &exchange, "key.#").await;
+
+    let mut with_cc = message("with-cc");
+    with_cc.cc = vec!["key.two".to_owned(), "key.three".to_owned()];
+    publish(broker, &exchange, "key.one", with_cc).await;
+    publish(broker, &exchange, "key.one", message("plain")).await;
+
+    assert_pending(broker, &both, &["with-cc", "plain"]).await;
+    assert_pending(broker, &cc_only, &["with-cc"]).await;
+    assert_pending(broker, &everything, &["with-cc", "plain"]).await;
+    assert_pending(broker, &neither, &[]).await;
+
+    let delivery = get_eventually(broker, &cc_only).await;
+    assert_eq!(
+        delivery.routing_key, "key.one",
+        "delivered with its own key"
+    );
+    assert_eq!(delivery.cc, ["key.two", "key.three"]);
+    ack(delivery).await;
+    delete_queues(broker, &[&both, &cc_only, &neither, &everything]).await;
+}
+
+pub async fn delivery_carries_message_properties<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "props").await;
+    let queue = new_queue(broker, "props", QueueOptions::default()).await;
+    bind(broker, &queue, &exchange, "props.#").await;
+    let sent = OutgoingMessage {
+        body: br#"{"hello":"world"}"#.to_vec(),
+        content_type: Some("application/json".to_owned()),
+        message_id: Some("job-42".to_owned()),
+        persistent: true,
+        headers: BTreeMap::from([
+            ("attempt".to_owned(), "3".to_owned()),
+            ("origin".to_owned(), "suite".to_owned()),
+        ]),
+        cc: vec!["route.elsewhere".to_owned()],
+    };
+    publish(broker, &exchange, "props.key", sent.clone()).await;
+    let mut stream = consume(broker, &queue, 1).await;
+    let delivery = next_delivery(&mut stream, "the published message").await;
+    assert_eq!(delivery.exchange, exchange);
+    assert_eq!(delivery.routing_key, "props.key");
+    assert_eq!(delivery.body, sent.body);
+    assert_eq!(delivery.content_type, sent.content_type);
+    assert_eq!(delivery.message_id, sent.message_id);
+    assert_eq!(delivery.headers, sent.headers);
+    assert_eq!(delivery.cc, sent.cc);
+    assert!(!delivery.redelivered);
+    ack(delivery).await;
+    drop(stream);
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn publish_to_missing_exchange_fails<B: Broker>(broker: &B) {
+    let missing = unique("missing");
+    let error = broker
+        .publish(&missing, "any.key", message("lost"))
+        .await
+        .expect_err("publishing to a missing exchange must fail");
+    assert!(
+        matches!(&error, BrokerError::ExchangeNotFound(name) if *name == missing),
+        "{error:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Declarations
+// ---------------------------------------------------------------------------
+
+pub async fn declarations_check_existence_and_options<B: Broker>(broker: &B) {
+    let name = unique("declared");
+    let passive = ExchangeOptions {
+        passive: true,
+        durable: false,
+    };
+    let error = broker
+        .declare_exchange(&name, passive)
+        .await
+        .expect_err("a passive declaration of a missing exchange must fail");
+    assert!(
+        matches!(&error, BrokerError::ExchangeNotFound(missing) if *missing == name),
+        "{error:?}"
+    );
+    broker
+        .declare_exchange(&name, ExchangeOptions::default())
+        .await
+        .expect("declaring the exchange");
+    broker
+        .declare_exchange(&name, ExchangeOptions::default())
+        .await
+        .expect("redeclaring the exchange alike");
+    broker
+        .declare_exchange(&name, passive)
+        .await
+        .expect("a passive declaration of an existing exchange");
+    let durable = ExchangeOptions {
+        passive: false,
+        durable: true,
+    };
+    let error = broker
+        .declare_exchange(&name, durable)
+        .await
+        .expect_err("redeclaring with other options must fail");
+    assert!(matches!(error, BrokerError::Conflict { .. }), "{error:?}");
+
+    let bounded = QueueOptions {
+        max_length: Some(10),
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(broker, "declared", bounded.clone()).await;
+    let again = broker
+        .declare_queue(&queue, bounded)
+        .await
+        .expect("redeclaring a queue alike");
+    assert_eq!(again, queue);
+    let other = QueueOptions {
+        max_length: Some(20),
+        ..QueueOptions::default()
+    };
+    let error = broker
+        .declare_queue(&queue, other)
+        .await
+        .expect_err("redeclaring a queue with other options must fail");
+    assert!(matches!(error, BrokerError::Conflict { .. }), "{error:?}");
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn server_named_queues_are_unique<B: Broker>(broker: &B) {
+    let first = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declaring a server-named queue");
+    let second = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declaring a second server-named queue");
+    assert!(!first.is_empty());
+    assert_ne!(first, second);
+    send(broker, &first, "to-first").await;
+    assert_pending(broker, &first, &["to-first"]).await;
+    assert_pending(broker, &second, &[]).await;
+    delete_queues(broker, &[&first, &second]).await;
+}
+
+pub async fn binding_needs_exchange_and_queue<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "bind").await;
+    let queue = new_queue(broker, "bind", QueueOptions::default()).await;
+    let missing_exchange = unique("missing");
+    let error = broker
+        .bind_queue(&queue, &missing_exchange, "#")
+        .await
+        .expect_err("binding to a missing exchange must fail");
+    assert!(
+        matches!(&error, BrokerError::ExchangeNotFound(name) if *name == missing_exchange),
+        "{error:?}"
+    );
+    let missing_queue = broker.qualify_queue_name(&unique("missing"));
+    let error = broker
+        .bind_queue(&missing_queue, &exchange, "#")
+        .await
+        .expect_err("binding a missing queue must fail");
+    assert!(
+        matches!(&error, BrokerError::QueueNotFound(name) if *name == missing_queue),
+        "{error:?}"
+    );
+    // Binding twice is harmless: still one copy per message.
+    bind(broker, &queue, &exchange, "twice").await;
+    bind(broker, &queue, &exchange, "twice").await;
+    publish(broker, &exchange, "twice", message("once")).await;
+    assert_pending(broker, &queue, &["once"]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn missing_queue_operations_fail<B: Broker>(broker: &B) {
+    let missing = broker.qualify_queue_name(&unique("missing"));
+    let is_missing =
+        |error: &BrokerError| matches!(error, BrokerError::QueueNotFound(name) if *name == missing);
+    match broker.consume(&missing, 1).await {
+        Err(error) => assert!(is_missing(&error), "consume: {error:?}"),
+        Ok(_) => panic!("consuming a missing queue must fail"),
+    }
+    let error = broker.get(&missing).await.expect_err("get");
+    assert!(is_missing(&error), "get: {error:?}");
+    let error = broker.pending(&missing).await.expect_err("pending");
+    assert!(is_missing(&error), "pending: {error:?}");
+}
+
+// ---------------------------------------------------------------------------
+// Consuming and settling
+// ---------------------------------------------------------------------------
+
+pub async fn prefetch_limits_unacknowledged_deliveries<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "prefetch", QueueOptions::default()).await;
+    for n in 0..5 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let mut stream = consume(broker, &queue, 2).await;
+    let m0 = next_delivery(&mut stream, "m0").await;
+    let m1 = next_delivery(&mut stream, "m1").await;
+    assert_eq!((body(&m0), body(&m1)), ("m0".to_owned(), "m1".to_owned()));
+    assert_quiet(&mut stream, "two unacknowledged with prefetch 2").await;
+    ack(m0).await;
+    let m2 = next_delivery(&mut stream, "m2 after one ack").await;
+    assert_eq!(body(&m2), "m2");
+    assert_quiet(&mut stream, "two unacknowledged again").await;
+    ack(m1).await;
+    ack(m2).await;
+    let m3 = next_delivery(&mut stream, "m3").await;
+    let m4 = next_delivery(&mut stream, "m4").await;
+    assert_eq!((body(&m3), body(&m4)), ("m3".to_owned(), "m4".to_owned()));
+    ack(m3).await;
+    ack(m4).await;
+    drop(stream);
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn nack_with_requeue_redelivers_in_place<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "requeue", QueueOptions::default()).await;
+    send(broker, &queue, "first").await;
+    send(broker, &queue, "second").await;
+    let mut stream = consume(broker, &queue, 1).await;
+    let first = next_delivery(&mut stream, "first").await;
+    assert_eq!(body(&first), "first");
+    assert!(!first.redelivered);
+    first.nack(true).await.expect("nack with requeue");
+    let again = next_delivery(&mut stream, "first, redelivered").await;
+    assert_eq!(body(&again), "first", "a requeued message keeps its place");
+    assert!(again.redelivered);
+    ack(again).await;
+    let second = next_delivery(&mut stream, "second").await;
+    assert_eq!(body(&second), "second");
+    assert!(!second.redelivered);
+    ack(second).await;
+    drop(stream);
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// A rejected message goes to the dead-letter exchange, with the dead-letter
+/// routing key when the queue has one, else with its own; without a
+/// dead-letter exchange it is gone.
+pub async fn nack_without_requeue_dead_letters<B: Broker>(broker: &B) {
+    let dead_letters = new_exchange(broker, "dlx").await;
+    let by_new_key = new_queue(broker, "dl-new-key", QueueOptions::default()).await;
+    let by_old_key = new_queue(broker, "dl-old-key", QueueOptions::default()).await;
+    bind(broker, &by_new_key, &dead_letters, "dead.#").await;
+    bind(broker, &by_old_key, &dead_letters, "original.#").await;
+
+    let with_key = new_queue(
+        broker,
+        "dl-source-key",
+        QueueOptions {
+            dead_letter_exchange: Some(dead_letters.clone()),
+            dead_letter_routing_key: Some("dead.letter".to_owned()),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let without_key = new_queue(
+        broker,
+        "dl-source",
+        QueueOptions {
+            dead_letter_exchange: Some(dead_letters.clone()),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let no_dlx = new_queue(broker, "dl-none", QueueOptions::default()).await;
+    let source = new_exchange(broker, "dl-source").await;
+    bind(broker, &without_key, &source, "original.key").await;
+
+    send(broker, &with_key, "rejected-1").await;
+    publish(broker, &source, "original.key", message("rejected-2")).await;
+    send(broker, &no_dlx, "rejected-3").await;
+    for queue in [&with_key, &without_key, &no_dlx] {
+        let delivery = get_eventually(broker, queue).await;
+        delivery.nack(false).await.expect("nack without requeue");
+    }
+
+    let dead = get_eventually(broker, &by_new_key).await;
+    assert_eq!(body(&dead), "rejected-1");
+    assert_eq!(dead.exchange, dead_letters);
+    assert_eq!(dead.routing_key, "dead.letter");
+    ack(dead).await;
+    let dead = get_eventually(broker, &by_old_key).await;
+    assert_eq!(body(&dead), "rejected-2");
+    assert_eq!(dead.exchange, dead_letters);
+    assert_eq!(dead.routing_key, "original.key");
+    ack(dead).await;
+    for queue in [&with_key, &without_key, &no_dlx] {
+        assert_pending(broker, queue, &[]).await;
+    }
+    assert!(get(broker, &no_dlx).await.is_none());
+    delete_queues(
+        broker,
+        &[&by_new_key, &by_old_key, &with_key, &without_key, &no_dlx],
+    )
+    .await;
+}
+
+/// A message left in a queue past its TTL is dead-lettered on time, though
+/// nobody consumes the queue (the retry-tier pattern: wait, then back to work).
+pub async fn expired_messages_are_dead_lettered<B: Broker>(broker: &B) {
+    let ttl = Duration::from_millis(200);
+    let work = new_queue(broker, "ttl-work", QueueOptions::default()).await;
+    let retry = new_queue(
+        broker,
+        "ttl-retry",
+        QueueOptions {
+            message_ttl: Some(ttl),
+            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+            dead_letter_routing_key: Some(work.clone()),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let mut stream = consume(broker, &work, 1).await;
+    let start = Instant::now();
+    send(broker, &retry, "retried").await;
+    let delivery = next_delivery(&mut stream, "the expired message").await;
+    assert!(
+        start.elapsed() >= ttl,
+        "expired after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(body(&delivery), "retried");
+    assert_eq!(delivery.exchange, DEFAULT_EXCHANGE);
+    assert_eq!(delivery.routing_key, work);
+    ack(delivery).await;
+    assert_pending(broker, &retry, &[]).await;
+    drop(stream);
+    delete_queues(broker, &[&work, &retry]).await;
+}
+
+pub async fn delayed_publish_is_not_visible_early<B: Broker>(broker: &B) {
+    let delay = Duration::from_millis(400);
+    let queue = new_queue(broker, "delayed", QueueOptions::default()).await;
+    let start = Instant::now();
+    broker
+        .publish_delayed(&queue, message("later"), delay)
+        .await
+        .expect("publishing with a delay");
+    tokio::time::sleep(Duration::from_millis(150).saturating_sub(start.elapsed())).await;
+    let found = pending_bodies(broker, &queue).await;
+    // Only a look that ended before the delay can catch the message early.
+    let looked = start.elapsed();
+    assert!(
+        found.is_empty() || looked >= delay,
+        "visible after {looked:?}: {found:?}"
+    );
+    let mut stream = consume(broker, &queue, 1).await;
+    let delivery = next_delivery(&mut stream, "the delayed message").await;
+    assert!(
+        start.elapsed() >= delay,
+        "delivered after {:?}",
+        start.elapsed()
+    );
+    assert_eq!(body(&delivery), "later");
+    ack(delivery).await;
+
+    broker
+        .publish_delayed(&queue, message("now"), Duration::ZERO)
+        .await
+        .expect("publishing without a delay");
+    let delivery = next_delivery(&mut stream, "the undelayed message").await;
+    assert_eq!(body(&delivery), "now");
+    ack(delivery).await;
+    drop(stream);
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn get_and_pending<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "get", QueueOptions::default()).await;
+    for n in 0..3 {
+        let mut sent = message(&format!("m{n}"));
+        sent.headers.insert("n".to_owned(), n.to_string());
+        publish(broker, DEFAULT_EXCHANGE, &queue, sent).await;
+    }
+    let pending = broker.pending(&queue).await.expect("pending");
+    assert_eq!(pending.len(), 3, "{pending:?}");
+    for (n, waiting) in pending.iter().enumerate() {
+        assert_eq!(
+            waiting.message_id.as_deref(),
+            Some(format!("m{n}").as_str())
+        );
+        assert_eq!(waiting.routing_key, queue);
+        assert_eq!(waiting.headers.get("n"), Some(&n.to_string()));
+        assert_eq!(waiting.body, format!("m{n}").into_bytes());
+    }
+    // Listing takes nothing.
+    assert_pending(broker, &queue, &["m0", "m1", "m2"]).await;
+
+    let m0 = get_eventually(broker, &queue).await;
+    assert_eq!(body(&m0), "m0");
+    assert!(!m0.redelivered);
+    assert_pending(broker, &queue, &["m1", "m2"]).await;
+    let m1 = get_eventually(broker, &queue).await;
+    assert_eq!(body(&m1), "m1");
+    m1.nack(true).await.expect("nack with requeue");
+    assert_pending(broker, &queue, &["m1", "m2"]).await;
+    ack(m0).await;
+    let m1 = get_eventually(broker, &queue).await;
+    assert_eq!(body(&m1), "m1");
+    assert!(m1.redelivered);
+    ack(m1).await;
+    let m2 = get_eventually(broker, &queue).await;
+    assert_eq!(body(&m2), "m2");
+    ack(m2).await;
+    assert!(get(broker, &queue).await.is_none());
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn cancelled_consumer_requeues_its_deliveries<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "cancel", QueueOptions::default()).await;
+    for n in 0..3 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let mut stream = consume(broker, &queue, 2).await;
+    let held_0 = next_delivery(&mut stream, "m0").await;
+    let held_1 = next_delivery(&mut stream, "m1").await;
+    drop(stream);
+    // Cancelling happens in the background: wait for the requeue, in place.
+    assert_pending(broker, &queue, &["m0", "m1", "m2"]).await;
+
+    let mut stream = consume(broker, &queue, 3).await;
+    let mut received = Vec::new();
+    for _ in 0..3 {
+        let delivery = next_delivery(&mut stream, "after the first consumer ended").await;
+        received.push((body(&delivery), delivery.redelivered));
+        ack(delivery).await;
+    }
+    assert_eq!(
+        received,
+        [
+            ("m0".to_owned(), true),
+            ("m1".to_owned(), true),
+            ("m2".to_owned(), false)
+        ]
+    );
+    // The old consumer's deliveries were requeued already; letting them go
+    // brings nothing back.
+    drop((held_0, held_1));
+    assert_quiet(&mut stream, "nothing after all were acknowledged").await;
+    drop(stream);
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn dropped_delivery_is_requeued<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "dropped", QueueOptions::default()).await;
+    send(broker, &queue, "forgotten").await;
+    let delivery = get_eventually(broker, &queue).await;
+    drop(delivery);
+    assert_pending(broker, &queue, &["forgotten"]).await;
+
+    let mut stream = consume(broker, &queue, 1).await;
+    let delivery = next_delivery(&mut stream, "requeued after get").await;
+    assert_eq!(body(&delivery), "forgotten");
+    assert!(delivery.redelivered);
+    drop(delivery);
+    let delivery = next_delivery(&mut stream, "requeued after a consumer's delivery").await;
+    assert_eq!(body(&delivery), "forgotten");
+    assert!(delivery.redelivered);
+    ack(delivery).await;
+    drop(stream);
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn settling_twice_fails<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "twice", QueueOptions::default()).await;
+    send(broker, &queue, "once").await;
+    let delivery = get_eventually(broker, &queue).await;
+    delivery.acker.ack().await.expect("first ack");
+    let error = delivery.acker.ack().await.expect_err("second ack");
+    assert!(matches!(error, BrokerError::AckFailed(_)), "{error:?}");
+    let error = delivery.acker.nack(true).await.expect_err("nack after ack");
+    assert!(matches!(error, BrokerError::AckFailed(_)), "{error:?}");
+    drop(delivery);
+    assert_pending(broker, &queue, &[]).await;
+    assert!(get(broker, &queue).await.is_none());
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn consumers_share_a_queue_in_turn<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "shared", QueueOptions::default()).await;
+    let mut first = consume(broker, &queue, 1).await;
+    let mut second = consume(broker, &queue, 1).await;
+    for round in 0..2 {
+        send(broker, &queue, &format!("r{round}-a")).await;
+        send(broker, &queue, &format!("r{round}-b")).await;
+        let a = next_delivery(&mut first, "the first consumer's share").await;
+        let b = next_delivery(&mut second, "the second consumer's share").await;
+        let mut bodies = [body(&a), body(&b)];
+        bodies.sort();
+        assert_eq!(bodies, [format!("r{round}-a"), format!("r{round}-b")]);
+        assert_quiet(&mut first, "each message goes to one consumer").await;
+        ack(a).await;
+        ack(b).await;
+    }
+    drop((first, second));
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn auto_delete_queue_goes_with_its_last_consumer<B: Broker>(broker: &B) {
+    let options = QueueOptions {
+        auto_delete: true,
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(broker, "auto-delete", options).await;
+    // Never consumed yet: stays.
+    send(broker, &queue, "waiting").await;
+    assert_pending(broker, &queue, &["waiting"]).await;
+    let first = consume(broker, &queue, 1).await;
+    let second = consume(broker, &queue, 1).await;
+    drop(first);
+    tokio::time::sleep(QUIET).await;
+    broker
+        .pending(&queue)
+        .await
+        .expect("the queue stays while a consumer is left");
+    drop(second);
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        match broker.pending(&queue).await {
+            Err(BrokerError::QueueNotFound(name)) => {
+                assert_eq!(name, queue);
+                break;
+            }
+            Err(error) => panic!("checking for queue `{queue}`: {error}"),
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "auto-delete queue `{queue}` outlived its consumers"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bounded queues and deletion
+// ---------------------------------------------------------------------------
+
+/// A full queue refuses a publish at once (backpressure) instead of blocking
+/// or dropping; only ready messages count.
+pub async fn full_queue_rejects_publish<B: Broker>(broker: &B) {
+    let options = QueueOptions {
+        max_length: Some(2),
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(broker, "bounded", options).await;
+    send(broker, &queue, "m0").await;
+    send(broker, &queue, "m1").await;
+    let error = broker
+        .publish(DEFAULT_EXCHANGE, &queue, message("m2"))
+        .await
+        .expect_err("publishing into a full queue must fail");
+    assert!(matches!(error, BrokerError::QueueFull(_)), "{error:?}");
+    assert_pending(broker, &queue, &["m0", "m1"]).await;
+
+    let m0 = get_eventually(broker, &queue).await;
+    send(broker, &queue, "m2").await;
+    let error = broker
+        .publish(DEFAULT_EXCHANGE, &queue, message("m3"))
+        .await
+        .expect_err("full again (the unacknowledged message does not count)");
+    assert!(matches!(error, BrokerError::QueueFull(_)), "{error:?}");
+    ack(m0).await;
+    assert_pending(broker, &queue, &["m1", "m2"]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// A message routed to a full queue and to queues with room: the publish
+/// fails, the full queue does not get it, the others do (as with RabbitMQ's
+/// `reject-publish`).
+pub async fn full_queue_does_not_stop_other_queues<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "fanout-full").await;
+    let bounded = new_queue(
+        broker,
+        "fanout-bounded",
+        QueueOptions {
+            max_length: Some(1),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let open = new_queue(broker, "fanout-open", QueueOptions::default()).await;
+    bind(broker, &bounded, &exchange, "event").await;
+    bind(broker, &open, &exchange, "event").await;
+    publish(broker, &exchange, "event", message("m0")).await;
+    let error = broker
+        .publish(&exchange, "event", message("m1"))
+        .await
+        .expect_err("one target queue is full");
+    assert!(matches!(error, BrokerError::QueueFull(_)), "{error:?}");
+    assert_pending(broker, &bounded, &["m0"]).await;
+    assert_pending(broker, &open, &["m0", "m1"]).await;
+    delete_queues(broker, &[&bounded, &open]).await;
+}
+
+pub async fn deleted_queue_loses_messages_and_bindings<B: Broker>(broker: &B) {
+    let exchange = new_exchange(broker, "delete").await;
+    let queue = new_queue(broker, "delete", QueueOptions::default()).await;
+    bind(broker, &queue, &exchange, "key").await;
+    publish(broker, &exchange, "key", message("before")).await;
+    assert_pending(broker, &queue, &["before"]).await;
+    delete_queues(broker, &[&queue]).await;
+    let error = broker.pending(&queue).await.expect_err("the queue is gone");
+    assert!(matches!(error, BrokerError::QueueNotFound(_)), "{error:?}");
+    // Deleting again is not an error (as on RabbitMQ).
+    delete_queues(broker, &[&queue]).await;
+
+    let again = broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await
+        .expect("redeclaring the deleted queue");
+    assert_eq!(again, queue);
+    publish(broker, &exchange, "key", message("after")).await;
+    send(broker, &queue, "direct").await;
+    assert_pending(broker, &queue, &["direct"]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+pub async fn deleted_queue_ends_its_consumers<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "delete-consumed", QueueOptions::default()).await;
+    let mut stream = consume(broker, &queue, 1).await;
+    delete_queues(broker, &[&queue]).await;
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(None) => break,
+            // A broker may report why the consumer ended before ending.
+            Ok(Some(Err(_))) => continue,
+            Ok(Some(Ok(delivery))) => panic!("unexpected delivery {delivery:?}"),
+            Err(_) => panic!("the consumer of deleted queue `{queue}` did not end"),
+        }
+    }
+}
