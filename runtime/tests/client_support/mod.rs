@@ -1,0 +1,262 @@
+//! Hand-written message and binding types for the consumer, publisher,
+//! queue and job tests (the generated crate cannot be a dev-dependency of
+//! the runtime), plus small async helpers.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use exchange_runtime::{Binding, Decode, DecodeError, Exchange, Message, RoutingKeyWord};
+use serde::{Deserialize, Serialize};
+
+pub const DEFINED: &str = "exchange/test-queue/v1/task-defined";
+pub const RUNNING: &str = "exchange/test-queue/v1/task-running";
+
+/// `primary.<taskId>.<workerType>.<reserved...>`, like the queue's keys, shortened.
+pub static WORDS: &[RoutingKeyWord] = &[
+    RoutingKeyWord {
+        name: "routingKeyKind",
+        constant: Some("primary"),
+        multiple_words: false,
+        required: true,
+    },
+    RoutingKeyWord {
+        name: "taskId",
+        constant: None,
+        multiple_words: false,
+        required: true,
+    },
+    RoutingKeyWord {
+        name: "workerType",
+        constant: None,
+        multiple_words: false,
+        required: true,
+    },
+    RoutingKeyWord {
+        name: "reserved",
+        constant: None,
+        multiple_words: true,
+        required: false,
+    },
+];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub task_id: String,
+    pub worker_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskDefinedMessage {
+    pub version: u32,
+    pub status: Status,
+}
+
+/// The `status` definition both test schemas share (a literal, for `concat!`).
+macro_rules! status_schema {
+    () => {
+        r##""status": {
+            "type": "object",
+            "properties": {
+                "taskId": {"type": "string", "pattern": "^[A-Za-z0-9_-]{22}$"},
+                "workerType": {"type": "string", "minLength": 1, "maxLength": 38}
+            },
+            "required": ["taskId", "workerType"],
+            "additionalProperties": false
+        }"##
+    };
+}
+
+impl Message for TaskDefinedMessage {
+    const SCHEMA_ID: &'static str = "/schemas/test-queue/v1/task-defined-message.json#";
+    const SCHEMA: &'static str = concat!(
+        r##"{
+        "$schema": "http://json-schema.org/draft-06/schema#",
+        "$id": "/schemas/test-queue/v1/task-defined-message.json#",
+        "type": "object",
+        "properties": {
+            "version": {"enum": [1]},
+            "status": {"$ref": "#/definitions/status"}
+        },
+        "required": ["version", "status"],
+        "additionalProperties": false,
+        "definitions": {"##,
+        status_schema!(),
+        "}}"
+    );
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskRunningMessage {
+    pub version: u32,
+    pub status: Status,
+    pub run_id: u32,
+    pub worker_id: String,
+}
+
+impl Message for TaskRunningMessage {
+    const SCHEMA_ID: &'static str = "/schemas/test-queue/v1/task-running-message.json#";
+    const SCHEMA: &'static str = concat!(
+        r##"{
+        "$schema": "http://json-schema.org/draft-06/schema#",
+        "$id": "/schemas/test-queue/v1/task-running-message.json#",
+        "type": "object",
+        "properties": {
+            "version": {"enum": [1]},
+            "runId": {"type": "integer", "minimum": 0, "maximum": 1000},
+            "workerId": {"type": "string", "minLength": 1},
+            "status": {"$ref": "#/definitions/status"}
+        },
+        "required": ["version", "status", "runId", "workerId"],
+        "definitions": {"##,
+        status_schema!(),
+        "}}"
+    );
+}
+
+macro_rules! binding {
+    ($name:ident, $message:ty, $exchange:expr, $entry:expr) => {
+        #[derive(Debug, Clone, Default, PartialEq, Eq)]
+        pub struct $name {
+            pub task_id: Option<String>,
+            pub worker_type: Option<String>,
+            pub reserved: Option<String>,
+        }
+
+        impl Exchange for $name {
+            type Message = $message;
+            const EXCHANGE: &'static str = $exchange;
+            const ENTRY: &'static str = $entry;
+            const ROUTING_KEY: &'static [RoutingKeyWord] = WORDS;
+        }
+
+        impl Binding for $name {
+            fn word_values(&self) -> Vec<Option<&str>> {
+                vec![
+                    None,
+                    self.task_id.as_deref(),
+                    self.worker_type.as_deref(),
+                    self.reserved.as_deref(),
+                ]
+            }
+
+            fn from_word_values(values: Vec<Option<String>>) -> Self {
+                let mut values = values.into_iter().skip(1);
+                $name {
+                    task_id: values.next().flatten(),
+                    worker_type: values.next().flatten(),
+                    reserved: values.next().flatten(),
+                }
+            }
+        }
+    };
+}
+
+binding!(TaskDefined, TaskDefinedMessage, DEFINED, "taskDefined");
+binding!(TaskRunning, TaskRunningMessage, RUNNING, "taskRunning");
+
+/// The "service enum" of the two test exchanges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueEvent {
+    TaskDefined(TaskDefinedMessage),
+    TaskRunning(TaskRunningMessage),
+}
+
+impl Decode for QueueEvent {
+    fn decode(exchange: &str, body: &[u8]) -> Result<Self, DecodeError> {
+        match exchange {
+            DEFINED => TaskDefinedMessage::decode(exchange, body).map(QueueEvent::TaskDefined),
+            RUNNING => TaskRunningMessage::decode(exchange, body).map(QueueEvent::TaskRunning),
+            other => Err(DecodeError::unknown_exchange(other)),
+        }
+    }
+}
+
+/// A 22-character slug id made from a number.
+pub fn task_id(n: u32) -> String {
+    format!("{n:0>22}")
+}
+
+pub fn defined(n: u32, worker_type: &str) -> (TaskDefined, TaskDefinedMessage) {
+    (
+        TaskDefined {
+            task_id: Some(task_id(n)),
+            worker_type: Some(worker_type.to_owned()),
+            reserved: None,
+        },
+        TaskDefinedMessage {
+            version: 1,
+            status: Status {
+                task_id: task_id(n),
+                worker_type: worker_type.to_owned(),
+            },
+        },
+    )
+}
+
+pub fn running(n: u32, worker_type: &str) -> (TaskRunning, TaskRunningMessage) {
+    (
+        TaskRunning {
+            task_id: Some(task_id(n)),
+            worker_type: Some(worker_type.to_owned()),
+            reserved: None,
+        },
+        TaskRunningMessage {
+            version: 1,
+            status: Status {
+                task_id: task_id(n),
+                worker_type: worker_type.to_owned(),
+            },
+            run_id: 0,
+            worker_id: "worker-1".to_owned(),
+        },
+    )
+}
+
+/// Generous bound for things that must happen.
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
+
+/// Polls `check` until it is true or [`EVENTUALLY`] passes (then panics with `what`).
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The next item of a channel within [`EVENTUALLY`], or a panic naming `what`.
+pub async fn next<T>(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<T>, what: &str) -> T {
+    match tokio::time::timeout(EVENTUALLY, receiver.recv()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("channel closed while waiting for: {what}"),
+        Err(_) => panic!("timed out waiting for: {what}"),
+    }
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

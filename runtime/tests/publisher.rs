@@ -1,0 +1,286 @@
+//! `Publisher` against the embedded `MemoryBroker` (and a wrapper that makes
+//! it fail on purpose): schema validation before sending, routing keys,
+//! exchange declaration once, retries across connection failures.
+
+mod client_support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use client_support::*;
+use exchange_runtime::broker::memory::MemoryBroker;
+use exchange_runtime::broker::{
+    Broker, BrokerError, DeliveryStream, ExchangeOptions, OutgoingMessage, PendingMessage,
+    QueueOptions,
+};
+use exchange_runtime::publisher::{PublishError, Publisher, PublisherOptions};
+use exchange_runtime::{Delivery, RoutingKeyErrorKind};
+
+/// A queue bound to everything on both test exchanges.
+async fn tap(broker: &impl Broker) -> String {
+    for exchange in [DEFINED, RUNNING] {
+        broker
+            .declare_exchange(
+                exchange,
+                ExchangeOptions {
+                    passive: false,
+                    durable: true,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let queue = broker
+        .declare_queue("tap", QueueOptions::default())
+        .await
+        .unwrap();
+    for exchange in [DEFINED, RUNNING] {
+        broker.bind_queue(&queue, exchange, "#").await.unwrap();
+    }
+    queue
+}
+
+#[tokio::test]
+async fn a_valid_message_is_sent_persistent_json_with_its_key() {
+    let broker = MemoryBroker::new();
+    let queue = tap(&broker).await;
+    let (binding, message) = defined(7, "gaia");
+    Publisher::new(broker.clone())
+        .publish(&binding, &message)
+        .await
+        .unwrap();
+    let delivery = broker.get(&queue).await.unwrap().expect("the message");
+    assert_eq!(delivery.exchange, DEFINED);
+    assert_eq!(delivery.routing_key, format!("primary.{}.gaia._", task_id(7)));
+    assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
+    let body: TaskDefinedMessage = serde_json::from_slice(&delivery.body).unwrap();
+    assert_eq!(body, message);
+    delivery.ack().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_invalid_message_is_refused_with_every_violation_and_nothing_is_sent() {
+    let broker = MemoryBroker::new();
+    let queue = tap(&broker).await;
+    let (binding, mut message) = defined(7, "gaia");
+    message.version = 2;
+    message.status.task_id = "not-a-slug".to_owned();
+    message.status.worker_type = String::new();
+    let error = Publisher::new(broker.clone())
+        .publish(&binding, &message)
+        .await
+        .unwrap_err();
+    let PublishError::InvalidMessage {
+        exchange,
+        routing_key,
+        source,
+    } = &error
+    else {
+        panic!("expected InvalidMessage, got {error:?}");
+    };
+    assert_eq!(exchange, DEFINED);
+    assert_eq!(routing_key, &format!("primary.{}.gaia._", task_id(7)));
+    let mut pointers: Vec<&str> = source
+        .violations()
+        .iter()
+        .map(|v| v.pointer.as_str())
+        .collect();
+    pointers.sort();
+    assert_eq!(
+        pointers,
+        ["/status/taskId", "/status/workerType", "/version"],
+        "{error}"
+    );
+    let text = error.to_string();
+    for needle in [DEFINED, "/status/taskId", "/version", "task-defined-message.json"] {
+        assert!(text.contains(needle), "`{needle}` missing from: {text}");
+    }
+    assert!(broker.pending(&queue).await.unwrap().is_empty(), "something was sent");
+}
+
+#[tokio::test]
+async fn a_binding_without_a_required_word_is_refused() {
+    let broker = MemoryBroker::new();
+    let queue = tap(&broker).await;
+    let (mut binding, message) = defined(7, "gaia");
+    binding.worker_type = None;
+    let error = Publisher::new(broker.clone())
+        .publish(&binding, &message)
+        .await
+        .unwrap_err();
+    match &error {
+        PublishError::RoutingKey(e) => assert_eq!(
+            e.kind,
+            RoutingKeyErrorKind::MissingRequired { word: "workerType" }
+        ),
+        other => panic!("expected a routing-key error, got {other:?}"),
+    }
+    assert!(error.to_string().contains(DEFINED));
+    assert!(broker.pending(&queue).await.unwrap().is_empty());
+}
+
+/// Wraps a broker: fails the next `fail_publishes` publishes with a
+/// connection error, and counts exchange declarations.
+#[derive(Clone)]
+struct Flaky {
+    inner: MemoryBroker,
+    fail_publishes: Arc<AtomicU32>,
+    publishes: Arc<AtomicU32>,
+    declarations: Arc<AtomicU32>,
+}
+
+impl Flaky {
+    fn new(inner: MemoryBroker, failures: u32) -> Self {
+        Flaky {
+            inner,
+            fail_publishes: Arc::new(AtomicU32::new(failures)),
+            publishes: Arc::new(AtomicU32::new(0)),
+            declarations: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
+impl Broker for Flaky {
+    async fn declare_exchange(&self, name: &str, options: ExchangeOptions) -> Result<(), BrokerError> {
+        self.declarations.fetch_add(1, Ordering::SeqCst);
+        self.inner.declare_exchange(name, options).await
+    }
+
+    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<String, BrokerError> {
+        self.inner.declare_queue(name, options).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        self.inner.delete_queue(name).await
+    }
+
+    async fn bind_queue(&self, queue: &str, exchange: &str, pattern: &str) -> Result<(), BrokerError> {
+        self.inner.bind_queue(queue, exchange, pattern).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        self.publishes.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .fail_publishes
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(BrokerError::Connection("injected failure".to_owned()));
+        }
+        self.inner.publish(exchange, routing_key, message).await
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: OutgoingMessage,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        self.inner.publish_delayed(queue, message, delay).await
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<DeliveryStream, BrokerError> {
+        self.inner.consume(queue, prefetch).await
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        self.inner.get(queue).await
+    }
+
+    async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
+        self.inner.pending(queue).await
+    }
+}
+
+fn quick(deadline: Duration) -> PublisherOptions {
+    PublisherOptions {
+        deadline,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+    }
+}
+
+#[tokio::test]
+async fn connection_failures_are_retried_until_confirmed() {
+    let memory = MemoryBroker::new();
+    let broker = Flaky::new(memory.clone(), 3);
+    let queue = tap(&memory).await;
+    let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_secs(10)));
+    let (binding, message) = defined(1, "w");
+    publisher.publish(&binding, &message).await.unwrap();
+    assert_eq!(broker.publishes.load(Ordering::SeqCst), 4, "3 failures, then success");
+    assert_eq!(memory.pending(&queue).await.unwrap().len(), 1);
+
+    // The exchange is declared once per publisher, not once per publish.
+    for n in 2..5 {
+        let (binding, message) = defined(n, "w");
+        publisher.publish(&binding, &message).await.unwrap();
+    }
+    assert_eq!(broker.declarations.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
+    let memory = MemoryBroker::new();
+    let broker = Flaky::new(memory.clone(), u32::MAX);
+    let queue = tap(&memory).await;
+    let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_millis(300)));
+    let (binding, message) = defined(1, "w");
+    let started = tokio::time::Instant::now();
+    let error = publisher.publish(&binding, &message).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up late");
+    let PublishError::Broker {
+        exchange,
+        routing_key,
+        attempts,
+        source,
+    } = &error
+    else {
+        panic!("expected a broker error, got {error:?}");
+    };
+    assert_eq!(exchange, DEFINED);
+    assert_eq!(routing_key, &format!("primary.{}.w._", task_id(1)));
+    assert!(*attempts > 1, "retried: {attempts}");
+    assert!(matches!(source, BrokerError::Connection(_)));
+    assert!(memory.pending(&queue).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn errors_that_retrying_cannot_fix_are_not_retried() {
+    // A queue-full rejection is backpressure, not a lost connection.
+    let memory = MemoryBroker::new();
+    let broker = Flaky::new(memory.clone(), 0);
+    tap(&memory).await;
+    let full = memory
+        .declare_queue(
+            "full",
+            QueueOptions {
+                max_length: Some(1),
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    memory.bind_queue(&full, RUNNING, "#").await.unwrap();
+    let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_secs(10)));
+    let (binding, message) = running(1, "w");
+    publisher.publish(&binding, &message).await.unwrap();
+    let error = publisher.publish(&binding, &message).await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            PublishError::Broker {
+                attempts: 1,
+                source: BrokerError::QueueFull(_),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
