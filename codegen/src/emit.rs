@@ -134,6 +134,7 @@ fn separate_items(code: &str) -> String {
                 line.ends_with(']')
             } else {
                 *line == "}"
+                    || line.ends_with(" {}")
                     // `}"#;` closes a schema literal inside an `impl`, not an item.
                     || (line.ends_with(';') && !line.starts_with("//") && !line.starts_with("}\""))
                     || (line.starts_with("//!")

@@ -1,0 +1,111 @@
+//! Helpers shared by the integration tests: fixture sources and scratch crates.
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use exchange_codegen::{Manifest, Options, Sources, generate_with};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("codegen has a parent directory")
+        .to_path_buf()
+}
+
+/// `codegen/tests/fixtures/<name>`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// The v19 reference bundle beside the repository.
+pub fn v19_bundle() -> PathBuf {
+    workspace_root().join("../shared/corpus/taskcluster-v19/references.json")
+}
+
+/// Every file below `dir`, by `/`-separated path relative to it.
+pub fn read_tree(dir: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|entry| entry.expect("directory entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let relative = path
+                    .strip_prefix(root)
+                    .expect("below root")
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join("/");
+                let text =
+                    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                out.insert(relative, text);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+/// The references of a fixture, named `references/…` in errors.
+pub fn fixture_sources(name: &str) -> Sources {
+    Sources::from_directory_files(
+        "references",
+        read_tree(&fixture_dir(name).join("references")),
+    )
+}
+
+/// Generates `sources` as a standalone crate in `CARGO_TARGET_TMPDIR/<name>`,
+/// adding `extra` files (e.g. tests), and returns the crate directory.
+pub fn write_scratch_crate(name: &str, sources: &Sources, extra: &[(&str, String)]) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).expect("clean scratch crate");
+    }
+    let options = Options {
+        manifest: Manifest::Standalone {
+            runtime_path: workspace_root().join("runtime"),
+        },
+    };
+    let files = generate_with(sources, &options).expect("generation succeeds");
+    let extra = extra
+        .iter()
+        .map(|(path, text)| ((*path).to_owned(), text.clone()));
+    for (relative, contents) in files.into_iter().chain(extra) {
+        let path = dir.join(relative);
+        fs::create_dir_all(path.parent().expect("file has a parent")).expect("mkdir");
+        fs::write(&path, contents).expect("write generated file");
+    }
+    // The workspace's lock file keeps dependency versions (and downloads) the same.
+    fs::copy(workspace_root().join("Cargo.lock"), dir.join("Cargo.lock")).expect("copy Cargo.lock");
+    dir
+}
+
+/// Runs `cargo <args>` in `dir` with a target directory shared by the scratch crates.
+pub fn cargo(dir: &Path, args: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scratch-target");
+    let status = Command::new(cargo)
+        .args(args)
+        .current_dir(dir)
+        .env("CARGO_TARGET_DIR", target)
+        .status()
+        .expect("cargo runs");
+    assert!(
+        status.success(),
+        "`cargo {}` failed in {}",
+        args.join(" "),
+        dir.display()
+    );
+}
