@@ -1,0 +1,509 @@
+//! `WorkQueue` (tsuru's Q) and `Jobs` (tasqueue) against the embedded
+//! `MemoryBroker`: delays, waiting gets, release, handlers with backoff and
+//! dead-lettering, job statuses, retries, the failed queue, and interrupted
+//! jobs never recorded successful.
+
+mod client_support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use client_support::{EVENTUALLY, eventually, next};
+use exchange_runtime::broker::memory::MemoryBroker;
+use exchange_runtime::consumer::HandlerError;
+use exchange_runtime::jobs::{Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore};
+use exchange_runtime::queue::{
+    ATTEMPTS_HEADER, Backoff, HandlerOptions, LAST_ERROR_HEADER, QueueError, QueueMessage,
+    Received, WorkQueue,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+const NONE_WINDOW: Duration = Duration::from_millis(100);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_get_delete_in_order() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "plain").await.unwrap();
+    assert_eq!(queue.dead_letter_queue(), "plain.dead");
+    queue
+        .put(QueueMessage::new("one").with_id("1"), Duration::ZERO)
+        .await
+        .unwrap();
+    queue
+        .put(QueueMessage::new("two").with_header("kind", "x"), Duration::ZERO)
+        .await
+        .unwrap();
+    let first = queue.get(EVENTUALLY).await.unwrap().expect("first message");
+    assert_eq!(first.message.body, b"one");
+    assert_eq!(first.message.message_id.as_deref(), Some("1"));
+    assert_eq!(first.attempts, 0);
+    assert!(!first.redelivered);
+    // A second get while the first is held returns the next message.
+    let second = queue.get(EVENTUALLY).await.unwrap().expect("second message");
+    assert_eq!(second.message.body, b"two");
+    assert_eq!(second.message.headers.get("kind").map(String::as_str), Some("x"));
+    queue.delete(first).await.unwrap();
+    queue.delete(second).await.unwrap();
+    assert!(queue.get(NONE_WINDOW).await.unwrap().is_none());
+    assert!(queue.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_waits_for_a_message_put_later() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "waiting").await.unwrap();
+    let putter = queue.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        putter
+            .put(QueueMessage::new("late"), Duration::ZERO)
+            .await
+            .unwrap();
+    });
+    let started = Instant::now();
+    let message = queue.get(EVENTUALLY).await.unwrap().expect("the late message");
+    assert_eq!(message.message.body, b"late");
+    assert!(started.elapsed() < EVENTUALLY);
+    queue.delete(message).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_put_is_not_delivered_early() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "delayed").await.unwrap();
+    let put_at = Instant::now();
+    queue
+        .put(QueueMessage::new("later"), Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert!(queue.get(NONE_WINDOW).await.unwrap().is_none(), "delivered early");
+    let message = queue.get(EVENTUALLY).await.unwrap().expect("delivered after the delay");
+    assert!(put_at.elapsed() >= Duration::from_millis(500), "delivered early");
+    queue.delete(message).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_puts_back_after_the_delay_with_one_more_attempt() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "released").await.unwrap();
+    queue
+        .put(QueueMessage::new("job").with_id("m1"), Duration::ZERO)
+        .await
+        .unwrap();
+    let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
+    let released_at = Instant::now();
+    queue.release(message, Duration::from_millis(400)).await.unwrap();
+    assert!(queue.get(NONE_WINDOW).await.unwrap().is_none(), "released early");
+    let again = queue.get(EVENTUALLY).await.unwrap().expect("released message");
+    assert!(released_at.elapsed() >= Duration::from_millis(400));
+    assert_eq!(again.attempts, 1);
+    assert_eq!(again.message.message_id.as_deref(), Some("m1"));
+    assert_eq!(again.message.headers[ATTEMPTS_HEADER], "1");
+    // Released at once: back immediately, attempts counting on.
+    queue.release(again, Duration::ZERO).await.unwrap();
+    let third = queue.get(EVENTUALLY).await.unwrap().unwrap();
+    assert_eq!(third.attempts, 2);
+    queue.delete(third).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_message_returns_to_the_queue() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "dropped").await.unwrap();
+    queue
+        .put(QueueMessage::new("keep me"), Duration::ZERO)
+        .await
+        .unwrap();
+    let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
+    drop(message);
+    let again = queue.get(EVENTUALLY).await.unwrap().expect("back in the queue");
+    assert_eq!(again.message.body, b"keep me");
+    assert!(again.redelivered);
+    assert_eq!(again.attempts, 0, "not a failed attempt");
+    queue.delete(again).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_moves_a_message_with_its_error() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "poison").await.unwrap();
+    queue.put(QueueMessage::new("bad"), Duration::ZERO).await.unwrap();
+    let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
+    queue.dead_letter(message, "cannot parse").await.unwrap();
+    assert!(queue.pending().await.unwrap().is_empty());
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, b"bad");
+    assert_eq!(dead[0].headers[LAST_ERROR_HEADER], "cannot parse");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_headers_are_refused() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "headers").await.unwrap();
+    let error = queue
+        .put(QueueMessage::new("x").with_header("X-Death", "1"), Duration::ZERO)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, QueueError::InvalidHeader { .. }), "{error:?}");
+    assert!(error.to_string().contains("`headers`") && error.to_string().contains("X-Death"));
+    assert!(queue.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_handler_deletes_on_success_and_backs_off_then_dead_letters_failures() {
+    let queue = WorkQueue::open(MemoryBroker::new(), "handled").await.unwrap();
+    let (sender, mut runs) = mpsc::unbounded_channel::<(Vec<u8>, u32, Instant)>();
+    let options = HandlerOptions {
+        concurrency: 2,
+        max_attempts: Some(3),
+        backoff: Backoff {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(1),
+        },
+        drain_timeout: None,
+    };
+    let handler = queue
+        .handler_with(options, move |received: Received| {
+            let _ = sender.send((
+                received.message.body.clone(),
+                received.attempts,
+                Instant::now(),
+            ));
+            async move {
+                if received.message.body == b"bad" {
+                    Err(HandlerError::msg(format!("failure {}", received.attempts + 1)))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .unwrap();
+    handler.start().await.unwrap();
+    handler.start().await.unwrap();
+    queue.put(QueueMessage::new("good"), Duration::ZERO).await.unwrap();
+    queue.put(QueueMessage::new("bad"), Duration::ZERO).await.unwrap();
+
+    let mut bad_runs = Vec::new();
+    let mut good_runs = 0;
+    while bad_runs.len() < 3 {
+        let (body, attempts, at) = next(&mut runs, "handler runs").await;
+        if body == b"bad" {
+            bad_runs.push((attempts, at));
+        } else {
+            good_runs += 1;
+        }
+    }
+    assert_eq!(good_runs, 1);
+    assert_eq!(
+        bad_runs.iter().map(|(a, _)| *a).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    // Exponential backoff: at least 100 ms, then at least 200 ms.
+    assert!(bad_runs[1].1 - bad_runs[0].1 >= Duration::from_millis(100));
+    assert!(bad_runs[2].1 - bad_runs[1].1 >= Duration::from_millis(200));
+
+    eventually("the bad message dead-lettered", || async {
+        queue.dead_letters().await.unwrap().len() == 1
+    })
+    .await;
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead[0].body, b"bad");
+    assert_eq!(dead[0].headers[LAST_ERROR_HEADER], "failure 3");
+    assert_eq!(dead[0].headers[ATTEMPTS_HEADER], "3");
+    assert!(queue.pending().await.unwrap().is_empty());
+
+    handler.stop().unwrap();
+    handler.wait().await;
+    assert!(handler.stop().is_err(), "stopping a stopped handler");
+    tokio::time::sleep(NONE_WINDOW).await;
+    assert!(runs.try_recv().is_err(), "ran again after dead-lettering");
+}
+
+// ---- Jobs ----
+
+async fn jobs_with(
+    broker: MemoryBroker,
+    queue: &str,
+    store: Arc<MemoryStatusStore>,
+    drain: Option<Duration>,
+    register: impl FnOnce(
+        exchange_runtime::jobs::JobsBuilder<MemoryBroker>,
+    ) -> exchange_runtime::jobs::JobsBuilder<MemoryBroker>,
+) -> Jobs<MemoryBroker> {
+    let mut builder = Jobs::builder(broker, queue).store(store);
+    if let Some(limit) = drain {
+        builder = builder.drain_timeout(limit);
+    }
+    register(builder).build().await.unwrap()
+}
+
+async fn status(jobs: &Jobs<MemoryBroker>, id: &JobId) -> JobStatus {
+    jobs.status(id).await.unwrap().expect("a recorded job").status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_goes_queued_processing_successful() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let release2 = Arc::clone(&release);
+    let (sender, mut seen) = mpsc::unbounded_channel::<JobContext>();
+    let store = Arc::new(MemoryStatusStore::new());
+    let jobs = jobs_with(MemoryBroker::new(), "jobs-ok", store, None, |b| {
+        b.register("send-email", move |job: JobContext| {
+            let release = Arc::clone(&release2);
+            let _ = sender.send(job.clone());
+            async move {
+                let payload: serde_json::Value = job.json()?;
+                assert_eq!(payload["to"], "someone@example.com");
+                release.notified().await;
+                Ok(())
+            }
+        })
+    })
+    .await;
+
+    let id = jobs
+        .enqueue(Job::json("send-email", &serde_json::json!({"to": "someone@example.com"})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status(&jobs, &id).await, JobStatus::Queued);
+    let pending = jobs.pending().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].id.as_ref(), Some(&id));
+    assert_eq!(pending[0].name.as_deref(), Some("send-email"));
+
+    jobs.start().await.unwrap();
+    let context = next(&mut seen, "the job runs").await;
+    assert_eq!(context.id, id);
+    assert_eq!(context.retried, 0);
+    assert_eq!(status(&jobs, &id).await, JobStatus::Processing);
+    assert!(jobs.pending().await.unwrap().is_empty(), "taken off the queue");
+    release.notify_one();
+    eventually("the job is successful", || async {
+        status(&jobs, &id).await == JobStatus::Successful
+    })
+    .await;
+    assert_eq!(jobs.successful().await.unwrap(), vec![id.clone()]);
+    assert!(jobs.failed().await.unwrap().is_empty());
+    let record = jobs.status(&id).await.unwrap().unwrap();
+    assert_eq!((record.retried, record.last_error), (0, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_jobs_retry_with_backoff_then_land_in_the_failed_queue() {
+    let (sender, mut seen) = mpsc::unbounded_channel::<(u32, Option<String>, Instant)>();
+    let store = Arc::new(MemoryStatusStore::new());
+    let statuses = Arc::new(Mutex::new(Vec::new()));
+    let (store2, statuses2) = (Arc::clone(&store), Arc::clone(&statuses));
+    let jobs = jobs_with(MemoryBroker::new(), "jobs-fail", Arc::clone(&store), None, |b| {
+        b.register("flaky", move |job: JobContext| {
+            let _ = sender.send((job.retried, job.last_error.clone(), Instant::now()));
+            let (store, statuses) = (Arc::clone(&store2), Arc::clone(&statuses2));
+            async move {
+                // The status while running, as seen from inside.
+                let record = store.get(&job.id).await.unwrap().unwrap();
+                statuses.lock().unwrap().push((record.status, record.retried));
+                Err(HandlerError::msg(format!("attempt {} failed", job.retried)))
+            }
+        })
+    })
+    .await;
+    jobs.start().await.unwrap();
+    let id = jobs
+        .enqueue(
+            Job::new("flaky", "payload")
+                .max_retries(2)
+                .backoff(Duration::from_millis(100), Duration::from_secs(2)),
+        )
+        .await
+        .unwrap();
+
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        runs.push(next(&mut seen, "three runs").await);
+    }
+    assert_eq!(
+        runs.iter().map(|(r, e, _)| (*r, e.clone())).collect::<Vec<_>>(),
+        [
+            (0, None),
+            (1, Some("attempt 0 failed".to_owned())),
+            (2, Some("attempt 1 failed".to_owned())),
+        ]
+    );
+    assert!(runs[1].2 - runs[0].2 >= Duration::from_millis(100), "retried early");
+    assert!(runs[2].2 - runs[1].2 >= Duration::from_millis(200), "no exponential backoff");
+
+    eventually("the job failed for good", || async {
+        status(&jobs, &id).await == JobStatus::Failed
+    })
+    .await;
+    let record = jobs.status(&id).await.unwrap().unwrap();
+    assert_eq!(record.retried, 3);
+    assert_eq!(record.last_error.as_deref(), Some("attempt 2 failed"));
+    assert_eq!(jobs.failed().await.unwrap(), vec![id.clone()]);
+    assert!(jobs.successful().await.unwrap().is_empty());
+    eventually("the job in the failed queue", || async {
+        jobs.failed_messages().await.unwrap().len() == 1
+    })
+    .await;
+    let failed = jobs.failed_messages().await.unwrap();
+    assert_eq!(failed[0].id.as_ref(), Some(&id));
+    assert_eq!(failed[0].last_error.as_deref(), Some("attempt 2 failed"));
+    assert_eq!(failed[0].retried, 3);
+    assert_eq!(failed[0].payload, b"payload");
+    assert_eq!(
+        *statuses.lock().unwrap(),
+        [
+            (JobStatus::Processing, 0),
+            (JobStatus::Processing, 1),
+            (JobStatus::Processing, 2)
+        ]
+    );
+    tokio::time::sleep(NONE_WINDOW).await;
+    assert!(seen.try_recv().is_err(), "ran more than max_retries + 1 times");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_waiting_for_its_retry_is_recorded_retrying() {
+    let store = Arc::new(MemoryStatusStore::new());
+    let jobs = jobs_with(MemoryBroker::new(), "jobs-retrying", store, None, |b| {
+        b.register("once", |_job: JobContext| async {
+            Err(HandlerError::msg("not yet"))
+        })
+    })
+    .await;
+    jobs.start().await.unwrap();
+    let id = jobs
+        .enqueue(Job::new("once", "").backoff(Duration::from_secs(60), Duration::from_secs(60)))
+        .await
+        .unwrap();
+    eventually("the job is retrying", || async {
+        status(&jobs, &id).await == JobStatus::Retrying
+    })
+    .await;
+    let record = jobs.status(&id).await.unwrap().unwrap();
+    assert_eq!((record.retried, record.last_error.as_deref()), (1, Some("not yet")));
+    // Waiting out its backoff: not ready in the queue.
+    assert!(jobs.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_interrupted_by_stop_is_never_successful_and_runs_again() {
+    let broker = MemoryBroker::new();
+    let store = Arc::new(MemoryStatusStore::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let started2 = Arc::clone(&started);
+    let stuck = jobs_with(
+        broker.clone(),
+        "jobs-interrupted",
+        Arc::clone(&store),
+        Some(Duration::from_millis(100)),
+        |b| {
+            b.register("long", move |_job: JobContext| {
+                let started = Arc::clone(&started2);
+                async move {
+                    started.notify_one();
+                    // Would run (and succeed) long after the worker stops.
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    Ok(())
+                }
+            })
+        },
+    )
+    .await;
+    stuck.start().await.unwrap();
+    let id = stuck.enqueue(Job::new("long", "")).await.unwrap();
+    tokio::time::timeout(EVENTUALLY, started.notified())
+        .await
+        .expect("the job starts");
+    assert_eq!(status(&stuck, &id).await, JobStatus::Processing);
+    stuck.stop().unwrap();
+    tokio::time::timeout(EVENTUALLY, stuck.wait())
+        .await
+        .expect("the worker stops after its drain timeout");
+    assert_eq!(status(&stuck, &id).await, JobStatus::Queued);
+    assert!(stuck.successful().await.unwrap().is_empty());
+    let pending = stuck.pending().await.unwrap();
+    assert_eq!(pending.len(), 1, "the job is back in the queue");
+    assert_eq!(pending[0].retried, 0, "an interruption is not a failed attempt");
+
+    // Another worker on the same queue and store finishes it.
+    let runs = Arc::new(AtomicUsize::new(0));
+    let runs2 = Arc::clone(&runs);
+    let worker = jobs_with(broker, "jobs-interrupted", store, None, |b| {
+        b.register("long", move |_job: JobContext| {
+            runs2.fetch_add(1, Ordering::SeqCst);
+            async { Ok(()) }
+        })
+    })
+    .await;
+    worker.start().await.unwrap();
+    eventually("the job succeeds on the second worker", || async {
+        status(&worker, &id).await == JobStatus::Successful
+    })
+    .await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn panics_and_timeouts_are_failures_never_successes() {
+    let store = Arc::new(MemoryStatusStore::new());
+    let jobs = jobs_with(MemoryBroker::new(), "jobs-broken", store, None, |b| {
+        b.register("panics", |_job: JobContext| async {
+            panic!("bug in the handler");
+        })
+        .register("hangs", |_job: JobContext| async {
+            std::future::pending::<()>().await;
+            Ok(())
+        })
+        .concurrency(2)
+    })
+    .await;
+    jobs.start().await.unwrap();
+    let panicking = jobs
+        .enqueue(Job::new("panics", "").max_retries(0))
+        .await
+        .unwrap();
+    let hanging = jobs
+        .enqueue(
+            Job::new("hangs", "")
+                .max_retries(0)
+                .timeout(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap();
+    let unknown = jobs
+        .enqueue(Job::new("nobody-handles-this", "").max_retries(0))
+        .await
+        .unwrap();
+    for (id, error) in [
+        (&panicking, "handler panicked: bug in the handler"),
+        (&hanging, "timed out after 100ms"),
+        (&unknown, "no handler is registered for job `nobody-handles-this`"),
+    ] {
+        eventually("the job failed", || async {
+            status(&jobs, id).await == JobStatus::Failed
+        })
+        .await;
+        let record = jobs.status(id).await.unwrap().unwrap();
+        assert_eq!(record.last_error.as_deref(), Some(error));
+    }
+    assert!(jobs.successful().await.unwrap().is_empty());
+    let mut failed = jobs.failed().await.unwrap();
+    failed.sort();
+    let mut expected = vec![panicking, hanging, unknown];
+    expected.sort();
+    assert_eq!(failed, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_without_handlers_refuse_to_start_and_stop_needs_running_workers() {
+    let jobs = Jobs::builder(MemoryBroker::new(), "jobs-empty")
+        .build()
+        .await
+        .unwrap();
+    let error = jobs.start().await.unwrap_err();
+    assert!(error.to_string().contains("no job handler"), "{error}");
+    let error = jobs.stop().unwrap_err();
+    assert!(error.to_string().contains("`jobs-empty`"), "{error}");
+    // A producer-only instance still enqueues.
+    let id = jobs.enqueue(Job::new("later", "x")).await.unwrap();
+    assert_eq!(status(&jobs, &id).await, JobStatus::Queued);
+    let error = jobs.enqueue(Job::new("", "x")).await.unwrap_err();
+    assert!(error.to_string().contains("needs a name"), "{error}");
+}
