@@ -9,7 +9,14 @@
 //!   `""` routes to the queue named by the key. A message is routed by its key
 //!   and each of its CC keys, and reaches each queue once.
 //! - Publishing to a missing exchange fails with [`BrokerError::ExchangeNotFound`];
-//!   a message no queue is bound for is dropped, as RabbitMQ does without `mandatory`.
+//!   a message no queue is bound for is dropped, as RabbitMQ does without
+//!   `mandatory`, except through the default exchange, where a key naming no
+//!   queue fails with [`BrokerError::QueueNotFound`] (as the RabbitMQ broker
+//!   reports it, publishing those `mandatory`).
+//! - A server-named queue (declared with the name `""`) is `amq.gen-<n>`,
+//!   exclusive and auto-delete, whatever the options say (as the RabbitMQ
+//!   broker's unnamed queues). Deleting a missing queue fails with
+//!   [`BrokerError::QueueNotFound`].
 //! - A queue with `max_length` holds that many *ready* messages (unacknowledged
 //!   ones do not count). Publishing into a full queue fails with
 //!   [`BrokerError::QueueFull`]; when a message routes to several queues, those

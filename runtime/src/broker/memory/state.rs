@@ -268,10 +268,17 @@ impl State {
             )));
         }
         let id = self.next_id();
-        let name = if name.is_empty() {
-            format!("amq.gen-{id}")
+        let (name, options) = if name.is_empty() {
+            // A server-named queue serves its declarer only and goes with its
+            // last consumer, as the RabbitMQ broker's unnamed queues do.
+            let options = QueueOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..options
+            };
+            (format!("amq.gen-{id}"), options)
         } else {
-            name.to_owned()
+            (name.to_owned(), options)
         };
         let expiry = options.message_ttl.map(|_| Arc::new(Notify::new()));
         let queue = QueueState {
@@ -294,12 +301,9 @@ impl State {
     }
 
     /// Deletes a queue, its messages and bindings; its consumers' streams end.
-    /// Deleting a queue that does not exist succeeds, as on RabbitMQ.
     pub(super) fn delete_queue(&mut self, name: &str, connection: u64) -> Result<(), BrokerError> {
-        if let Some(queue) = self.queues.get(name) {
-            check_owner(name, queue, connection)?;
-            self.remove_queue(name);
-        }
+        self.check_queue(name, connection)?;
+        self.remove_queue(name);
         Ok(())
     }
 
@@ -386,6 +390,12 @@ impl State {
                 .filter(|key| self.queues.contains_key(*key))
                 .map(str::to_owned)
                 .collect();
+            if names.is_empty() {
+                // Publishing straight to a queue that is not there is a
+                // mistake worth reporting (the RabbitMQ broker publishes
+                // these `mandatory` and reports the return).
+                return Err(BrokerError::QueueNotFound(content.routing_key.clone()));
+            }
             names.sort_unstable();
             names.dedup();
             names
