@@ -258,8 +258,6 @@ pub fn build(loaded: &Loaded) -> Result<Model, Error> {
 /// A named type while the model is being built: its name is decided last.
 struct Draft {
     title: Option<String>,
-    /// Name derived from the location (`TaskPendingMessageTask`).
-    path_name: String,
     /// A name fixed by the API (message types).
     fixed_name: Option<String>,
     doc: String,
@@ -446,18 +444,36 @@ fn shared_message_name(schemas: &SchemaSet, root: &SchemaLoc) -> Result<String, 
         .and_then(Value::as_str)
         .and_then(type_name);
     title
-        .or_else(|| type_name(&path_name(root)))
+        .or_else(|| type_name(&path_name(root, &BTreeMap::new())))
         .ok_or_else(|| Error::invalid(schemas.location(root), "schema gives no usable type name"))
 }
 
-/// A name from a schema's location: file stem, then the pointer's property names
-/// (`task-pending-message.json#/properties/task` → `TaskPendingMessageTask`).
-fn path_name(loc: &SchemaLoc) -> String {
-    let file = loc.uri.rsplit('/').next().unwrap_or(&loc.uri);
-    let stem = file.strip_suffix(".json").unwrap_or(file);
-    let mut name = type_name(stem).unwrap_or_default();
+/// A name from a schema's location: the name of the nearest enclosing named
+/// type of the same document (else the file's stem), then the pointer's
+/// property names (`task-pending-message.json#/properties/task` →
+/// `TaskPendingMessageTask`; `…/items/properties/size` under `Part` → `PartSize`).
+fn path_name(loc: &SchemaLoc, named: &BTreeMap<SchemaLoc, String>) -> String {
     let tokens = loc.tokens();
-    let mut index = 0;
+    let ancestor = (0..tokens.len()).rev().find_map(|depth| {
+        let pointer: String = tokens[..depth]
+            .iter()
+            .map(|token| crate::error::pointer_push("", token))
+            .collect();
+        let ancestor = SchemaLoc {
+            uri: loc.uri.clone(),
+            pointer,
+        };
+        named.get(&ancestor).map(|name| (depth, name.clone()))
+    });
+    let (start, mut name) = match ancestor {
+        Some((depth, name)) => (depth, name),
+        None => {
+            let file = loc.uri.rsplit('/').next().unwrap_or(&loc.uri);
+            let stem = file.strip_suffix(".json").unwrap_or(file);
+            (0, type_name(stem).unwrap_or_default())
+        }
+    };
+    let mut index = start;
     while index < tokens.len() {
         let token = tokens[index].as_str();
         let part = match token {
@@ -922,7 +938,6 @@ impl<'a> ServiceBuilder<'a> {
             loc.clone(),
             Draft {
                 title,
-                path_name: path_name(loc),
                 fixed_name: None,
                 doc: type_doc(schema, loc),
                 kind: None,
@@ -1267,48 +1282,41 @@ fn name_untagged_variants(
     Ok(())
 }
 
-/// Names: fixed names first; otherwise the title, falling back to the
-/// location-derived name on a collision, then to a numeric suffix.
+/// Names: fixed names first; then titles that are unique and free; then, in
+/// order of depth, names derived from the location: the name of the nearest
+/// enclosing named type plus the property path (`Part` + `size` → `PartSize`);
+/// a numeric suffix settles what still collides.
 fn decide_names(
     drafts: &BTreeMap<SchemaLoc, Draft>,
     reserved: &BTreeSet<String>,
 ) -> BTreeMap<SchemaLoc, String> {
     let mut names: BTreeMap<SchemaLoc, String> = BTreeMap::new();
-    let mut from_title: BTreeSet<SchemaLoc> = BTreeSet::new();
-    for (loc, draft) in drafts {
-        let name = if let Some(fixed) = &draft.fixed_name {
-            fixed.clone()
-        } else if let Some(title) = draft.title.as_deref().and_then(type_name) {
-            from_title.insert(loc.clone());
-            title
-        } else {
-            draft.path_name.clone()
-        };
-        names.insert(loc.clone(), name);
-    }
-    let retitle: Vec<SchemaLoc> = from_title
-        .iter()
-        .filter(|loc| {
-            let name = &names[*loc];
-            reserved.contains(name)
-                || drafts
-                    .iter()
-                    .filter(|(other, d)| d.fixed_name.is_none() && names[*other] == *name)
-                    .count()
-                    > 1
-        })
-        .cloned()
-        .collect();
-    for loc in retitle {
-        names.insert(loc.clone(), drafts[&loc].path_name.clone());
-    }
     let mut taken: BTreeSet<String> = reserved.clone();
-    taken.extend(drafts.values().filter_map(|draft| draft.fixed_name.clone()));
     for (loc, draft) in drafts {
-        if draft.fixed_name.is_some() {
-            continue;
+        if let Some(fixed) = &draft.fixed_name {
+            names.insert(loc.clone(), fixed.clone());
+            taken.insert(fixed.clone());
         }
-        let base = names[loc].clone();
+    }
+    let titles: BTreeMap<&SchemaLoc, String> = drafts
+        .iter()
+        .filter(|(_, draft)| draft.fixed_name.is_none())
+        .filter_map(|(loc, draft)| Some((loc, draft.title.as_deref().and_then(type_name)?)))
+        .collect();
+    for (loc, title) in &titles {
+        let unique = titles.values().filter(|other| *other == title).count() == 1;
+        if unique && !taken.contains(title) {
+            names.insert((*loc).clone(), title.clone());
+            taken.insert(title.clone());
+        }
+    }
+    let mut rest: Vec<&SchemaLoc> = drafts
+        .keys()
+        .filter(|loc| !names.contains_key(*loc))
+        .collect();
+    rest.sort_by_key(|loc| (loc.tokens().len(), (*loc).clone()));
+    for loc in rest {
+        let base = path_name(loc, &names);
         let mut name = base.clone();
         let mut suffix = 2;
         while taken.contains(&name) {
@@ -1749,11 +1757,11 @@ mod tests {
         assert_eq!(catch_all, "UnknownValue");
         // Untitled enums are named from their location.
         assert!(matches!(
-            find(&model, "ThingKind").kind,
+            find(&model, "ThingMessageKind").kind,
             TypeKind::StringEnum { .. }
         ));
         assert!(matches!(
-            find(&model, "ThingAction").kind,
+            find(&model, "ThingMessageAction").kind,
             TypeKind::StringEnum { .. }
         ));
     }
@@ -1825,7 +1833,7 @@ mod tests {
         };
         assert_eq!(model.types[loc].name, "TaskStatusStructure");
         assert!(
-            find(&model, "StatusMessageLocal")
+            find(&model, "StatusChangedMessageLocal")
                 .doc
                 .contains("status-message.json#/definitions/local")
         );
@@ -1854,7 +1862,7 @@ mod tests {
         assert!(matches!(**item, TypeRef::Named(_)), "Vec needs no box");
         assert!(matches!(field(tree, "parent").ty, TypeRef::Boxed(_)));
         assert!(matches!(field(tree, "node").ty, TypeRef::Boxed(_)));
-        let node = find(&model, "TreeNode");
+        let node = find(&model, "TreeMessageNode");
         assert!(matches!(field(node, "next").ty, TypeRef::Boxed(_)));
         assert!(matches!(field(node, "up").ty, TypeRef::Boxed(_)));
     }
@@ -1898,7 +1906,7 @@ mod tests {
             field(message, "v").ty,
             TypeRef::Option(Box::new(TypeRef::Integer))
         );
-        let w = find(&model, "NW");
+        let w = find(&model, "NMessageW");
         let TypeKind::Untagged { variants } = &w.kind else {
             panic!()
         };
@@ -2025,8 +2033,14 @@ mod tests {
         let names: BTreeSet<&str> = model.types.values().map(|t| t.name.as_str()).collect();
         // Two "Thing"s fall back to location names; a title equal to a binding
         // (`X`) or the service enum (`DemoMessage`) does too.
-        assert!(names.contains("XA") && names.contains("XB"), "{names:?}");
-        assert!(names.contains("XC") && names.contains("XD"), "{names:?}");
+        assert!(
+            names.contains("XMessageA") && names.contains("XMessageB"),
+            "{names:?}"
+        );
+        assert!(
+            names.contains("XMessageC") && names.contains("XMessageD"),
+            "{names:?}"
+        );
         assert!(!names.contains("Thing"));
     }
 

@@ -1232,7 +1232,7 @@ pub struct Artifact {
     pub name: ::std::string::String,
     /// This is the `storageType` for the request that was used to create the
     /// artifact.
-    pub storage_type: ArtifactCreatedMessageArtifactStorageType,
+    pub storage_type: ArtifactStorageType,
 }
 
 /// Artifact Created Message
@@ -1547,7 +1547,7 @@ impl ::exchange_runtime::Message for ArtifactCreatedMessage {
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#/properties/artifact/properties/storageType`
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
 #[non_exhaustive]
-pub enum ArtifactCreatedMessageArtifactStorageType {
+pub enum ArtifactStorageType {
     /// `"blob"`
     #[serde(rename = "blob")]
     Blob,
@@ -1563,7 +1563,7 @@ pub enum ArtifactCreatedMessageArtifactStorageType {
     Unknown(::std::string::String),
 }
 
-impl ArtifactCreatedMessageArtifactStorageType {
+impl ArtifactStorageType {
     /// The value as it appears in JSON.
     pub fn as_str(&self) -> &str {
         match self {
@@ -1585,7 +1585,7 @@ impl ArtifactCreatedMessageArtifactStorageType {
 pub struct RunInformation {
     /// Reason for the creation of this run,
     /// **more reasons may be added in the future**.
-    pub reason_created: TaskRunReasonCreated,
+    pub reason_created: RunInformationReasonCreated,
     /// Reason that run was resolved, this is mainly
     /// useful for runs resolved as `exception`.
     /// Note, **more reasons may be added in the future**, also this
@@ -1593,7 +1593,7 @@ pub struct RunInformation {
     /// reasons, notably `intermittent-task`, `worker-shutdown`, and
     /// `claim-expired`, will trigger an automatic retry of the task.
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
-    pub reason_resolved: ::std::option::Option<TaskRunReasonResolved>,
+    pub reason_resolved: ::std::option::Option<RunInformationReasonResolved>,
     /// Date-time at which this run was resolved, ie. when the run changed
     /// state from `running` to either `completed`, `failed` or `exception`.
     /// This property is only present after the run as been resolved.
@@ -1613,7 +1613,7 @@ pub struct RunInformation {
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
     pub started: ::std::option::Option<::chrono::DateTime<::chrono::Utc>>,
     /// State of this run
-    pub state: TaskRunState,
+    pub state: RunInformationState,
     /// Time at which the run expires and is resolved as `failed`, if the
     /// run isn't reclaimed. Note, only present after the run has been
     /// claimed.
@@ -1637,6 +1637,159 @@ pub struct RunInformation {
     /// - Max length: 38
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
     pub worker_id: ::std::option::Option<::std::string::String>,
+}
+
+/// Reason for the creation of this run,
+/// **more reasons may be added in the future**.
+///
+/// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonCreated`
+#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[non_exhaustive]
+pub enum RunInformationReasonCreated {
+    /// `"scheduled"`
+    #[serde(rename = "scheduled")]
+    Scheduled,
+    /// `"retry"`
+    #[serde(rename = "retry")]
+    Retry,
+    /// `"task-retry"`
+    #[serde(rename = "task-retry")]
+    TaskRetry,
+    /// `"rerun"`
+    #[serde(rename = "rerun")]
+    Rerun,
+    /// `"exception"`
+    #[serde(rename = "exception")]
+    Exception,
+    /// A value unknown when this crate was generated, kept verbatim so it
+    /// re-serializes unchanged. Never holds one of the known values.
+    #[serde(untagged)]
+    Unknown(::std::string::String),
+}
+
+impl RunInformationReasonCreated {
+    /// The value as it appears in JSON.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Retry => "retry",
+            Self::TaskRetry => "task-retry",
+            Self::Rerun => "rerun",
+            Self::Exception => "exception",
+            Self::Unknown(value) => value,
+        }
+    }
+}
+
+/// Reason that run was resolved, this is mainly
+/// useful for runs resolved as `exception`.
+/// Note, **more reasons may be added in the future**, also this
+/// property is only available after the run is resolved. Some of these
+/// reasons, notably `intermittent-task`, `worker-shutdown`, and
+/// `claim-expired`, will trigger an automatic retry of the task.
+///
+/// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonResolved`
+#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[non_exhaustive]
+pub enum RunInformationReasonResolved {
+    /// `"completed"`
+    #[serde(rename = "completed")]
+    Completed,
+    /// `"failed"`
+    #[serde(rename = "failed")]
+    Failed,
+    /// `"deadline-exceeded"`
+    #[serde(rename = "deadline-exceeded")]
+    DeadlineExceeded,
+    /// `"canceled"`
+    #[serde(rename = "canceled")]
+    Canceled,
+    /// `"superseded"`
+    #[serde(rename = "superseded")]
+    Superseded,
+    /// `"claim-expired"`
+    #[serde(rename = "claim-expired")]
+    ClaimExpired,
+    /// `"worker-shutdown"`
+    #[serde(rename = "worker-shutdown")]
+    WorkerShutdown,
+    /// `"malformed-payload"`
+    #[serde(rename = "malformed-payload")]
+    MalformedPayload,
+    /// `"resource-unavailable"`
+    #[serde(rename = "resource-unavailable")]
+    ResourceUnavailable,
+    /// `"internal-error"`
+    #[serde(rename = "internal-error")]
+    InternalError,
+    /// `"intermittent-task"`
+    #[serde(rename = "intermittent-task")]
+    IntermittentTask,
+    /// A value unknown when this crate was generated, kept verbatim so it
+    /// re-serializes unchanged. Never holds one of the known values.
+    #[serde(untagged)]
+    Unknown(::std::string::String),
+}
+
+impl RunInformationReasonResolved {
+    /// The value as it appears in JSON.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::DeadlineExceeded => "deadline-exceeded",
+            Self::Canceled => "canceled",
+            Self::Superseded => "superseded",
+            Self::ClaimExpired => "claim-expired",
+            Self::WorkerShutdown => "worker-shutdown",
+            Self::MalformedPayload => "malformed-payload",
+            Self::ResourceUnavailable => "resource-unavailable",
+            Self::InternalError => "internal-error",
+            Self::IntermittentTask => "intermittent-task",
+            Self::Unknown(value) => value,
+        }
+    }
+}
+
+/// State of this run
+///
+/// Schema: `/schemas/queue/v1/task-run.json#/properties/state`
+#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[non_exhaustive]
+pub enum RunInformationState {
+    /// `"pending"`
+    #[serde(rename = "pending")]
+    Pending,
+    /// `"running"`
+    #[serde(rename = "running")]
+    Running,
+    /// `"completed"`
+    #[serde(rename = "completed")]
+    Completed,
+    /// `"failed"`
+    #[serde(rename = "failed")]
+    Failed,
+    /// `"exception"`
+    #[serde(rename = "exception")]
+    Exception,
+    /// A value unknown when this crate was generated, kept verbatim so it
+    /// re-serializes unchanged. Never holds one of the known values.
+    #[serde(untagged)]
+    Unknown(::std::string::String),
+}
+
+impl RunInformationState {
+    /// The value as it appears in JSON.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Exception => "exception",
+            Self::Unknown(value) => value,
+        }
+    }
 }
 
 /// Task Completed Message
@@ -3091,159 +3244,6 @@ impl ::exchange_runtime::Message for TaskPendingMessage {
 }"##;
 }
 
-/// Reason for the creation of this run,
-/// **more reasons may be added in the future**.
-///
-/// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonCreated`
-#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
-#[non_exhaustive]
-pub enum TaskRunReasonCreated {
-    /// `"scheduled"`
-    #[serde(rename = "scheduled")]
-    Scheduled,
-    /// `"retry"`
-    #[serde(rename = "retry")]
-    Retry,
-    /// `"task-retry"`
-    #[serde(rename = "task-retry")]
-    TaskRetry,
-    /// `"rerun"`
-    #[serde(rename = "rerun")]
-    Rerun,
-    /// `"exception"`
-    #[serde(rename = "exception")]
-    Exception,
-    /// A value unknown when this crate was generated, kept verbatim so it
-    /// re-serializes unchanged. Never holds one of the known values.
-    #[serde(untagged)]
-    Unknown(::std::string::String),
-}
-
-impl TaskRunReasonCreated {
-    /// The value as it appears in JSON.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Scheduled => "scheduled",
-            Self::Retry => "retry",
-            Self::TaskRetry => "task-retry",
-            Self::Rerun => "rerun",
-            Self::Exception => "exception",
-            Self::Unknown(value) => value,
-        }
-    }
-}
-
-/// Reason that run was resolved, this is mainly
-/// useful for runs resolved as `exception`.
-/// Note, **more reasons may be added in the future**, also this
-/// property is only available after the run is resolved. Some of these
-/// reasons, notably `intermittent-task`, `worker-shutdown`, and
-/// `claim-expired`, will trigger an automatic retry of the task.
-///
-/// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonResolved`
-#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
-#[non_exhaustive]
-pub enum TaskRunReasonResolved {
-    /// `"completed"`
-    #[serde(rename = "completed")]
-    Completed,
-    /// `"failed"`
-    #[serde(rename = "failed")]
-    Failed,
-    /// `"deadline-exceeded"`
-    #[serde(rename = "deadline-exceeded")]
-    DeadlineExceeded,
-    /// `"canceled"`
-    #[serde(rename = "canceled")]
-    Canceled,
-    /// `"superseded"`
-    #[serde(rename = "superseded")]
-    Superseded,
-    /// `"claim-expired"`
-    #[serde(rename = "claim-expired")]
-    ClaimExpired,
-    /// `"worker-shutdown"`
-    #[serde(rename = "worker-shutdown")]
-    WorkerShutdown,
-    /// `"malformed-payload"`
-    #[serde(rename = "malformed-payload")]
-    MalformedPayload,
-    /// `"resource-unavailable"`
-    #[serde(rename = "resource-unavailable")]
-    ResourceUnavailable,
-    /// `"internal-error"`
-    #[serde(rename = "internal-error")]
-    InternalError,
-    /// `"intermittent-task"`
-    #[serde(rename = "intermittent-task")]
-    IntermittentTask,
-    /// A value unknown when this crate was generated, kept verbatim so it
-    /// re-serializes unchanged. Never holds one of the known values.
-    #[serde(untagged)]
-    Unknown(::std::string::String),
-}
-
-impl TaskRunReasonResolved {
-    /// The value as it appears in JSON.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::DeadlineExceeded => "deadline-exceeded",
-            Self::Canceled => "canceled",
-            Self::Superseded => "superseded",
-            Self::ClaimExpired => "claim-expired",
-            Self::WorkerShutdown => "worker-shutdown",
-            Self::MalformedPayload => "malformed-payload",
-            Self::ResourceUnavailable => "resource-unavailable",
-            Self::InternalError => "internal-error",
-            Self::IntermittentTask => "intermittent-task",
-            Self::Unknown(value) => value,
-        }
-    }
-}
-
-/// State of this run
-///
-/// Schema: `/schemas/queue/v1/task-run.json#/properties/state`
-#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
-#[non_exhaustive]
-pub enum TaskRunState {
-    /// `"pending"`
-    #[serde(rename = "pending")]
-    Pending,
-    /// `"running"`
-    #[serde(rename = "running")]
-    Running,
-    /// `"completed"`
-    #[serde(rename = "completed")]
-    Completed,
-    /// `"failed"`
-    #[serde(rename = "failed")]
-    Failed,
-    /// `"exception"`
-    #[serde(rename = "exception")]
-    Exception,
-    /// A value unknown when this crate was generated, kept verbatim so it
-    /// re-serializes unchanged. Never holds one of the known values.
-    #[serde(untagged)]
-    Unknown(::std::string::String),
-}
-
-impl TaskRunState {
-    /// The value as it appears in JSON.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Exception => "exception",
-            Self::Unknown(value) => value,
-        }
-    }
-}
-
 /// Task Running Message
 ///
 /// Message reporting that a given run of a task have started
@@ -3516,52 +3516,6 @@ impl ::exchange_runtime::Message for TaskRunningMessage {
 }"##;
 }
 
-/// State of this task. This is just an auxiliary property derived from state
-/// of latests run, or `unscheduled` if none.
-///
-/// Schema: `/schemas/queue/v1/task-status.json#/properties/state`
-#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
-#[non_exhaustive]
-pub enum TaskStatusState {
-    /// `"unscheduled"`
-    #[serde(rename = "unscheduled")]
-    Unscheduled,
-    /// `"pending"`
-    #[serde(rename = "pending")]
-    Pending,
-    /// `"running"`
-    #[serde(rename = "running")]
-    Running,
-    /// `"completed"`
-    #[serde(rename = "completed")]
-    Completed,
-    /// `"failed"`
-    #[serde(rename = "failed")]
-    Failed,
-    /// `"exception"`
-    #[serde(rename = "exception")]
-    Exception,
-    /// A value unknown when this crate was generated, kept verbatim so it
-    /// re-serializes unchanged. Never holds one of the known values.
-    #[serde(untagged)]
-    Unknown(::std::string::String),
-}
-
-impl TaskStatusState {
-    /// The value as it appears in JSON.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Self::Unscheduled => "unscheduled",
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Exception => "exception",
-            Self::Unknown(value) => value,
-        }
-    }
-}
-
 /// Task Status Structure
 ///
 /// A representation of **task status** as known by the queue
@@ -3608,7 +3562,7 @@ pub struct TaskStatusStructure {
     pub scheduler_id: ::std::string::String,
     /// State of this task. This is just an auxiliary property derived from state
     /// of latests run, or `unscheduled` if none.
-    pub state: TaskStatusState,
+    pub state: TaskStatusStructureState,
     /// Identifier for a group of tasks scheduled together with this task.
     /// Generally, all tasks related to a single event such as a version-control
     /// push or a nightly build have the same `taskGroupId`.  This property
@@ -3628,6 +3582,52 @@ pub struct TaskStatusStructure {
     ///
     /// - Syntax: `^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$`
     pub worker_type: ::std::string::String,
+}
+
+/// State of this task. This is just an auxiliary property derived from state
+/// of latests run, or `unscheduled` if none.
+///
+/// Schema: `/schemas/queue/v1/task-status.json#/properties/state`
+#[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[non_exhaustive]
+pub enum TaskStatusStructureState {
+    /// `"unscheduled"`
+    #[serde(rename = "unscheduled")]
+    Unscheduled,
+    /// `"pending"`
+    #[serde(rename = "pending")]
+    Pending,
+    /// `"running"`
+    #[serde(rename = "running")]
+    Running,
+    /// `"completed"`
+    #[serde(rename = "completed")]
+    Completed,
+    /// `"failed"`
+    #[serde(rename = "failed")]
+    Failed,
+    /// `"exception"`
+    #[serde(rename = "exception")]
+    Exception,
+    /// A value unknown when this crate was generated, kept verbatim so it
+    /// re-serializes unchanged. Never holds one of the known values.
+    #[serde(untagged)]
+    Unknown(::std::string::String),
+}
+
+impl TaskStatusStructureState {
+    /// The value as it appears in JSON.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Unscheduled => "unscheduled",
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Exception => "exception",
+            Self::Unknown(value) => value,
+        }
+    }
 }
 
 /// Task Subset
