@@ -6,10 +6,12 @@
 //!   (Client-generated rather than server-named: Pulse only lets a user
 //!   configure `queue/<user>/...`, and the name survives reconnection.)
 //! - [`publish`](Broker::publish) waits for a publisher confirm; a nack is
-//!   [`BrokerError::QueueFull`] when publishing straight to a queue (the
-//!   default exchange; `x-overflow: reject-publish`), else [`BrokerError::NotConfirmed`].
-//!   Publishing to a missing queue through the default exchange is
-//!   [`BrokerError::QueueNotFound`] (mandatory flag).
+//!   [`BrokerError::QueueFull`] (classic queues nack only for `x-overflow:
+//!   reject-publish`), naming the bounded queue found full among those the
+//!   message routes to by the bindings made through this broker. Publishing
+//!   straight to a missing queue (default exchange, or `publish_delayed`) is
+//!   [`BrokerError::QueueNotFound`] (the `mandatory` flag); through a topic
+//!   exchange an unroutable message is dropped.
 //! - [`publish_delayed`](Broker::publish_delayed) needs no plugin: the message
 //!   waits in a retry queue `<queue>.delay.<ms>` whose `x-message-ttl` dead-letters
 //!   it into `<queue>`. Delays are rounded *up* to tiers (at most 12.5 % late,
@@ -35,6 +37,7 @@ mod config;
 mod convert;
 mod link;
 
+use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
@@ -271,19 +274,20 @@ impl AmqpBroker {
     }
 
     /// Publishes on the shared confirm channel; see [`Broker::publish`].
+    /// `mandatory`: an unroutable message is [`BrokerError::QueueNotFound`]
+    /// (for messages sent straight to a queue that must exist).
     async fn publish_confirmed(
         &self,
         exchange: &str,
         routing_key: &str,
         message: &OutgoingMessage,
+        mandatory: bool,
     ) -> Result<(), BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
         let properties = convert::properties(message)?;
-        // Straight to a queue: an unroutable message means the queue is missing.
-        let direct = exchange == DEFAULT_EXCHANGE;
         let options = BasicPublishOptions {
-            mandatory: direct,
+            mandatory,
             immediate: false,
         };
         let target = Target::exchange(exchange);
@@ -318,21 +322,18 @@ impl AmqpBroker {
                 }
                 Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
                 Ok(Ok(Confirmation::Ack(Some(returned)))) => {
-                    return Err(if direct {
+                    return Err(if exchange == DEFAULT_EXCHANGE {
                         BrokerError::QueueNotFound(routing_key.to_owned())
                     } else {
                         not_confirmed(format!("returned as unroutable: {}", returned.reply_text))
                     });
                 }
+                // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
                 Ok(Ok(Confirmation::Nack(_))) => {
-                    return Err(if direct {
-                        BrokerError::QueueFull(routing_key.to_owned())
-                    } else {
-                        not_confirmed(
-                            "rejected by the broker (a queue it routes to is full: x-overflow reject-publish)"
-                                .to_owned(),
-                        )
-                    });
+                    let full = self
+                        .find_full_queue(exchange, routing_key, &message.cc)
+                        .await;
+                    return Err(BrokerError::QueueFull(full));
                 }
                 Ok(Ok(Confirmation::NotRequested)) => {
                     return Err(not_confirmed("channel not in confirm mode".to_owned()));
@@ -360,6 +361,69 @@ impl AmqpBroker {
                     tracing::debug!(%reason, "publish: waiting for AMQP connection recovery, then resending");
                 }
             }
+        }
+    }
+
+    /// Names the full queue that made the broker nack a publish: a bounded
+    /// queue the message routes to (per the bindings made through this broker)
+    /// that holds its maximum. The nack itself does not say which.
+    async fn find_full_queue(&self, exchange: &str, routing_key: &str, cc: &[String]) -> String {
+        let keys: Vec<&str> = std::iter::once(routing_key)
+            .chain(cc.iter().map(String::as_str))
+            .collect();
+        let candidates: Vec<(String, u32)> = {
+            let topology = self.topology();
+            let routed: BTreeSet<&str> = if exchange == DEFAULT_EXCHANGE {
+                keys.iter().copied().collect()
+            } else {
+                topology
+                    .bindings
+                    .iter()
+                    .filter(|(_, bound, pattern)| {
+                        bound == exchange
+                            && keys
+                                .iter()
+                                .any(|key| crate::topic::pattern_matches(pattern, key))
+                    })
+                    .map(|(queue, _, _)| queue.as_str())
+                    .collect()
+            };
+            routed
+                .into_iter()
+                .filter_map(|queue| {
+                    let max = topology.queues.get(queue)?.max_length?;
+                    Some((queue.to_owned(), max))
+                })
+                .collect()
+        };
+        for (queue, max_length) in &candidates {
+            let Ok(name) = short("queue", queue) else {
+                continue;
+            };
+            let declared = self
+                .run("check queue", &Target::queue(queue), |link| {
+                    let name = name.clone();
+                    async move {
+                        let channel = link.channel().await?;
+                        let passive = QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        };
+                        channel
+                            .queue_declare(name, passive, FieldTable::default())
+                            .await
+                    }
+                })
+                .await;
+            if let Ok(declared) = declared
+                && declared.message_count() >= *max_length
+            {
+                return queue.clone();
+            }
+        }
+        match candidates.as_slice() {
+            [(only, _)] => only.clone(),
+            _ => format!("(one that exchange `{exchange}` routes `{routing_key}` to)"),
         }
     }
 
@@ -562,15 +626,12 @@ impl Broker for AmqpBroker {
             let queue = queue.clone();
             async move {
                 let channel = link.channel().await?;
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
                 channel
-                    .queue_declare(
-                        queue.clone(),
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
+                    .queue_declare(queue.clone(), passive, FieldTable::default())
                     .await?;
                 channel
                     .queue_delete(queue, QueueDeleteOptions::default())
@@ -624,7 +685,9 @@ impl Broker for AmqpBroker {
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
-        self.publish_confirmed(exchange, routing_key, &message)
+        // Straight to a queue: a missing queue is reported, not a silent drop.
+        let mandatory = exchange == DEFAULT_EXCHANGE;
+        self.publish_confirmed(exchange, routing_key, &message, mandatory)
             .await
     }
 
@@ -636,8 +699,9 @@ impl Broker for AmqpBroker {
     ) -> Result<(), BrokerError> {
         let delay_ms = u64::try_from(convert::millis(queue, delay)?).unwrap_or(u64::MAX);
         if delay_ms == 0 {
+            // Mandatory: a missing queue is an error here, not a silent drop.
             return self
-                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message)
+                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true)
                 .await;
         }
         let tier_ms = convert::delay_tier_ms(delay_ms);
@@ -696,7 +760,7 @@ impl Broker for AmqpBroker {
             }
         })
         .await?;
-        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &message)
+        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &message, true)
             .await
     }
 

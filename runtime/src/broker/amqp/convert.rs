@@ -137,7 +137,7 @@ pub(crate) fn delivery(delivery: lapin::message::Delivery, channel: Option<Chann
         body: delivery.data,
         acker: Box::new(LapinAcker {
             acker: delivery.acker,
-            _channel: channel,
+            channel,
         }),
     }
 }
@@ -159,7 +159,33 @@ pub(crate) fn pending(delivery: lapin::message::Delivery) -> PendingMessage {
 
 struct LapinAcker {
     acker: lapin::Acker,
-    _channel: Option<Channel>,
+    /// A `get`'s own channel, closed once the delivery is gone.
+    channel: Option<Channel>,
+}
+
+impl Drop for LapinAcker {
+    /// An unsettled delivery goes back to its queue (as with the embedded broker),
+    /// not only when its channel closes.
+    fn drop(&mut self) {
+        let channel = self.channel.take();
+        if !self.acker.usable() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // Requeued when the channel closes.
+        };
+        let acker = self.acker.clone();
+        runtime.spawn(async move {
+            let requeue = BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            };
+            if let Err(error) = acker.nack(requeue).await {
+                tracing::debug!(%error, "requeueing a dropped delivery failed; its channel's close requeues it");
+            }
+            drop(channel);
+        });
+    }
 }
 
 const ACK_FAILED: &str = "already settled, or its channel closed (the broker redelivers it)";
@@ -204,6 +230,11 @@ pub(crate) fn queue_arguments(
         );
     }
     if let Some(key) = &options.dead_letter_routing_key {
+        if options.dead_letter_exchange.is_none() {
+            return Err(BrokerError::Invalid(format!(
+                "queue `{queue}`: a dead-letter routing key needs a dead-letter exchange"
+            )));
+        }
         short("dead-letter routing key", key)?;
         arguments.insert(
             "x-dead-letter-routing-key".into(),
