@@ -291,6 +291,100 @@ async fn dead_letter_cycle_stays_bounded() {
 }
 
 #[tokio::test]
+async fn expiry_cycles_are_broken() {
+    // `self` expires into itself; `ping` and `pong` into each other.
+    let broker = MemoryBroker::new();
+    let ttl = Duration::from_millis(1);
+    for (queue, target) in [("self", "self"), ("ping", "pong"), ("pong", "ping")] {
+        broker
+            .declare_queue(
+                queue,
+                QueueOptions {
+                    message_ttl: Some(ttl),
+                    dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+                    dead_letter_routing_key: Some(target.to_owned()),
+                    ..QueueOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    for queue in ["self", "ping"] {
+        broker
+            .publish(DEFAULT_EXCHANGE, queue, suite::message(queue))
+            .await
+            .unwrap();
+    }
+    // The `ping` message expires once in each queue, then is dropped.
+    tokio::time::timeout(EVENTUALLY, async {
+        loop {
+            let mut left = 0;
+            for queue in ["self", "ping", "pong"] {
+                left += broker.pending(queue).await.unwrap().len();
+            }
+            if left == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the cycling messages are dropped");
+}
+
+#[tokio::test]
+async fn rejection_restarts_the_retry_cycle() {
+    // work --reject--> retry --expire--> work --reject--> retry ...: never dropped.
+    let broker = MemoryBroker::new();
+    broker
+        .declare_queue(
+            "work",
+            QueueOptions {
+                dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+                dead_letter_routing_key: Some("retry".to_owned()),
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    broker
+        .declare_queue(
+            "retry",
+            QueueOptions {
+                message_ttl: Some(Duration::from_millis(20)),
+                dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+                dead_letter_routing_key: Some("work".to_owned()),
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(DEFAULT_EXCHANGE, "work", suite::message("job"))
+        .await
+        .unwrap();
+    let mut work = broker.consume("work", 1).await.unwrap();
+    for attempt in 0..4 {
+        let delivery = tokio::time::timeout(EVENTUALLY, work.next())
+            .await
+            .unwrap_or_else(|_| panic!("attempt {attempt} arrives"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.body, b"job");
+        assert_eq!(
+            delivery.routing_key, "work",
+            "dead-lettered with the work key"
+        );
+        if attempt < 3 {
+            delivery.nack(false).await.unwrap();
+        } else {
+            delivery.ack().await.unwrap();
+        }
+    }
+    assert!(broker.pending("retry").await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn dead_letters_into_a_full_queue_are_dropped() {
     let broker = MemoryBroker::new();
     let bounded = QueueOptions {

@@ -29,7 +29,9 @@
 //!   unsettled delivery) returns to its original place with `redelivered` set.
 //! - A rejected or expired message goes to the queue's dead-letter exchange,
 //!   with its dead-letter routing key (CC keys dropped) or else its own keys;
-//!   it is dropped without a dead-letter exchange.
+//!   it is dropped without a dead-letter exchange. A message is not
+//!   dead-lettered into a queue it already expired from, unless it was
+//!   rejected since (RabbitMQ's cycle detection).
 //! - Dropping a [`DeliveryStream`] cancels its consumer; dropping a
 //!   [`Delivery`] that was not settled requeues it. Settling twice fails with
 //!   [`BrokerError::AckFailed`].
@@ -224,6 +226,7 @@ impl Broker for MemoryBroker {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),
             message,
+            expired_from: Vec::new(),
         });
         if delay.is_zero() {
             return self.with_state(|state, _| state.enqueue(queue, content));

@@ -71,6 +71,10 @@ pub(super) struct Content {
     pub(super) exchange: String,
     pub(super) routing_key: String,
     pub(super) message: OutgoingMessage,
+    /// Queues the message expired from since it was published or last
+    /// rejected: dead-lettering skips them, breaking expiry cycles as
+    /// RabbitMQ does (a cycle with a rejection in it is left alone).
+    pub(super) expired_from: Vec<String>,
 }
 
 struct Queued {
@@ -102,6 +106,13 @@ pub(super) enum Settlement {
     Ack,
     Requeue,
     DeadLetter,
+}
+
+/// Why a message is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Death {
+    Rejected,
+    Expired,
 }
 
 /// A queue as `declare_queue` leaves it, for the caller to start its tasks.
@@ -378,6 +389,7 @@ impl State {
             exchange: exchange.to_owned(),
             routing_key: routing_key.to_owned(),
             message,
+            expired_from: Vec::new(),
         });
         self.route(content)
     }
@@ -412,6 +424,9 @@ impl State {
         };
         let mut full = None;
         for target in targets {
+            if content.expired_from.contains(&target) {
+                continue;
+            }
             if let Err(error) = self.enqueue(&target, Arc::clone(&content)) {
                 full.get_or_insert(error);
             }
@@ -478,10 +493,8 @@ impl State {
         if expired.is_empty() {
             return;
         }
-        let exchange = queue.options.dead_letter_exchange.clone();
-        let routing_key = queue.options.dead_letter_routing_key.clone();
         for message in expired {
-            self.dead_letter(exchange.as_deref(), routing_key.as_deref(), &message);
+            self.dead_letter(name, &message, Death::Expired);
         }
     }
 
@@ -490,9 +503,21 @@ impl State {
     /// keys) if it has one, else with its own keys. Dropped without a
     /// dead-letter exchange, or where the dead-letter exchange is missing or
     /// a target queue full (RabbitMQ drops those too).
-    fn dead_letter(&mut self, exchange: Option<&str>, routing_key: Option<&str>, message: &Queued) {
-        let Some(exchange) = exchange else {
+    fn dead_letter(&mut self, from: &str, message: &Queued, death: Death) {
+        let Some(options) = self.queues.get(from).map(|queue| &queue.options) else {
             return;
+        };
+        let Some(exchange) = options.dead_letter_exchange.clone() else {
+            return;
+        };
+        let routing_key = options.dead_letter_routing_key.clone();
+        let expired_from = match death {
+            Death::Rejected => Vec::new(),
+            Death::Expired => {
+                let mut expired_from = message.content.expired_from.clone();
+                expired_from.push(from.to_owned());
+                expired_from
+            }
         };
         let mut republished = message.content.message.clone();
         let routing_key = match routing_key {
@@ -503,12 +528,13 @@ impl State {
             None => message.content.routing_key.clone(),
         };
         let content = Arc::new(Content {
-            exchange: exchange.to_owned(),
+            exchange,
             routing_key,
             message: republished,
+            expired_from,
         });
         if let Err(error) = self.route(content) {
-            tracing::warn!(%error, exchange, "dead-lettered message dropped");
+            tracing::warn!(%error, queue = from, "dead-lettered message dropped");
         }
     }
 
@@ -661,15 +687,7 @@ impl State {
         match settlement {
             Settlement::Ack => {}
             Settlement::Requeue => requeue(queue, unacked.message),
-            Settlement::DeadLetter => {
-                let exchange = queue.options.dead_letter_exchange.clone();
-                let routing_key = queue.options.dead_letter_routing_key.clone();
-                self.dead_letter(
-                    exchange.as_deref(),
-                    routing_key.as_deref(),
-                    &unacked.message,
-                );
-            }
+            Settlement::DeadLetter => self.dead_letter(name, &unacked.message, Death::Rejected),
         }
         self.dispatch(name);
         Ok(())
