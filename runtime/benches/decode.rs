@@ -150,10 +150,14 @@ fn sample(runs: usize) -> TaskCompletedMessage {
             worker_type: "gecko-3-b-linux".to_owned(),
         },
         task: Some(TaskSubset {
-            tags: [("kind", "build"), ("label", "build-linux64/opt"), ("os", "linux")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
+            tags: [
+                ("kind", "build"),
+                ("label", "build-linux64/opt"),
+                ("os", "linux"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
         }),
         version: 1,
         worker_group: "us-west-2".to_owned(),
@@ -170,9 +174,7 @@ fn decode(c: &mut Criterion) {
         let mut group = c.benchmark_group(format!("decode_task_completed_{runs}_runs"));
         group.throughput(Throughput::Bytes(body.len() as u64));
         group.bench_function("typed", |b| {
-            b.iter(|| {
-                TaskCompletedMessage::decode(EXCHANGE, black_box(&body)).expect("decodes")
-            })
+            b.iter(|| TaskCompletedMessage::decode(EXCHANGE, black_box(&body)).expect("decodes"))
         });
         group.bench_function("serde_json_value", |b| {
             b.iter(|| {

@@ -402,10 +402,7 @@ impl<B: Broker> ConsumerBuilder<B> {
             drain_timeout: self.drain_timeout,
             ..RunnerConfig::default()
         };
-        let label = self
-            .queue
-            .clone()
-            .unwrap_or_else(|| "(unnamed)".to_owned());
+        let label = self.queue.clone().unwrap_or_else(|| "(unnamed)".to_owned());
         let dispatch = Arc::new(ConsumerDispatch {
             broker: self.broker.clone(),
             queue: self.queue,
@@ -630,12 +627,11 @@ impl<B: Broker, M: Decode> Dispatch for ConsumerDispatch<B, M> {
             let exchange = delivery.exchange.clone();
             let routing_key = delivery.routing_key.clone();
             let mut delivery = Some(delivery);
-            if self.ack_mode == AckMode::Auto {
-                if let Some(delivery) = delivery.take()
-                    && let Err(error) = delivery.ack().await
-                {
-                    tracing::warn!(%exchange, %routing_key, %error, "auto-acknowledging failed");
-                }
+            if self.ack_mode == AckMode::Auto
+                && let Some(delivery) = delivery.take()
+                && let Err(error) = delivery.ack().await
+            {
+                tracing::warn!(%exchange, %routing_key, %error, "auto-acknowledging failed");
             }
             let outcome = tokio::select! {
                 outcome = AssertUnwindSafe(self.handler.call(message, info)).catch_unwind() => {

@@ -696,7 +696,9 @@ impl Drop for AbandonGuard {
                         }
                     });
                 }
-                Err(_) => tracing::warn!(job = %record.id, "job abandoned outside a runtime; its status stays `processing`"),
+                Err(_) => {
+                    tracing::warn!(job = %record.id, "job abandoned outside a runtime; its status stays `processing`")
+                }
             }
         }
     }
@@ -858,7 +860,11 @@ impl<B: Broker> Dispatch for JobDispatch<B> {
         Box::pin(self.queue.declare())
     }
 
-    fn process(self: Arc<Self>, delivery: Delivery, interrupt: Interrupt) -> BoxFuture<'static, ()> {
+    fn process(
+        self: Arc<Self>,
+        delivery: Delivery,
+        interrupt: Interrupt,
+    ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let (received, acker) = Received::from_delivery(self.queue.name(), delivery);
             self.run(received, acker, interrupt).await;

@@ -14,8 +14,8 @@ pub mod jobs;
 pub mod publisher;
 pub mod queue;
 pub mod routing;
-pub mod validate;
 pub mod topic;
+pub mod validate;
 
 pub use binding::{Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message};
 pub use broker::{Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage};

@@ -61,7 +61,9 @@ pub enum PublishError {
         source: ValidationError,
     },
     /// A route cannot be a CC routing key; nothing was sent.
-    #[error("publish to exchange `{exchange}` with key `{routing_key}` refused: route `{route}` {reason}")]
+    #[error(
+        "publish to exchange `{exchange}` with key `{routing_key}` refused: route `{route}` {reason}"
+    )]
     InvalidRoute {
         /// The exchange.
         exchange: String,
@@ -73,7 +75,9 @@ pub enum PublishError {
         reason: &'static str,
     },
     /// The broker failed, after retries where retrying could help.
-    #[error("publish to exchange `{exchange}` with key `{routing_key}` failed after {attempts} attempt(s): {source}")]
+    #[error(
+        "publish to exchange `{exchange}` with key `{routing_key}` failed after {attempts} attempt(s): {source}"
+    )]
     Broker {
         /// The exchange.
         exchange: String,
@@ -227,7 +231,11 @@ impl<B: Broker> Publisher<B> {
 }
 
 /// The CC routing keys for `routes`.
-fn cc_keys(exchange: &str, routing_key: &str, routes: &[&str]) -> Result<Vec<String>, PublishError> {
+fn cc_keys(
+    exchange: &str,
+    routing_key: &str,
+    routes: &[&str],
+) -> Result<Vec<String>, PublishError> {
     routes
         .iter()
         .map(|route| {

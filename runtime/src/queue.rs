@@ -204,7 +204,10 @@ impl Backoff {
     /// The delay before retrying after `attempt` earlier failures (0 for the first failure).
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
-        self.base.checked_mul(factor).unwrap_or(self.cap).min(self.cap)
+        self.base
+            .checked_mul(factor)
+            .unwrap_or(self.cap)
+            .min(self.cap)
     }
 }
 
@@ -545,8 +548,7 @@ fn outgoing(message: QueueMessage) -> OutgoingMessage {
     }
 }
 
-type HandleFn =
-    Box<dyn Fn(Received) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
+type HandleFn = Box<dyn Fn(Received) -> BoxFuture<'static, Result<(), HandlerError>> + Send + Sync>;
 
 struct QueueDispatch<B: Broker> {
     queue: WorkQueue<B>,

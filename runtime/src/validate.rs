@@ -208,10 +208,17 @@ mod tests {
     fn every_violation_is_listed_with_its_pointer() {
         let value = json!({"version": 2, "status": {"taskId": "short"}, "extra": true});
         let err = validate_value(SCHEMA_ID, SCHEMA, &value).unwrap_err();
-        let pointers: Vec<&str> = err.violations().iter().map(|v| v.pointer.as_str()).collect();
+        let pointers: Vec<&str> = err
+            .violations()
+            .iter()
+            .map(|v| v.pointer.as_str())
+            .collect();
         assert!(pointers.contains(&"/version"), "{err}");
         assert!(pointers.contains(&"/status/taskId"), "{err}");
-        assert!(pointers.contains(&""), "additionalProperties at the root: {err}");
+        assert!(
+            pointers.contains(&""),
+            "additionalProperties at the root: {err}"
+        );
         let text = err.to_string();
         assert!(text.contains(SCHEMA_ID), "{text}");
         assert!(text.contains("/status/taskId"), "{text}");
@@ -225,8 +232,8 @@ mod tests {
         assert!(err.to_string().contains(ID));
 
         const ID2: &str = "/schemas/test/v1/dangling-ref.json#";
-        let err = validate_value(ID2, r##"{"$ref": "#/definitions/missing"}"##, &json!({}))
-            .unwrap_err();
+        let err =
+            validate_value(ID2, r##"{"$ref": "#/definitions/missing"}"##, &json!({})).unwrap_err();
         assert!(
             matches!(err.kind, ValidationErrorKind::SchemaInvalid(_)),
             "{err:?}"

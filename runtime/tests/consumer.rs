@@ -12,7 +12,7 @@ use client_support::*;
 use exchange_runtime::broker::memory::MemoryBroker;
 use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage};
 use exchange_runtime::consumer::{
-    AckMode, ConsumerBuilder, ConsumerError, DeliveryInfo, HandlerError,
+    AckMode, ConsumerBuilder, ConsumerError, DeliveryInfo, Handler, HandlerError,
 };
 use exchange_runtime::publisher::Publisher;
 use exchange_runtime::{DecodeError, DecodeErrorKind};
@@ -35,20 +35,24 @@ async fn declare_exchanges(broker: &MemoryBroker) {
     }
 }
 
-/// A handler that reports everything it sees and succeeds.
-fn recorder() -> (
-    impl Fn(Result<QueueEvent, DecodeError>, DeliveryInfo) -> std::future::Ready<Result<(), HandlerError>>
-    + Send
-    + Sync
-    + 'static,
-    mpsc::UnboundedReceiver<Seen>,
-) {
+/// A handler that reports everything it sees and succeeds (through the
+/// `Handler` trait, where the other tests use closures).
+struct Recorder(mpsc::UnboundedSender<Seen>);
+
+impl Handler<QueueEvent> for Recorder {
+    async fn handle(
+        &self,
+        message: Result<QueueEvent, DecodeError>,
+        info: DeliveryInfo,
+    ) -> Result<(), HandlerError> {
+        let _ = self.0.send((message, info));
+        Ok(())
+    }
+}
+
+fn recorder() -> (Recorder, mpsc::UnboundedReceiver<Seen>) {
     let (sender, receiver) = mpsc::unbounded_channel();
-    let handler = move |message: Result<QueueEvent, DecodeError>, info: DeliveryInfo| {
-        let _ = sender.send((message, info));
-        std::future::ready(Ok(()))
-    };
-    (handler, receiver)
+    (Recorder(sender), receiver)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +70,7 @@ async fn typed_messages_arrive_with_their_routing_fields() {
         .bind(TaskRunning::default())
         .unwrap()
         .max_in_flight(1)
-        .build(handler)
+        .build_handler(handler)
         .unwrap();
     consumer.start().await.unwrap();
     assert_eq!(consumer.queue_name().as_deref(), Some("typed"));
@@ -88,7 +92,10 @@ async fn typed_messages_arrive_with_their_routing_fields() {
     assert_eq!(info.field("workerType"), Some("gaia"));
     assert_eq!(info.field("reserved"), None);
     let fields = info.fields.as_ref().unwrap();
-    assert!(!fields.contains_key("routingKeyKind"), "constants are left out");
+    assert!(
+        !fields.contains_key("routingKeyKind"),
+        "constants are left out"
+    );
     assert_eq!(fields.get("reserved"), Some(&None));
     assert_eq!(info.binding::<TaskDefined>().unwrap().unwrap(), gaia);
     assert!(info.binding::<TaskRunning>().is_none());
@@ -102,11 +109,17 @@ async fn typed_messages_arrive_with_their_routing_fields() {
     assert_eq!(info.exchange, RUNNING);
     assert_eq!(info.field("workerType"), Some("other"));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(seen.try_recv().is_err(), "a message the bindings exclude arrived");
+    assert!(
+        seen.try_recv().is_err(),
+        "a message the bindings exclude arrived"
+    );
 
     consumer.stop().unwrap();
     consumer.wait().await;
-    assert!(broker.pending("typed").await.unwrap().is_empty(), "all acknowledged");
+    assert!(
+        broker.pending("typed").await.unwrap().is_empty(),
+        "all acknowledged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -123,7 +136,7 @@ async fn cc_routes_are_delivered_without_their_prefix() {
         })
         .unwrap()
         .bind_pattern(DEFINED, "route.notify.#")
-        .build(handler)
+        .build_handler(handler)
         .unwrap();
     consumer.start().await.unwrap();
 
@@ -143,11 +156,17 @@ async fn cc_routes_are_delivered_without_their_prefix() {
     let (message, info) = next(&mut seen, "the routed message").await;
     assert_eq!(message.unwrap(), QueueEvent::TaskDefined(routed_message));
     assert_eq!(info.routes, vec!["notify.by-email", "index.project.x"]);
-    assert_eq!(info.cc, vec!["route.notify.by-email", "route.index.project.x"]);
+    assert_eq!(
+        info.cc,
+        vec!["route.notify.by-email", "route.index.project.x"]
+    );
     assert_eq!(info.routing_key, format!("primary.{}.w._", task_id(2)));
     assert_eq!(info.field("taskId"), Some(task_id(2).as_str()));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(seen.try_recv().is_err(), "the message without routes arrived");
+    assert!(
+        seen.try_recv().is_err(),
+        "the message without routes arrived"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,19 +232,21 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
         .queue("failing")
         .bind(TaskDefined::default())
         .unwrap()
-        .build(move |message: Result<TaskDefinedMessage, DecodeError>, info| {
-            let sender = sender.clone();
-            async move {
-                let message = message?;
-                let worker_type = message.status.worker_type;
-                let _ = sender.send((worker_type.clone(), info.redelivered));
-                match worker_type.as_str() {
-                    "fails" => Err(HandlerError::msg("cannot handle this")),
-                    "panics" => panic!("handler bug"),
-                    _ => Ok(()),
+        .build(
+            move |message: Result<TaskDefinedMessage, DecodeError>, info| {
+                let sender = sender.clone();
+                async move {
+                    let message = message?;
+                    let worker_type = message.status.worker_type;
+                    let _ = sender.send((worker_type.clone(), info.redelivered));
+                    match worker_type.as_str() {
+                        "fails" => Err(HandlerError::msg("cannot handle this")),
+                        "panics" => panic!("handler bug"),
+                        _ => Ok(()),
+                    }
                 }
-            }
-        })
+            },
+        )
         .unwrap();
     consumer.start().await.unwrap();
 
@@ -254,7 +275,10 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(seen.try_recv().is_err(), "a dead-lettered message came back");
+    assert!(
+        seen.try_recv().is_err(),
+        "a dead-lettered message came back"
+    );
     assert!(broker.pending("failing").await.unwrap().is_empty());
     assert!(consumer.is_running());
 }
@@ -270,15 +294,17 @@ async fn stop_lets_in_flight_handlers_finish_and_acknowledge() {
         .queue("draining")
         .bind(TaskDefined::default())
         .unwrap()
-        .build(move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
-            let (started, finished) = (Arc::clone(&started2), Arc::clone(&finished2));
-            async move {
-                started.notify_one();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                finished.store(true, Ordering::SeqCst);
-                Ok(())
-            }
-        })
+        .build(
+            move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
+                let (started, finished) = (Arc::clone(&started2), Arc::clone(&finished2));
+                async move {
+                    started.notify_one();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    finished.store(true, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
         .unwrap();
     consumer.start().await.unwrap();
     let publisher = Publisher::new(broker.clone());
@@ -315,7 +341,7 @@ async fn start_is_idempotent_stop_needs_a_running_consumer_and_restart_resumes()
         .queue("lifecycle")
         .bind(TaskDefined::default())
         .unwrap()
-        .build(handler)
+        .build_handler(handler)
         .unwrap();
 
     assert!(matches!(
@@ -336,7 +362,10 @@ async fn start_is_idempotent_stop_needs_a_running_consumer_and_restart_resumes()
     let (first, _) = next(&mut seen, "the first message").await;
     first.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(seen.try_recv().is_err(), "a second subscription duplicated it");
+    assert!(
+        seen.try_recv().is_err(),
+        "a second subscription duplicated it"
+    );
 
     consumer.stop().unwrap();
     let error = consumer.stop().unwrap_err();
@@ -348,10 +377,7 @@ async fn start_is_idempotent_stop_needs_a_running_consumer_and_restart_resumes()
     publisher.publish(&binding, &message).await.unwrap();
     consumer.start().await.unwrap();
     let (message, _) = next(&mut seen, "the message published while stopped").await;
-    assert_eq!(
-        message.unwrap(),
-        QueueEvent::TaskDefined(defined(2, "w").1)
-    );
+    assert_eq!(message.unwrap(), QueueEvent::TaskDefined(defined(2, "w").1));
 }
 
 async fn max_concurrency(prefetch: u16, max_in_flight: usize, messages: u32) -> usize {
@@ -367,17 +393,19 @@ async fn max_concurrency(prefetch: u16, max_in_flight: usize, messages: u32) -> 
         .unwrap()
         .prefetch(prefetch)
         .max_in_flight(max_in_flight)
-        .build(move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
-            let (current, peak, done) = (Arc::clone(&c), Arc::clone(&p), Arc::clone(&d));
-            async move {
-                let now = current.fetch_add(1, Ordering::SeqCst) + 1;
-                peak.fetch_max(now, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(40)).await;
-                current.fetch_sub(1, Ordering::SeqCst);
-                done.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            }
-        })
+        .build(
+            move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
+                let (current, peak, done) = (Arc::clone(&c), Arc::clone(&p), Arc::clone(&d));
+                async move {
+                    let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(40)).await;
+                    current.fetch_sub(1, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
         .unwrap();
     // Declare the queue, then fill it before consuming.
     consumer.start().await.unwrap();
@@ -420,14 +448,16 @@ async fn drain_timeout_interrupts_handlers_and_requeues_their_messages() {
         .bind(TaskDefined::default())
         .unwrap()
         .drain_timeout(Duration::from_millis(100))
-        .build(move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
-            let started = Arc::clone(&started2);
-            async move {
-                started.notify_one();
-                std::future::pending::<()>().await;
-                Ok(())
-            }
-        })
+        .build(
+            move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
+                let started = Arc::clone(&started2);
+                async move {
+                    started.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            },
+        )
         .unwrap();
     consumer.start().await.unwrap();
     let (binding, message) = defined(1, "w");
@@ -458,10 +488,12 @@ async fn auto_ack_never_requeues() {
         .bind(TaskDefined::default())
         .unwrap()
         .ack_mode(AckMode::Auto)
-        .build(move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
-            runs2.fetch_add(1, Ordering::SeqCst);
-            async { Err(HandlerError::msg("always fails")) }
-        })
+        .build(
+            move |_message: Result<TaskDefinedMessage, DecodeError>, _info| {
+                runs2.fetch_add(1, Ordering::SeqCst);
+                async { Err(HandlerError::msg("always fails")) }
+            },
+        )
         .unwrap();
     consumer.start().await.unwrap();
     let (binding, message) = defined(1, "w");
@@ -488,7 +520,7 @@ async fn unnamed_queues_are_private_and_have_a_dead_letter_queue() {
     let consumer = ConsumerBuilder::new(broker.clone())
         .bind(TaskRunning::default())
         .unwrap()
-        .build(handler)
+        .build_handler(handler)
         .unwrap();
     consumer.start().await.unwrap();
     let queue = consumer.queue_name().expect("a broker-chosen name");
@@ -513,10 +545,13 @@ async fn missing_exchanges_and_bad_options_are_reported() {
         .queue("nowhere")
         .bind(TaskDefined::default())
         .unwrap()
-        .build(handler)
+        .build_handler(handler)
         .unwrap();
     let error = consumer.start().await.unwrap_err().to_string();
-    assert!(error.contains(DEFINED) && error.contains("`nowhere`"), "{error}");
+    assert!(
+        error.contains(DEFINED) && error.contains("`nowhere`"),
+        "{error}"
+    );
     assert!(!consumer.is_running());
 
     let (handler, _seen) = recorder();
@@ -524,7 +559,7 @@ async fn missing_exchanges_and_bad_options_are_reported() {
         .bind(TaskDefined::default())
         .unwrap()
         .prefetch(0)
-        .build(handler)
+        .build_handler(handler)
         .err()
         .expect("prefetch 0 is refused");
     assert!(error.to_string().contains("prefetch"), "{error}");
@@ -534,7 +569,6 @@ async fn missing_exchanges_and_bad_options_are_reported() {
             task_id: Some("a.b".into()),
             ..Default::default()
         })
-        .err()
-        .expect("a dot in a single-word value is refused");
+        .expect_err("a dot in a single-word value is refused");
     assert!(error.to_string().contains(DEFINED), "{error}");
 }

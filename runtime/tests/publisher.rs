@@ -52,7 +52,10 @@ async fn a_valid_message_is_sent_persistent_json_with_its_key() {
         .unwrap();
     let delivery = broker.get(&queue).await.unwrap().expect("the message");
     assert_eq!(delivery.exchange, DEFINED);
-    assert_eq!(delivery.routing_key, format!("primary.{}.gaia._", task_id(7)));
+    assert_eq!(
+        delivery.routing_key,
+        format!("primary.{}.gaia._", task_id(7))
+    );
     assert_eq!(delivery.content_type.as_deref(), Some("application/json"));
     let body: TaskDefinedMessage = serde_json::from_slice(&delivery.body).unwrap();
     assert_eq!(body, message);
@@ -93,10 +96,18 @@ async fn an_invalid_message_is_refused_with_every_violation_and_nothing_is_sent(
         "{error}"
     );
     let text = error.to_string();
-    for needle in [DEFINED, "/status/taskId", "/version", "task-defined-message.json"] {
+    for needle in [
+        DEFINED,
+        "/status/taskId",
+        "/version",
+        "task-defined-message.json",
+    ] {
         assert!(text.contains(needle), "`{needle}` missing from: {text}");
     }
-    assert!(broker.pending(&queue).await.unwrap().is_empty(), "something was sent");
+    assert!(
+        broker.pending(&queue).await.unwrap().is_empty(),
+        "something was sent"
+    );
 }
 
 #[tokio::test]
@@ -142,12 +153,20 @@ impl Flaky {
 }
 
 impl Broker for Flaky {
-    async fn declare_exchange(&self, name: &str, options: ExchangeOptions) -> Result<(), BrokerError> {
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
         self.declarations.fetch_add(1, Ordering::SeqCst);
         self.inner.declare_exchange(name, options).await
     }
 
-    async fn declare_queue(&self, name: &str, options: QueueOptions) -> Result<String, BrokerError> {
+    async fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<String, BrokerError> {
         self.inner.declare_queue(name, options).await
     }
 
@@ -155,7 +174,12 @@ impl Broker for Flaky {
         self.inner.delete_queue(name).await
     }
 
-    async fn bind_queue(&self, queue: &str, exchange: &str, pattern: &str) -> Result<(), BrokerError> {
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        pattern: &str,
+    ) -> Result<(), BrokerError> {
         self.inner.bind_queue(queue, exchange, pattern).await
     }
 
@@ -168,7 +192,9 @@ impl Broker for Flaky {
         self.publishes.fetch_add(1, Ordering::SeqCst);
         let failing = self
             .fail_publishes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+                left.checked_sub(1)
+            })
             .is_ok();
         if failing {
             return Err(BrokerError::Connection("injected failure".to_owned()));
@@ -214,7 +240,11 @@ async fn connection_failures_are_retried_until_confirmed() {
     let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_secs(10)));
     let (binding, message) = defined(1, "w");
     publisher.publish(&binding, &message).await.unwrap();
-    assert_eq!(broker.publishes.load(Ordering::SeqCst), 4, "3 failures, then success");
+    assert_eq!(
+        broker.publishes.load(Ordering::SeqCst),
+        4,
+        "3 failures, then success"
+    );
     assert_eq!(memory.pending(&queue).await.unwrap().len(), 1);
 
     // The exchange is declared once per publisher, not once per publish.

@@ -12,7 +12,9 @@ use std::time::Duration;
 use client_support::{EVENTUALLY, eventually, next};
 use exchange_runtime::broker::memory::MemoryBroker;
 use exchange_runtime::consumer::HandlerError;
-use exchange_runtime::jobs::{Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore};
+use exchange_runtime::jobs::{
+    Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore,
+};
 use exchange_runtime::queue::{
     ATTEMPTS_HEADER, Backoff, HandlerOptions, LAST_ERROR_HEADER, QueueError, QueueMessage,
     Received, WorkQueue,
@@ -31,7 +33,10 @@ async fn put_get_delete_in_order() {
         .await
         .unwrap();
     queue
-        .put(QueueMessage::new("two").with_header("kind", "x"), Duration::ZERO)
+        .put(
+            QueueMessage::new("two").with_header("kind", "x"),
+            Duration::ZERO,
+        )
         .await
         .unwrap();
     let first = queue.get(EVENTUALLY).await.unwrap().expect("first message");
@@ -40,9 +45,16 @@ async fn put_get_delete_in_order() {
     assert_eq!(first.attempts, 0);
     assert!(!first.redelivered);
     // A second get while the first is held returns the next message.
-    let second = queue.get(EVENTUALLY).await.unwrap().expect("second message");
+    let second = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("second message");
     assert_eq!(second.message.body, b"two");
-    assert_eq!(second.message.headers.get("kind").map(String::as_str), Some("x"));
+    assert_eq!(
+        second.message.headers.get("kind").map(String::as_str),
+        Some("x")
+    );
     queue.delete(first).await.unwrap();
     queue.delete(second).await.unwrap();
     assert!(queue.get(NONE_WINDOW).await.unwrap().is_none());
@@ -51,7 +63,9 @@ async fn put_get_delete_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_waits_for_a_message_put_later() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "waiting").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "waiting")
+        .await
+        .unwrap();
     let putter = queue.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -61,7 +75,11 @@ async fn get_waits_for_a_message_put_later() {
             .unwrap();
     });
     let started = Instant::now();
-    let message = queue.get(EVENTUALLY).await.unwrap().expect("the late message");
+    let message = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("the late message");
     assert_eq!(message.message.body, b"late");
     assert!(started.elapsed() < EVENTUALLY);
     queue.delete(message).await.unwrap();
@@ -69,30 +87,54 @@ async fn get_waits_for_a_message_put_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_put_is_not_delivered_early() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "delayed").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "delayed")
+        .await
+        .unwrap();
     let put_at = Instant::now();
     queue
         .put(QueueMessage::new("later"), Duration::from_millis(500))
         .await
         .unwrap();
-    assert!(queue.get(NONE_WINDOW).await.unwrap().is_none(), "delivered early");
-    let message = queue.get(EVENTUALLY).await.unwrap().expect("delivered after the delay");
-    assert!(put_at.elapsed() >= Duration::from_millis(500), "delivered early");
+    assert!(
+        queue.get(NONE_WINDOW).await.unwrap().is_none(),
+        "delivered early"
+    );
+    let message = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("delivered after the delay");
+    assert!(
+        put_at.elapsed() >= Duration::from_millis(500),
+        "delivered early"
+    );
     queue.delete(message).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_puts_back_after_the_delay_with_one_more_attempt() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "released").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "released")
+        .await
+        .unwrap();
     queue
         .put(QueueMessage::new("job").with_id("m1"), Duration::ZERO)
         .await
         .unwrap();
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     let released_at = Instant::now();
-    queue.release(message, Duration::from_millis(400)).await.unwrap();
-    assert!(queue.get(NONE_WINDOW).await.unwrap().is_none(), "released early");
-    let again = queue.get(EVENTUALLY).await.unwrap().expect("released message");
+    queue
+        .release(message, Duration::from_millis(400))
+        .await
+        .unwrap();
+    assert!(
+        queue.get(NONE_WINDOW).await.unwrap().is_none(),
+        "released early"
+    );
+    let again = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("released message");
     assert!(released_at.elapsed() >= Duration::from_millis(400));
     assert_eq!(again.attempts, 1);
     assert_eq!(again.message.message_id.as_deref(), Some("m1"));
@@ -106,14 +148,20 @@ async fn release_puts_back_after_the_delay_with_one_more_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_message_returns_to_the_queue() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "dropped").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "dropped")
+        .await
+        .unwrap();
     queue
         .put(QueueMessage::new("keep me"), Duration::ZERO)
         .await
         .unwrap();
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     drop(message);
-    let again = queue.get(EVENTUALLY).await.unwrap().expect("back in the queue");
+    let again = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("back in the queue");
     assert_eq!(again.message.body, b"keep me");
     assert!(again.redelivered);
     assert_eq!(again.attempts, 0, "not a failed attempt");
@@ -122,8 +170,13 @@ async fn a_dropped_message_returns_to_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_moves_a_message_with_its_error() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "poison").await.unwrap();
-    queue.put(QueueMessage::new("bad"), Duration::ZERO).await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "poison")
+        .await
+        .unwrap();
+    queue
+        .put(QueueMessage::new("bad"), Duration::ZERO)
+        .await
+        .unwrap();
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     queue.dead_letter(message, "cannot parse").await.unwrap();
     assert!(queue.pending().await.unwrap().is_empty());
@@ -135,19 +188,29 @@ async fn dead_letter_moves_a_message_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_headers_are_refused() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "headers").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "headers")
+        .await
+        .unwrap();
     let error = queue
-        .put(QueueMessage::new("x").with_header("X-Death", "1"), Duration::ZERO)
+        .put(
+            QueueMessage::new("x").with_header("X-Death", "1"),
+            Duration::ZERO,
+        )
         .await
         .unwrap_err();
-    assert!(matches!(error, QueueError::InvalidHeader { .. }), "{error:?}");
+    assert!(
+        matches!(error, QueueError::InvalidHeader { .. }),
+        "{error:?}"
+    );
     assert!(error.to_string().contains("`headers`") && error.to_string().contains("X-Death"));
     assert!(queue.pending().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_handler_deletes_on_success_and_backs_off_then_dead_letters_failures() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "handled").await.unwrap();
+    let queue = WorkQueue::open(MemoryBroker::new(), "handled")
+        .await
+        .unwrap();
     let (sender, mut runs) = mpsc::unbounded_channel::<(Vec<u8>, u32, Instant)>();
     let options = HandlerOptions {
         concurrency: 2,
@@ -167,7 +230,10 @@ async fn queue_handler_deletes_on_success_and_backs_off_then_dead_letters_failur
             ));
             async move {
                 if received.message.body == b"bad" {
-                    Err(HandlerError::msg(format!("failure {}", received.attempts + 1)))
+                    Err(HandlerError::msg(format!(
+                        "failure {}",
+                        received.attempts + 1
+                    )))
                 } else {
                     Ok(())
                 }
@@ -176,8 +242,14 @@ async fn queue_handler_deletes_on_success_and_backs_off_then_dead_letters_failur
         .unwrap();
     handler.start().await.unwrap();
     handler.start().await.unwrap();
-    queue.put(QueueMessage::new("good"), Duration::ZERO).await.unwrap();
-    queue.put(QueueMessage::new("bad"), Duration::ZERO).await.unwrap();
+    queue
+        .put(QueueMessage::new("good"), Duration::ZERO)
+        .await
+        .unwrap();
+    queue
+        .put(QueueMessage::new("bad"), Duration::ZERO)
+        .await
+        .unwrap();
 
     let mut bad_runs = Vec::new();
     let mut good_runs = 0;
@@ -234,7 +306,11 @@ async fn jobs_with(
 }
 
 async fn status(jobs: &Jobs<MemoryBroker>, id: &JobId) -> JobStatus {
-    jobs.status(id).await.unwrap().expect("a recorded job").status
+    jobs.status(id)
+        .await
+        .unwrap()
+        .expect("a recorded job")
+        .status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +334,13 @@ async fn a_job_goes_queued_processing_successful() {
     .await;
 
     let id = jobs
-        .enqueue(Job::json("send-email", &serde_json::json!({"to": "someone@example.com"})).unwrap())
+        .enqueue(
+            Job::json(
+                "send-email",
+                &serde_json::json!({"to": "someone@example.com"}),
+            )
+            .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(status(&jobs, &id).await, JobStatus::Queued);
@@ -272,7 +354,10 @@ async fn a_job_goes_queued_processing_successful() {
     assert_eq!(context.id, id);
     assert_eq!(context.retried, 0);
     assert_eq!(status(&jobs, &id).await, JobStatus::Processing);
-    assert!(jobs.pending().await.unwrap().is_empty(), "taken off the queue");
+    assert!(
+        jobs.pending().await.unwrap().is_empty(),
+        "taken off the queue"
+    );
     release.notify_one();
     eventually("the job is successful", || async {
         status(&jobs, &id).await == JobStatus::Successful
@@ -290,18 +375,27 @@ async fn failing_jobs_retry_with_backoff_then_land_in_the_failed_queue() {
     let store = Arc::new(MemoryStatusStore::new());
     let statuses = Arc::new(Mutex::new(Vec::new()));
     let (store2, statuses2) = (Arc::clone(&store), Arc::clone(&statuses));
-    let jobs = jobs_with(MemoryBroker::new(), "jobs-fail", Arc::clone(&store), None, |b| {
-        b.register("flaky", move |job: JobContext| {
-            let _ = sender.send((job.retried, job.last_error.clone(), Instant::now()));
-            let (store, statuses) = (Arc::clone(&store2), Arc::clone(&statuses2));
-            async move {
-                // The status while running, as seen from inside.
-                let record = store.get(&job.id).await.unwrap().unwrap();
-                statuses.lock().unwrap().push((record.status, record.retried));
-                Err(HandlerError::msg(format!("attempt {} failed", job.retried)))
-            }
-        })
-    })
+    let jobs = jobs_with(
+        MemoryBroker::new(),
+        "jobs-fail",
+        Arc::clone(&store),
+        None,
+        |b| {
+            b.register("flaky", move |job: JobContext| {
+                let _ = sender.send((job.retried, job.last_error.clone(), Instant::now()));
+                let (store, statuses) = (Arc::clone(&store2), Arc::clone(&statuses2));
+                async move {
+                    // The status while running, as seen from inside.
+                    let record = store.get(&job.id).await.unwrap().unwrap();
+                    statuses
+                        .lock()
+                        .unwrap()
+                        .push((record.status, record.retried));
+                    Err(HandlerError::msg(format!("attempt {} failed", job.retried)))
+                }
+            })
+        },
+    )
     .await;
     jobs.start().await.unwrap();
     let id = jobs
@@ -318,15 +412,23 @@ async fn failing_jobs_retry_with_backoff_then_land_in_the_failed_queue() {
         runs.push(next(&mut seen, "three runs").await);
     }
     assert_eq!(
-        runs.iter().map(|(r, e, _)| (*r, e.clone())).collect::<Vec<_>>(),
+        runs.iter()
+            .map(|(r, e, _)| (*r, e.clone()))
+            .collect::<Vec<_>>(),
         [
             (0, None),
             (1, Some("attempt 0 failed".to_owned())),
             (2, Some("attempt 1 failed".to_owned())),
         ]
     );
-    assert!(runs[1].2 - runs[0].2 >= Duration::from_millis(100), "retried early");
-    assert!(runs[2].2 - runs[1].2 >= Duration::from_millis(200), "no exponential backoff");
+    assert!(
+        runs[1].2 - runs[0].2 >= Duration::from_millis(100),
+        "retried early"
+    );
+    assert!(
+        runs[2].2 - runs[1].2 >= Duration::from_millis(200),
+        "no exponential backoff"
+    );
 
     eventually("the job failed for good", || async {
         status(&jobs, &id).await == JobStatus::Failed
@@ -355,7 +457,10 @@ async fn failing_jobs_retry_with_backoff_then_land_in_the_failed_queue() {
         ]
     );
     tokio::time::sleep(NONE_WINDOW).await;
-    assert!(seen.try_recv().is_err(), "ran more than max_retries + 1 times");
+    assert!(
+        seen.try_recv().is_err(),
+        "ran more than max_retries + 1 times"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +482,10 @@ async fn a_job_waiting_for_its_retry_is_recorded_retrying() {
     })
     .await;
     let record = jobs.status(&id).await.unwrap().unwrap();
-    assert_eq!((record.retried, record.last_error.as_deref()), (1, Some("not yet")));
+    assert_eq!(
+        (record.retried, record.last_error.as_deref()),
+        (1, Some("not yet"))
+    );
     // Waiting out its backoff: not ready in the queue.
     assert!(jobs.pending().await.unwrap().is_empty());
 }
@@ -420,7 +528,10 @@ async fn a_job_interrupted_by_stop_is_never_successful_and_runs_again() {
     assert!(stuck.successful().await.unwrap().is_empty());
     let pending = stuck.pending().await.unwrap();
     assert_eq!(pending.len(), 1, "the job is back in the queue");
-    assert_eq!(pending[0].retried, 0, "an interruption is not a failed attempt");
+    assert_eq!(
+        pending[0].retried, 0,
+        "an interruption is not a failed attempt"
+    );
 
     // Another worker on the same queue and store finishes it.
     let runs = Arc::new(AtomicUsize::new(0));
@@ -474,7 +585,10 @@ async fn panics_and_timeouts_are_failures_never_successes() {
     for (id, error) in [
         (&panicking, "handler panicked: bug in the handler"),
         (&hanging, "timed out after 100ms"),
-        (&unknown, "no handler is registered for job `nobody-handles-this`"),
+        (
+            &unknown,
+            "no handler is registered for job `nobody-handles-this`",
+        ),
     ] {
         eventually("the job failed", || async {
             status(&jobs, id).await == JobStatus::Failed

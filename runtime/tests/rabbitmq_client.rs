@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use client_support::*;
+use exchange_runtime::DecodeError;
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::{Broker, QueueOptions};
 use exchange_runtime::consumer::{ConsumerBuilder, DeliveryInfo, HandlerError};
 use exchange_runtime::jobs::{Job, JobContext, JobStatus, Jobs};
 use exchange_runtime::publisher::{PublishError, Publisher};
 use exchange_runtime::queue::{LAST_ERROR_HEADER, QueueMessage, WorkQueue};
-use exchange_runtime::DecodeError;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -57,7 +57,8 @@ async fn consumer_on_rabbitmq_routes_decodes_and_dead_letters() {
     publisher.publish(&binding, &message).await.unwrap();
 
     let name = unique("client-consumer");
-    let (sender, mut seen) = mpsc::unbounded_channel::<(Result<QueueEvent, DecodeError>, DeliveryInfo)>();
+    let (sender, mut seen) =
+        mpsc::unbounded_channel::<(Result<QueueEvent, DecodeError>, DeliveryInfo)>();
     let consumer = ConsumerBuilder::new(broker.clone())
         .queue(&name)
         .bind(TaskDefined {
@@ -71,15 +72,19 @@ async fn consumer_on_rabbitmq_routes_decodes_and_dead_letters() {
         })
         .unwrap()
         .max_in_flight(1)
-        .build(move |message: Result<QueueEvent, DecodeError>, info: DeliveryInfo| {
-            let _ = sender.send((message.clone(), info.clone()));
-            async move {
-                match message? {
-                    QueueEvent::TaskRunning(_) => Err(HandlerError::msg("refusing task-running")),
-                    QueueEvent::TaskDefined(_) => Ok(()),
+        .build(
+            move |message: Result<QueueEvent, DecodeError>, info: DeliveryInfo| {
+                let _ = sender.send((message.clone(), info.clone()));
+                async move {
+                    match message? {
+                        QueueEvent::TaskRunning(_) => {
+                            Err(HandlerError::msg("refusing task-running"))
+                        }
+                        QueueEvent::TaskDefined(_) => Ok(()),
+                    }
                 }
-            }
-        })
+            },
+        )
         .unwrap();
     consumer.start().await.unwrap();
     let queue = consumer.queue_name().unwrap();
@@ -125,7 +130,10 @@ async fn invalid_messages_never_reach_rabbitmq() {
     let (binding, message) = defined(0, &worker_type);
     publisher.publish(&binding, &message).await.unwrap();
     let tap = broker
-        .declare_queue(&broker.qualify_queue_name(&unique("client-tap")), QueueOptions::default())
+        .declare_queue(
+            &broker.qualify_queue_name(&unique("client-tap")),
+            QueueOptions::default(),
+        )
         .await
         .unwrap();
     broker
@@ -135,7 +143,10 @@ async fn invalid_messages_never_reach_rabbitmq() {
     let (binding, mut message) = defined(1, &worker_type);
     message.status.task_id = "short".to_owned();
     let error = publisher.publish(&binding, &message).await.unwrap_err();
-    assert!(matches!(error, PublishError::InvalidMessage { .. }), "{error:?}");
+    assert!(
+        matches!(error, PublishError::InvalidMessage { .. }),
+        "{error:?}"
+    );
     let (binding, message) = defined(2, &worker_type);
     publisher.publish(&binding, &message).await.unwrap();
     eventually("the valid message in the tap", || async {
@@ -151,34 +162,64 @@ async fn invalid_messages_never_reach_rabbitmq() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_queue_on_rabbitmq_delays_and_releases_without_delivering_early() {
     let broker = connect().await;
-    let queue = WorkQueue::open(broker.clone(), &unique("client-wq")).await.unwrap();
+    let queue = WorkQueue::open(broker.clone(), &unique("client-wq"))
+        .await
+        .unwrap();
     let put_at = Instant::now();
     queue
-        .put(QueueMessage::new("later").with_id("w1"), Duration::from_millis(600))
+        .put(
+            QueueMessage::new("later").with_id("w1"),
+            Duration::from_millis(600),
+        )
         .await
         .unwrap();
     assert!(
-        queue.get(Duration::from_millis(150)).await.unwrap().is_none(),
+        queue
+            .get(Duration::from_millis(150))
+            .await
+            .unwrap()
+            .is_none(),
         "delivered early"
     );
-    let message = queue.get(EVENTUALLY).await.unwrap().expect("after the delay");
-    assert!(put_at.elapsed() >= Duration::from_millis(600), "delivered early");
+    let message = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("after the delay");
+    assert!(
+        put_at.elapsed() >= Duration::from_millis(600),
+        "delivered early"
+    );
     assert_eq!(message.message.message_id.as_deref(), Some("w1"));
 
     let released_at = Instant::now();
-    queue.release(message, Duration::from_millis(500)).await.unwrap();
+    queue
+        .release(message, Duration::from_millis(500))
+        .await
+        .unwrap();
     assert!(
-        queue.get(Duration::from_millis(150)).await.unwrap().is_none(),
+        queue
+            .get(Duration::from_millis(150))
+            .await
+            .unwrap()
+            .is_none(),
         "released early"
     );
-    let again = queue.get(EVENTUALLY).await.unwrap().expect("released message");
+    let again = queue
+        .get(EVENTUALLY)
+        .await
+        .unwrap()
+        .expect("released message");
     assert!(released_at.elapsed() >= Duration::from_millis(500));
     assert_eq!(again.attempts, 1);
     queue.dead_letter(again, "given up").await.unwrap();
     let dead = queue.dead_letters().await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].headers[LAST_ERROR_HEADER], "given up");
-    let (name, dead_name) = (queue.name().to_owned(), queue.dead_letter_queue().to_owned());
+    let (name, dead_name) = (
+        queue.name().to_owned(),
+        queue.dead_letter_queue().to_owned(),
+    );
     delete_queues(&broker, &[&name, &dead_name]).await;
 }
 
