@@ -202,6 +202,18 @@ async fn publishes_and_consumes_with_headers_and_cc() {
 
     drop(stream);
     broker.delete_queue(&queue).await.expect("delete queue");
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
+    let passive = ExchangeOptions {
+        passive: true,
+        durable: false,
+    };
+    assert!(matches!(
+        broker.declare_exchange(&exchange, passive).await,
+        Err(BrokerError::ExchangeNotFound(name)) if name == exchange
+    ));
 }
 
 #[tokio::test]
@@ -421,6 +433,10 @@ async fn missing_exchange_and_queue_errors_leave_the_broker_working() {
         0,
         "channel errors must not cost the connection"
     );
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
 }
 
 #[tokio::test]
@@ -483,6 +499,10 @@ async fn a_failed_publish_does_not_fail_concurrent_ones() {
         .collect();
     // At-least-once: a publish caught by another's channel error is resent, never lost.
     assert_eq!(pending, delivered);
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
 }
 
 #[tokio::test]
@@ -738,6 +758,10 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
     );
     drop(stream);
     broker.delete_queue(&queue).await.expect("delete queue");
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
 }
 
 /// An unnamed (exclusive) queue is re-declared under the same name and rebound
@@ -788,4 +812,8 @@ async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
         .expect("publish unbound");
     assert_eq!(next_body(&mut stream).await, "after");
     assert!(broker.pending(&queue).await.expect("pending").is_empty());
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
 }

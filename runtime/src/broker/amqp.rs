@@ -48,7 +48,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -180,6 +181,29 @@ impl AmqpBroker {
                 .close(200, "closed by application".into())
                 .await;
         }
+    }
+
+    /// Deletes an exchange and its bindings (not part of [`Broker`]: Pulse
+    /// exchanges belong to their publishing service; this is for tests and tools).
+    /// Deleting a missing exchange succeeds, as on RabbitMQ.
+    pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
+        let exchange = short("exchange", name)?;
+        self.run("delete exchange", &Target::exchange(name), |link| {
+            let exchange = exchange.clone();
+            async move {
+                let channel = link.channel().await?;
+                channel
+                    .exchange_delete(exchange, ExchangeDeleteOptions::default())
+                    .await
+            }
+        })
+        .await?;
+        let mut topology = self.topology();
+        topology.exchanges.remove(name);
+        topology
+            .bindings
+            .retain(|(_, exchange, _)| exchange != name);
+        Ok(())
     }
 
     fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
