@@ -171,6 +171,32 @@ async fn invalid_arguments_are_refused() {
 }
 
 #[tokio::test]
+async fn huge_durations_do_not_overflow() {
+    let broker = MemoryBroker::new();
+    broker
+        .declare_queue(
+            "forever",
+            QueueOptions {
+                message_ttl: Some(Duration::MAX),
+                ..QueueOptions::default()
+            },
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(DEFAULT_EXCHANGE, "forever", suite::message("kept"))
+        .await
+        .unwrap();
+    broker
+        .publish_delayed("forever", suite::message("never"), Duration::MAX)
+        .await
+        .unwrap();
+    let pending = broker.pending("forever").await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].body, b"kept");
+}
+
+#[tokio::test]
 async fn delayed_publish_to_missing_queue_fails() {
     let broker = MemoryBroker::new();
     for delay in [Duration::ZERO, Duration::from_secs(1)] {

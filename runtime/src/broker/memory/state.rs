@@ -450,7 +450,11 @@ impl State {
             seq,
             content,
             redelivered: false,
-            expires_at: queue.options.message_ttl.map(|ttl| Instant::now() + ttl),
+            // A TTL too long to represent never expires.
+            expires_at: queue
+                .options
+                .message_ttl
+                .and_then(|ttl| Instant::now().checked_add(ttl)),
         });
         if let Some(expiry) = &queue.expiry {
             expiry.notify_one();
