@@ -572,3 +572,28 @@ async fn missing_exchanges_and_bad_options_are_reported() {
         .expect_err("a dot in a single-word value is refused");
     assert!(error.to_string().contains(DEFINED), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_delivery_stream_is_resubscribed() {
+    let memory = MemoryBroker::new();
+    declare_exchanges(&memory).await;
+    // The first two subscriptions die at once, as on a lost connection.
+    let broker = Flaky::new(memory.clone(), 0, 2);
+    let (handler, mut seen) = recorder();
+    let consumer = ConsumerBuilder::new(broker.clone())
+        .queue("resubscribing")
+        .bind(TaskDefined::default())
+        .unwrap()
+        .build_handler(handler)
+        .unwrap();
+    consumer.start().await.unwrap();
+    let (binding, message) = defined(1, "w");
+    Publisher::new(memory.clone())
+        .publish(&binding, &message)
+        .await
+        .unwrap();
+    let (received, _) = next(&mut seen, "the message after resubscribing").await;
+    assert_eq!(received.unwrap(), QueueEvent::TaskDefined(message));
+    assert_eq!(broker.subscriptions.load(Ordering::SeqCst), 3);
+    assert!(consumer.is_running());
+}

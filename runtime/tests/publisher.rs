@@ -4,18 +4,14 @@
 
 mod client_support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use client_support::*;
+use exchange_runtime::RoutingKeyErrorKind;
 use exchange_runtime::broker::memory::MemoryBroker;
-use exchange_runtime::broker::{
-    Broker, BrokerError, DeliveryStream, ExchangeOptions, OutgoingMessage, PendingMessage,
-    QueueOptions,
-};
+use exchange_runtime::broker::{Broker, BrokerError, ExchangeOptions, QueueOptions};
 use exchange_runtime::publisher::{PublishError, Publisher, PublisherOptions};
-use exchange_runtime::{Delivery, RoutingKeyErrorKind};
 
 /// A queue bound to everything on both test exchanges.
 async fn tap(broker: &impl Broker) -> String {
@@ -131,99 +127,6 @@ async fn a_binding_without_a_required_word_is_refused() {
     assert!(broker.pending(&queue).await.unwrap().is_empty());
 }
 
-/// Wraps a broker: fails the next `fail_publishes` publishes with a
-/// connection error, and counts exchange declarations.
-#[derive(Clone)]
-struct Flaky {
-    inner: MemoryBroker,
-    fail_publishes: Arc<AtomicU32>,
-    publishes: Arc<AtomicU32>,
-    declarations: Arc<AtomicU32>,
-}
-
-impl Flaky {
-    fn new(inner: MemoryBroker, failures: u32) -> Self {
-        Flaky {
-            inner,
-            fail_publishes: Arc::new(AtomicU32::new(failures)),
-            publishes: Arc::new(AtomicU32::new(0)),
-            declarations: Arc::new(AtomicU32::new(0)),
-        }
-    }
-}
-
-impl Broker for Flaky {
-    async fn declare_exchange(
-        &self,
-        name: &str,
-        options: ExchangeOptions,
-    ) -> Result<(), BrokerError> {
-        self.declarations.fetch_add(1, Ordering::SeqCst);
-        self.inner.declare_exchange(name, options).await
-    }
-
-    async fn declare_queue(
-        &self,
-        name: &str,
-        options: QueueOptions,
-    ) -> Result<String, BrokerError> {
-        self.inner.declare_queue(name, options).await
-    }
-
-    async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
-        self.inner.delete_queue(name).await
-    }
-
-    async fn bind_queue(
-        &self,
-        queue: &str,
-        exchange: &str,
-        pattern: &str,
-    ) -> Result<(), BrokerError> {
-        self.inner.bind_queue(queue, exchange, pattern).await
-    }
-
-    async fn publish(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        message: OutgoingMessage,
-    ) -> Result<(), BrokerError> {
-        self.publishes.fetch_add(1, Ordering::SeqCst);
-        let failing = self
-            .fail_publishes
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
-                left.checked_sub(1)
-            })
-            .is_ok();
-        if failing {
-            return Err(BrokerError::Connection("injected failure".to_owned()));
-        }
-        self.inner.publish(exchange, routing_key, message).await
-    }
-
-    async fn publish_delayed(
-        &self,
-        queue: &str,
-        message: OutgoingMessage,
-        delay: Duration,
-    ) -> Result<(), BrokerError> {
-        self.inner.publish_delayed(queue, message, delay).await
-    }
-
-    async fn consume(&self, queue: &str, prefetch: u16) -> Result<DeliveryStream, BrokerError> {
-        self.inner.consume(queue, prefetch).await
-    }
-
-    async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
-        self.inner.get(queue).await
-    }
-
-    async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
-        self.inner.pending(queue).await
-    }
-}
-
 fn quick(deadline: Duration) -> PublisherOptions {
     PublisherOptions {
         deadline,
@@ -235,7 +138,7 @@ fn quick(deadline: Duration) -> PublisherOptions {
 #[tokio::test]
 async fn connection_failures_are_retried_until_confirmed() {
     let memory = MemoryBroker::new();
-    let broker = Flaky::new(memory.clone(), 3);
+    let broker = Flaky::new(memory.clone(), 3, 0);
     let queue = tap(&memory).await;
     let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_secs(10)));
     let (binding, message) = defined(1, "w");
@@ -258,7 +161,7 @@ async fn connection_failures_are_retried_until_confirmed() {
 #[tokio::test]
 async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
     let memory = MemoryBroker::new();
-    let broker = Flaky::new(memory.clone(), u32::MAX);
+    let broker = Flaky::new(memory.clone(), u32::MAX, 0);
     let queue = tap(&memory).await;
     let publisher = Publisher::with_options(broker.clone(), quick(Duration::from_millis(300)));
     let (binding, message) = defined(1, "w");
@@ -285,7 +188,7 @@ async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
 async fn errors_that_retrying_cannot_fix_are_not_retried() {
     // A queue-full rejection is backpressure, not a lost connection.
     let memory = MemoryBroker::new();
-    let broker = Flaky::new(memory.clone(), 0);
+    let broker = Flaky::new(memory.clone(), 0, 0);
     tap(&memory).await;
     let full = memory
         .declare_queue(

@@ -4,9 +4,16 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use exchange_runtime::{Binding, Decode, DecodeError, Exchange, Message, RoutingKeyWord};
+use exchange_runtime::broker::memory::MemoryBroker;
+use exchange_runtime::broker::{
+    Broker, BrokerError, DeliveryStream, ExchangeOptions, OutgoingMessage, PendingMessage,
+    QueueOptions,
+};
+use exchange_runtime::{Binding, Decode, DecodeError, Delivery, Exchange, Message, RoutingKeyWord};
 use serde::{Deserialize, Serialize};
 
 pub const DEFINED: &str = "exchange/test-queue/v1/task-defined";
@@ -259,4 +266,115 @@ pub fn unique(prefix: &str) -> String {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Wraps a `MemoryBroker` to fail on purpose: the next `fail_publishes`
+/// publishes fail with a connection error, and the next `broken_streams`
+/// subscriptions end at once (as a dropped connection ends them). Counts
+/// publishes, exchange declarations and subscriptions.
+#[derive(Clone)]
+pub struct Flaky {
+    pub inner: MemoryBroker,
+    pub fail_publishes: Arc<AtomicU32>,
+    pub broken_streams: Arc<AtomicU32>,
+    pub publishes: Arc<AtomicU32>,
+    pub declarations: Arc<AtomicU32>,
+    pub subscriptions: Arc<AtomicU32>,
+}
+
+impl Flaky {
+    pub fn new(inner: MemoryBroker, fail_publishes: u32, broken_streams: u32) -> Self {
+        Flaky {
+            inner,
+            fail_publishes: Arc::new(AtomicU32::new(fail_publishes)),
+            broken_streams: Arc::new(AtomicU32::new(broken_streams)),
+            publishes: Arc::new(AtomicU32::new(0)),
+            declarations: Arc::new(AtomicU32::new(0)),
+            subscriptions: Arc::new(AtomicU32::new(0)),
+        }
+    }
+}
+
+/// Takes one from a counter of injected failures; whether there was one.
+fn take_one(counter: &AtomicU32) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| {
+            left.checked_sub(1)
+        })
+        .is_ok()
+}
+
+impl Broker for Flaky {
+    async fn declare_exchange(
+        &self,
+        name: &str,
+        options: ExchangeOptions,
+    ) -> Result<(), BrokerError> {
+        self.declarations.fetch_add(1, Ordering::SeqCst);
+        self.inner.declare_exchange(name, options).await
+    }
+
+    async fn declare_queue(
+        &self,
+        name: &str,
+        options: QueueOptions,
+    ) -> Result<String, BrokerError> {
+        self.inner.declare_queue(name, options).await
+    }
+
+    async fn delete_queue(&self, name: &str) -> Result<(), BrokerError> {
+        self.inner.delete_queue(name).await
+    }
+
+    async fn bind_queue(
+        &self,
+        queue: &str,
+        exchange: &str,
+        pattern: &str,
+    ) -> Result<(), BrokerError> {
+        self.inner.bind_queue(queue, exchange, pattern).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        self.publishes.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.fail_publishes) {
+            return Err(BrokerError::Connection("injected failure".to_owned()));
+        }
+        self.inner.publish(exchange, routing_key, message).await
+    }
+
+    async fn publish_delayed(
+        &self,
+        queue: &str,
+        message: OutgoingMessage,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        self.inner.publish_delayed(queue, message, delay).await
+    }
+
+    async fn consume(&self, queue: &str, prefetch: u16) -> Result<DeliveryStream, BrokerError> {
+        self.subscriptions.fetch_add(1, Ordering::SeqCst);
+        if take_one(&self.broken_streams) {
+            let (sender, receiver) = tokio::sync::mpsc::channel(1);
+            // A stream that reports a lost connection, then ends.
+            let _ = sender.try_send(Err(BrokerError::Connection(
+                "injected: connection lost".to_owned(),
+            )));
+            return Ok(DeliveryStream::new(receiver));
+        }
+        self.inner.consume(queue, prefetch).await
+    }
+
+    async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
+        self.inner.get(queue).await
+    }
+
+    async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
+        self.inner.pending(queue).await
+    }
 }
