@@ -19,19 +19,35 @@
 //! - [`pending`](Broker::pending) takes every ready message with `basic.get` on a
 //!   temporary channel and closes it, which puts them back in order — but marks
 //!   them *redelivered*, and hides them from consumers meanwhile.
+//! - [`get`](Broker::get) opens a channel per delivery (closed once it is
+//!   settled or dropped); a dropped unsettled delivery is requeued.
+//! - Headers: `x-` names are refused with [`BrokerError::Invalid`] (RabbitMQ
+//!   3.13+ drops client-set ones); broker-added `x-` headers are not surfaced.
+//! - Channel errors (404, 406, ...) cost only the channel: each declaration,
+//!   `get` and `pending` runs on a fresh channel, publishes share one confirm
+//!   channel that is reopened after an error.
 //!
 //! # Connection recovery
 //!
 //! Recovery is this module's own, not lapin's: lapin 4's auto-recovery
-//! replays topology per channel and cannot re-declare server-named queues.
-//! A supervisor task watches the connection; when it dies, it reconnects with
-//! capped exponential backoff, replays every exchange, queue and binding
-//! declared through this broker, and publishes the new connection.
-//! Operations in flight wait for it (up to the configured operation timeout)
-//! and retry — so a publish whose confirm was lost is sent again
-//! (at-least-once). Consumers re-subscribe with the same prefetch and keep
-//! feeding the same [`DeliveryStream`]; deliveries from the dead connection
-//! fail to settle with [`BrokerError::AckFailed`] and are redelivered.
+//! replays the topology recorded *per channel* (this broker's short-lived
+//! channels would take theirs with them) and re-declares server-named queues
+//! under their old `amq.gen-` names, which RabbitMQ refuses.
+//! A supervisor task watches the connection (lapin's error events, a 250 ms
+//! status poll, and operations reporting failures); when it dies, it
+//! reconnects with capped exponential backoff (forever, until the broker is
+//! closed or dropped), replays every exchange, queue and binding declared
+//! through this broker (retrying an exclusive queue the dead connection still
+//! holds), and only then publishes the new connection.
+//!
+//! Operations in flight wait for it, up to the configured operation timeout,
+//! and retry; past it they fail with [`BrokerError::Connection`] (a publish
+//! still waiting for its confirm: [`BrokerError::NotConfirmed`]). A publish
+//! whose confirm was lost with the connection is sent again (at-least-once).
+//! Consumers re-subscribe with the same prefetch and keep feeding the same
+//! [`DeliveryStream`]; deliveries from the dead connection fail to settle
+//! with [`BrokerError::AckFailed`] and the broker redelivers them. Messages in
+//! exclusive (unnamed) queues die with the connection, as on any AMQP broker.
 
 mod config;
 mod convert;
