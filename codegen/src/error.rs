@@ -130,7 +130,8 @@ impl Error {
         }
     }
 
-    pub(crate) fn malformed_json(file: &str, source: &serde_json::Error) -> Self {
+    /// A [`Error::MalformedJson`] for `file` from serde_json's parse error.
+    pub fn malformed_json(file: &str, source: &serde_json::Error) -> Self {
         Error::MalformedJson {
             file: file.to_owned(),
             line: source.line(),

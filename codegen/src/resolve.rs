@@ -271,6 +271,47 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("fragment {text:?} is not UTF-8"))
 }
 
+/// Every `$ref` in the schema positions of a schema document, as (JSON
+/// pointer of the `$ref` keyword, its value); values of `default`, `enum`,
+/// `const` and `examples` are data and not searched.
+pub fn schema_refs(schema: &Value) -> Vec<(String, String)> {
+    fn walk(value: &Value, pointer: &str, out: &mut Vec<(String, String)>) {
+        match value {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    let here = crate::error::pointer_push(pointer, key);
+                    match key.as_str() {
+                        "$ref" => {
+                            if let Value::String(reference) = child {
+                                out.push((here, reference.clone()));
+                            }
+                        }
+                        "default" | "enum" | "const" | "examples" => {}
+                        "properties" | "patternProperties" | "definitions" | "$defs"
+                        | "dependencies" => {
+                            if let Value::Object(children) = child {
+                                for (name, schema) in children {
+                                    walk(schema, &crate::error::pointer_push(&here, name), out);
+                                }
+                            }
+                        }
+                        _ => walk(child, &here, out),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    walk(item, &format!("{pointer}/{index}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(schema, "", &mut out);
+    out
+}
+
 /// The unescaped tokens of a JSON pointer.
 pub fn pointer_tokens(pointer: &str) -> Vec<String> {
     if pointer.is_empty() {
@@ -451,6 +492,34 @@ mod tests {
             .follow_refs(&SchemaLoc::root("/schemas/q/v1/loop.json"))
             .unwrap_err();
         assert!(err.to_string().contains("cycle"), "{err}");
+    }
+
+    #[test]
+    fn finds_refs_in_schema_positions_only() {
+        let schema = json!({
+            "properties": {
+                "$ref": {"$ref": "a.json#"},
+                "x": {"items": [{"$ref": "#/definitions/b"}], "default": {"$ref": "data"}}
+            },
+            "enum": [{"$ref": "data"}],
+            "definitions": {"b": {"oneOf": [{"$ref": "c.json#/p"}]}}
+        });
+        let mut refs = schema_refs(&schema);
+        refs.sort();
+        assert_eq!(
+            refs,
+            [
+                (
+                    "/definitions/b/oneOf/0/$ref".to_owned(),
+                    "c.json#/p".to_owned()
+                ),
+                ("/properties/$ref/$ref".to_owned(), "a.json#".to_owned()),
+                (
+                    "/properties/x/items/0/$ref".to_owned(),
+                    "#/definitions/b".to_owned()
+                ),
+            ]
+        );
     }
 
     #[test]

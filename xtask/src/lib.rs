@@ -1,10 +1,12 @@
 //! Project automation behind `cargo xtask` (see `main.rs` for the commands).
 //!
 //! - [`regenerate`]: regenerate `generated/` from `references/` (or check it is fresh);
-//! - [`check_bundle`]: generate a reference bundle into a scratch crate and `cargo check` it.
+//! - [`check_bundle`]: generate a reference bundle into a scratch crate and lint it;
+//! - [`fetch`]: download a deployment's exchange references and their schemas.
 #![deny(missing_docs)]
 
 pub mod check_bundle;
+pub mod fetch;
 pub mod regenerate;
 
 use std::fmt;

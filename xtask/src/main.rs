@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use xtask::{check_bundle, display_path, regenerate, workspace_root};
+use xtask::{check_bundle, display_path, fetch, regenerate, workspace_root};
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project automation")]
@@ -34,6 +34,15 @@ enum Command {
         /// Scratch directory (default: <target dir>/check-bundle).
         #[arg(long, value_name = "DIR")]
         scratch: Option<PathBuf>,
+    },
+    /// Download a deployment's exchange references and the schemas they need.
+    FetchReferences {
+        /// The deployment's root URL (`http://…`; HTTPS needs `--features tls`).
+        #[arg(long, value_name = "URL")]
+        root_url: String,
+        /// Directory to write the references into.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -79,6 +88,19 @@ fn main() -> ExitCode {
                     "{} generates a crate that passes clippy",
                     display_path(&bundle)
                 )
+            })
+        }
+        Command::FetchReferences { root_url, out } => {
+            let out = out.unwrap_or_else(|| workspace_root().join("references"));
+            fetch::fetch_references(&root_url, &out).map(|changes| {
+                for (path, change) in &changes {
+                    let what = match change {
+                        regenerate::Change::Missing => "created",
+                        _ => "updated",
+                    };
+                    eprintln!("{what} {}", display_path(path));
+                }
+                eprintln!("{} files changed in {}", changes.len(), display_path(&out));
             })
         }
     };
