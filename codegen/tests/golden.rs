@@ -6,7 +6,10 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{cargo, fixture_dir, fixture_sources, read_tree, write_scratch_crate};
+use common::{
+    assert_message_schemas_compile, cargo, fixture_dir, fixture_sources, read_tree,
+    write_scratch_crate,
+};
 use exchange_codegen::generate;
 use expect_test::expect_file;
 
@@ -51,6 +54,15 @@ fn generation_is_deterministic() {
     let first = generate(&fixture_sources("constructs")).unwrap();
     let second = generate(&fixture_sources("constructs")).unwrap();
     assert_eq!(first, second);
+}
+
+#[test]
+fn fixture_message_schemas_compile() {
+    // thingCreated, thingUpdated/thingRemoved (shared), ircPosted, treeGrown, oddNames, tiny.
+    assert_eq!(
+        assert_message_schemas_compile(&fixture_sources("constructs")),
+        6
+    );
 }
 
 /// The fixture's generated crate passes clippy and its behaviour tests

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use exchange_codegen::{Manifest, Options, Sources, generate_with};
+use exchange_codegen::{Manifest, Options, Sources, generate_with, load, model, standalone};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -108,4 +108,34 @@ pub fn cargo(dir: &Path, args: &[&str]) {
         args.join(" "),
         dir.display()
     );
+}
+
+/// Every message's self-contained schema (`Message::SCHEMA`) has only local
+/// `$ref`s and compiles offline with the `jsonschema` crate. Returns how many
+/// schemas were checked.
+pub fn assert_message_schemas_compile(sources: &Sources) -> usize {
+    let loaded = load::load(sources).expect("sources load");
+    let model = model::build(&loaded).expect("model builds");
+    let mut checked = 0;
+    for service in &model.services {
+        for def in service.types.values() {
+            let Some(info) = &def.message else { continue };
+            let schema = standalone::self_contained(&loaded.schemas, &info.schema)
+                .unwrap_or_else(|e| panic!("{}: {e}", info.schema_id));
+            for (pointer, reference) in exchange_codegen::resolve::schema_refs(&schema) {
+                let target = reference.strip_prefix('#').unwrap_or_else(|| {
+                    panic!("{}{pointer}: non-local $ref {reference}", info.schema_id)
+                });
+                assert!(
+                    schema.pointer(target).is_some(),
+                    "{}{pointer}: {reference} dangles",
+                    info.schema_id
+                );
+            }
+            jsonschema::validator_for(&schema)
+                .unwrap_or_else(|e| panic!("{} does not compile: {e}", info.schema_id));
+            checked += 1;
+        }
+    }
+    checked
 }
