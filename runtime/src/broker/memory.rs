@@ -210,6 +210,7 @@ impl Broker for MemoryBroker {
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
+        message.check_headers()?;
         self.with_state(|state, _| state.publish(exchange, routing_key, message))
     }
 
@@ -222,6 +223,7 @@ impl Broker for MemoryBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
+        message.check_headers()?;
         let content = Arc::new(Content {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),

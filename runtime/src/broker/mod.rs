@@ -68,6 +68,26 @@ pub struct OutgoingMessage {
     pub cc: Vec<String>,
 }
 
+impl OutgoingMessage {
+    /// Checks the application headers: `x-` names belong to the broker
+    /// (RabbitMQ 3.13+ drops client-set ones, so a counter kept there would
+    /// silently reset) and `CC`/`BCC` are set from [`cc`](Self::cc). Both
+    /// brokers refuse such a message with [`BrokerError::Invalid`].
+    pub fn check_headers(&self) -> Result<(), BrokerError> {
+        match self
+            .headers
+            .keys()
+            .find(|name| name.starts_with("x-") || *name == "CC" || *name == "BCC")
+        {
+            Some(name) => Err(BrokerError::Invalid(format!(
+                "header `{name}` is reserved: `x-` names belong to the broker (RabbitMQ 3.13+ drops \
+                 client-set ones) and CC/BCC are set from `OutgoingMessage::cc`"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A message received from a queue, to be acknowledged exactly once.
 pub struct Delivery {
     /// The exchange the message was published to (empty for the default exchange).

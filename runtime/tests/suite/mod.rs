@@ -55,6 +55,7 @@ macro_rules! conformance_tests {
             cc_keys_route_each_queue_once,
             delivery_carries_message_properties,
             publish_to_missing_exchange_fails,
+            reserved_headers_are_refused,
             declarations_check_existence_and_options,
             server_named_queues_are_unique_and_auto_delete,
             binding_needs_exchange_and_queue,
@@ -424,6 +425,35 @@ pub async fn publish_to_missing_exchange_fails<B: Broker>(broker: &B) {
         matches!(&error, BrokerError::ExchangeNotFound(name) if *name == missing),
         "{error:?}"
     );
+}
+
+/// `x-` headers belong to the broker (RabbitMQ 3.13+ drops client-set ones)
+/// and `CC`/`BCC` come from `OutgoingMessage::cc`: both brokers refuse them
+/// rather than let an attempt counter silently reset, and queue nothing.
+pub async fn reserved_headers_are_refused<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "reserved", QueueOptions::default()).await;
+    for name in ["x-attempts", "CC", "BCC"] {
+        let mut reserved = message("reserved");
+        reserved.headers.insert(name.to_owned(), "1".to_owned());
+        let error = broker
+            .publish(DEFAULT_EXCHANGE, &queue, reserved.clone())
+            .await
+            .expect_err("a reserved header must be refused");
+        assert!(
+            matches!(&error, BrokerError::Invalid(text) if text.contains(name)),
+            "{name}: {error:?}"
+        );
+        let error = broker
+            .publish_delayed(&queue, reserved, Duration::ZERO)
+            .await
+            .expect_err("a reserved header must be refused when put directly");
+        assert!(
+            matches!(&error, BrokerError::Invalid(_)),
+            "{name}: {error:?}"
+        );
+    }
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
 }
 
 // ---------------------------------------------------------------------------

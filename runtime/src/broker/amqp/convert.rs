@@ -16,7 +16,6 @@ use crate::broker::{
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
 pub(crate) const CC_HEADER: &str = "CC";
 /// Like `CC`, but stripped before delivery; reserved so applications cannot set it by accident.
-const BCC_HEADER: &str = "BCC";
 
 /// An AMQP short string (names, routing keys), which RabbitMQ limits to 255 bytes.
 pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError> {
@@ -38,14 +37,9 @@ pub(crate) fn properties(message: &OutgoingMessage) -> Result<BasicProperties, B
     if let Some(message_id) = &message.message_id {
         properties = properties.with_message_id(short("message id", message_id)?);
     }
+    message.check_headers()?;
     let mut headers = FieldTable::default();
     for (name, value) in &message.headers {
-        if name.starts_with("x-") || name == CC_HEADER || name == BCC_HEADER {
-            return Err(BrokerError::Invalid(format!(
-                "header `{name}` is reserved: `x-` names belong to the broker (RabbitMQ 3.13+ drops \
-                 client-set ones) and CC/BCC are set from `OutgoingMessage::cc`"
-            )));
-        }
         headers.insert(
             short("header name", name)?,
             AMQPValue::LongString(LongString::from(value.as_bytes())),
