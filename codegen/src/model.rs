@@ -6,6 +6,23 @@
 //! service. Only schemas that need a declaration get a named type (objects
 //! with properties, string enums, `oneOf`/`anyOf`, message roots); strings,
 //! numbers, arrays and maps are used inline.
+//!
+//! Naming, in order of precedence (all deterministic):
+//!
+//! 1. binding structs: the entry name (`taskCompleted` → `TaskCompleted`);
+//! 2. message types: `<Binding>Message`, or — when several entries of a service
+//!    share one schema (worker-manager's created/updated) — the schema's title
+//!    (`WorkerType Pulse Message` → `WorkerTypePulseMessage`), else its file name;
+//!    a collision among these is an error;
+//! 3. the service's message enum: `<Service>Message`, or `Any<Service>Message`
+//!    when a message type already has that name (purge-cache's `PurgeCacheMessage`);
+//! 4. other types: their title when it is unique and free, else the name of
+//!    the nearest enclosing named type plus the property path (`Part` +
+//!    `size` → `PartSize`), with a numeric suffix if that still collides.
+//!
+//! Constructs the generator cannot express faithfully (`allOf`, `not`,
+//! `patternProperties`, tuple `items`, values of several types, alternatives
+//! serde could confuse, …) are errors naming the file and JSON pointer.
 
 use std::collections::{BTreeMap, BTreeSet};
 
