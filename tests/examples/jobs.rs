@@ -109,10 +109,10 @@ async fn wait_until_settled<B: Broker>(
     id: &JobId,
 ) -> Result<exchange_runtime::jobs::JobRecord, Box<dyn Error>> {
     loop {
-        if let Some(record) = jobs.status(id).await? {
-            if matches!(record.status, JobStatus::Successful | JobStatus::Failed) {
-                return Ok(record);
-            }
+        if let Some(record) = jobs.status(id).await?
+            && matches!(record.status, JobStatus::Successful | JobStatus::Failed)
+        {
+            return Ok(record);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -15,7 +15,6 @@ use crate::broker::{
 
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
 pub(crate) const CC_HEADER: &str = "CC";
-/// Like `CC`, but stripped before delivery; reserved so applications cannot set it by accident.
 
 /// An AMQP short string (names, routing keys), which RabbitMQ limits to 255 bytes.
 pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError> {
