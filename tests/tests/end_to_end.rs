@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use exchange_runtime::broker::memory::MemoryBroker;
 use exchange_runtime::broker::{Broker, ExchangeOptions};
-use exchange_runtime::consumer::{ConsumerBuilder, DeliveryInfo, HandlerError};
+use exchange_runtime::consumer::{Consumer, ConsumerBuilder, DeliveryInfo, HandlerError};
 use exchange_runtime::publisher::{PublishError, Publisher};
 use exchange_runtime::validate::ValidationErrorKind;
 use exchange_runtime::{DecodeError, Exchange};
@@ -71,11 +71,31 @@ async fn declare_queue_exchanges<B: Broker>(broker: &B) {
 
 type Received = (QueueMessage, DeliveryInfo);
 
+/// Starts a consumer whose handler forwards every decoded message, with its
+/// delivery facts, to the returned channel.
+async fn start_collecting<B: Broker>(
+    builder: ConsumerBuilder<B>,
+) -> (Consumer<B, QueueMessage>, mpsc::UnboundedReceiver<Received>) {
+    let (sender, received) = mpsc::unbounded_channel::<Received>();
+    let consumer = builder
+        .build(
+            move |message: Result<QueueMessage, DecodeError>, info: DeliveryInfo| {
+                let sender = sender.clone();
+                async move {
+                    sender.send((message?, info)).map_err(HandlerError::msg)?;
+                    Ok::<(), HandlerError>(())
+                }
+            },
+        )
+        .expect("consumer");
+    consumer.start().await.expect("start consumer");
+    (consumer, received)
+}
+
 async fn sniffer_workflow<B: Broker>(broker: B) {
     declare_queue_exchanges(&broker).await;
     let gaia = worker_type("gaia");
-    let (sender, mut received) = mpsc::unbounded_channel::<Received>();
-    let consumer = ConsumerBuilder::new(broker.clone())
+    let builder = ConsumerBuilder::new(broker.clone())
         .bind(TaskDefined {
             worker_type: Some(gaia.clone()),
             provisioner_id: Some("aws-provisioner".into()),
@@ -88,18 +108,8 @@ async fn sniffer_workflow<B: Broker>(broker: B) {
             ..Default::default()
         })
         .expect("binding pattern")
-        .prefetch(1)
-        .build(
-            move |message: Result<QueueMessage, DecodeError>, info: DeliveryInfo| {
-                let sender = sender.clone();
-                async move {
-                    sender.send((message?, info)).map_err(HandlerError::msg)?;
-                    Ok::<(), HandlerError>(())
-                }
-            },
-        )
-        .expect("consumer");
-    consumer.start().await.expect("start consumer");
+        .prefetch(1);
+    let (consumer, mut received) = start_collecting(builder).await;
 
     let publisher = Publisher::new(broker.clone());
     let other = worker_type("other");
@@ -198,24 +208,13 @@ async fn sniffer_workflow<B: Broker>(broker: B) {
 async fn invalid_message_is_refused<B: Broker>(broker: B) {
     declare_queue_exchanges(&broker).await;
     let gaia = worker_type("strict");
-    let (sender, mut received) = mpsc::unbounded_channel::<Received>();
-    let consumer = ConsumerBuilder::new(broker.clone())
+    let builder = ConsumerBuilder::new(broker.clone())
         .bind(TaskRunning {
             worker_type: Some(gaia.clone()),
             ..Default::default()
         })
-        .expect("binding pattern")
-        .build(
-            move |message: Result<QueueMessage, DecodeError>, info: DeliveryInfo| {
-                let sender = sender.clone();
-                async move {
-                    sender.send((message?, info)).map_err(HandlerError::msg)?;
-                    Ok::<(), HandlerError>(())
-                }
-            },
-        )
-        .expect("consumer");
-    consumer.start().await.expect("start consumer");
+        .expect("binding pattern");
+    let (consumer, mut received) = start_collecting(builder).await;
 
     let mut message = common::task_running("fXYEnLHcQ3GLbTQb7lhNNQ", &gaia);
     message.worker_id = "not.a-valid id".to_owned();
