@@ -66,7 +66,7 @@
 
 mod runner;
 
-pub(crate) use runner::{Dispatch, Interrupt, NotRunning, Phase, Runner, RunnerConfig};
+pub(crate) use runner::{Dispatch, Interrupt, NotRunning, OwnedRunner, Runner, RunnerConfig};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -414,7 +414,7 @@ impl<B: Broker> ConsumerBuilder<B> {
             _message: PhantomData,
         });
         Ok(Consumer {
-            runner: Arc::new(Runner::new(self.broker, dispatch, config)),
+            runner: Runner::owned(self.broker, dispatch, config),
             label,
         })
     }
@@ -425,7 +425,7 @@ impl<B: Broker> ConsumerBuilder<B> {
 /// Dropping a running consumer stops it; its in-flight handlers still finish
 /// in the background.
 pub struct Consumer<B: Broker, M: Decode> {
-    runner: Arc<Runner<B, ConsumerDispatch<B, M>>>,
+    runner: OwnedRunner<B, ConsumerDispatch<B, M>>,
     label: String,
 }
 
@@ -462,7 +462,7 @@ impl<B: Broker, M: Decode> Consumer<B, M> {
 
     /// Whether the consumer is running (started and not asked to stop).
     pub fn is_running(&self) -> bool {
-        self.runner.phase() == Phase::Running
+        self.runner.is_running()
     }
 
     /// The full name of the consumed queue, once started.
@@ -478,13 +478,6 @@ impl<B: Broker, M: Decode> Consumer<B, M> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
-    }
-}
-
-impl<B: Broker, M: Decode> Drop for Consumer<B, M> {
-    fn drop(&mut self) {
-        // Not running is fine: there is nothing to stop.
-        let _ = self.runner.stop();
     }
 }
 
@@ -519,18 +512,7 @@ impl<B: Broker, M: Decode> ConsumerDispatch<B, M> {
             Some(name) => {
                 let queue = self.broker.qualify_queue_name(name);
                 let dead_letter = format!("{queue}{DEAD_LETTER_SUFFIX}");
-                let durable = QueueOptions {
-                    durable: true,
-                    ..QueueOptions::default()
-                };
-                self.broker.declare_queue(&dead_letter, durable).await?;
-                let options = QueueOptions {
-                    durable: true,
-                    dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
-                    dead_letter_routing_key: Some(dead_letter.clone()),
-                    ..QueueOptions::default()
-                };
-                let queue = self.broker.declare_queue(&queue, options).await?;
+                let queue = declare_durable(&self.broker, &queue, &dead_letter).await?;
                 (queue, dead_letter)
             }
             None => {
@@ -600,8 +582,41 @@ fn parse_fields(
         .collect())
 }
 
+/// Declares the durable queue `queue` (a full name) and its durable
+/// dead-letter queue `dead_letter`, which the broker's default exchange
+/// feeds with the messages `queue` rejects; returns the queue's name.
+pub(crate) async fn declare_durable<B: Broker>(
+    broker: &B,
+    queue: &str,
+    dead_letter: &str,
+) -> Result<String, BrokerError> {
+    let durable = QueueOptions {
+        durable: true,
+        ..QueueOptions::default()
+    };
+    broker.declare_queue(dead_letter, durable.clone()).await?;
+    let options = QueueOptions {
+        dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+        dead_letter_routing_key: Some(dead_letter.to_owned()),
+        ..durable
+    };
+    broker.declare_queue(queue, options).await
+}
+
+/// Runs a handler's future to its end: `Ok`, or the text of its error or
+/// panic (`handler panicked: ...`), as a failed attempt is logged and recorded.
+pub(crate) async fn run_caught(
+    handler: impl Future<Output = Result<(), HandlerError>>,
+) -> Result<(), String> {
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(panic) => Err(format!("handler panicked: {}", panic_message(&*panic))),
+    }
+}
+
 /// The text of a panic payload.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&str>() {
         (*text).to_owned()
     } else if let Some(text) = payload.downcast_ref::<String>() {
@@ -634,13 +649,7 @@ impl<B: Broker, M: Decode> Dispatch for ConsumerDispatch<B, M> {
                 tracing::warn!(%exchange, %routing_key, %error, "auto-acknowledging failed");
             }
             let outcome = tokio::select! {
-                outcome = AssertUnwindSafe(self.handler.call(message, info)).catch_unwind() => {
-                    match outcome {
-                        Ok(Ok(())) => Ok(()),
-                        Ok(Err(error)) => Err(error.to_string()),
-                        Err(panic) => Err(format!("handler panicked: {}", panic_message(&*panic))),
-                    }
-                }
+                outcome = run_caught(self.handler.call(message, info)) => outcome,
                 () = interrupt.interrupted() => {
                     if let Some(delivery) = delivery {
                         tracing::warn!(%exchange, %routing_key, "handler interrupted by stop; requeueing");

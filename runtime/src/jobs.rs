@@ -27,17 +27,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::{AckHandle, BoxFuture, Broker, BrokerError, Delivery, PendingMessage};
 use crate::consumer::{
-    Dispatch, HandlerError, Interrupt, NotRunning, Phase, Runner, RunnerConfig, panic_message,
+    Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner, RunnerConfig, run_caught,
 };
 use crate::queue::{
     ATTEMPTS_HEADER, Backoff, LAST_ERROR_HEADER, QueueError, QueueMessage, Received, WorkQueue,
@@ -452,7 +450,7 @@ impl<B: Broker> JobsBuilder<B> {
             handlers: self.handlers,
         });
         Ok(Jobs {
-            runner: Arc::new(Runner::new(self.broker, dispatch, config)),
+            runner: Runner::owned(self.broker, dispatch, config),
             queue,
             store: self.store,
             has_handlers,
@@ -465,7 +463,7 @@ impl<B: Broker> JobsBuilder<B> {
 pub struct Jobs<B: Broker> {
     queue: WorkQueue<B>,
     store: Arc<dyn StatusStore>,
-    runner: Arc<Runner<B, JobDispatch<B>>>,
+    runner: OwnedRunner<B, JobDispatch<B>>,
     has_handlers: bool,
 }
 
@@ -597,13 +595,7 @@ impl<B: Broker> Jobs<B> {
 
     /// Whether the workers are running (started and not asked to stop).
     pub fn is_running(&self) -> bool {
-        self.runner.phase() == Phase::Running
-    }
-}
-
-impl<B: Broker> Drop for Jobs<B> {
-    fn drop(&mut self) {
-        let _ = self.runner.stop();
+        self.runner.is_running()
     }
 }
 
@@ -772,18 +764,12 @@ impl<B: Broker> JobDispatch<B> {
             let Some(handler) = self.handlers.get(&job.name) else {
                 return Err(format!("no handler is registered for job `{}`", job.name));
             };
-            let attempt = AssertUnwindSafe(handler(context)).catch_unwind();
-            let outcome = match job.timeout {
+            let attempt = run_caught(handler(context));
+            match job.timeout {
                 None => attempt.await,
-                Some(limit) => match tokio::time::timeout(limit, attempt).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => return Err(format!("timed out after {limit:?}")),
-                },
-            };
-            match outcome {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(panic) => Err(format!("handler panicked: {}", panic_message(&*panic))),
+                Some(limit) => tokio::time::timeout(limit, attempt)
+                    .await
+                    .unwrap_or_else(|_| Err(format!("timed out after {limit:?}"))),
             }
         };
         let outcome = tokio::select! {

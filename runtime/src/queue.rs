@@ -25,19 +25,16 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::FutureExt;
-
 use crate::broker::{
-    AckHandle, BoxFuture, Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream,
-    OutgoingMessage, PendingMessage, QueueOptions,
+    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage,
+    PendingMessage,
 };
 use crate::consumer::{
-    DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, Phase, Runner, RunnerConfig,
-    panic_message,
+    DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner,
+    RunnerConfig, declare_durable, run_caught,
 };
 
 /// Header counting how many times a message was released (failed) before.
@@ -295,20 +292,7 @@ impl<B: Broker> WorkQueue<B> {
 
     pub(crate) async fn declare(&self) -> Result<String, BrokerError> {
         let inner = &self.inner;
-        let durable = QueueOptions {
-            durable: true,
-            ..QueueOptions::default()
-        };
-        inner
-            .broker
-            .declare_queue(&inner.dead_letter, durable.clone())
-            .await?;
-        let options = QueueOptions {
-            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
-            dead_letter_routing_key: Some(inner.dead_letter.clone()),
-            ..durable
-        };
-        inner.broker.declare_queue(&inner.name, options).await
+        declare_durable(&inner.broker, &inner.name, &inner.dead_letter).await
     }
 
     pub(crate) fn error(&self, operation: &'static str, source: BrokerError) -> QueueError {
@@ -433,6 +417,53 @@ impl<B: Broker> WorkQueue<B> {
         delay: Duration,
         last_error: Option<&str>,
     ) -> Result<(), QueueError> {
+        let operations = ["release", "release (acknowledging the original)"];
+        self.move_copy(
+            received,
+            acker,
+            &self.inner.name,
+            delay,
+            last_error,
+            operations,
+        )
+        .await
+    }
+
+    /// Publishes a copy carrying `error` into the dead-letter queue, then
+    /// acknowledges the original.
+    pub(crate) async fn dead_letter_parts(
+        &self,
+        received: &Received,
+        acker: &dyn AckHandle,
+        error: &str,
+    ) -> Result<(), QueueError> {
+        let operations = ["dead-letter", "dead-letter (acknowledging the original)"];
+        let target = &self.inner.dead_letter;
+        self.move_copy(
+            received,
+            acker,
+            target,
+            Duration::ZERO,
+            Some(error),
+            operations,
+        )
+        .await
+    }
+
+    /// Publishes a copy of a message into `target` after `delay`, with one
+    /// more attempt (and `last_error`, if any) in its headers, then
+    /// acknowledges the original. Publishing first means a crash in between
+    /// duplicates the message rather than loses it. `operations` name the
+    /// publish and the acknowledgement in errors.
+    async fn move_copy(
+        &self,
+        received: &Received,
+        acker: &dyn AckHandle,
+        target: &str,
+        delay: Duration,
+        last_error: Option<&str>,
+        [publishing, acknowledging]: [&'static str; 2],
+    ) -> Result<(), QueueError> {
         let mut copy = received.message.clone();
         copy.headers.insert(
             ATTEMPTS_HEADER.to_owned(),
@@ -444,39 +475,13 @@ impl<B: Broker> WorkQueue<B> {
         }
         self.inner
             .broker
-            .publish_delayed(&self.inner.name, outgoing(copy), delay)
+            .publish_delayed(target, outgoing(copy), delay)
             .await
-            .map_err(|source| self.error("release", source))?;
+            .map_err(|source| self.error(publishing, source))?;
         acker
             .ack()
             .await
-            .map_err(|source| self.error("release (acknowledging the original)", source))
-    }
-
-    /// Publishes a copy carrying `error` into the dead-letter queue, then
-    /// acknowledges the original.
-    pub(crate) async fn dead_letter_parts(
-        &self,
-        received: &Received,
-        acker: &dyn AckHandle,
-        error: &str,
-    ) -> Result<(), QueueError> {
-        let mut copy = received.message.clone();
-        copy.headers.insert(
-            ATTEMPTS_HEADER.to_owned(),
-            received.attempts.saturating_add(1).to_string(),
-        );
-        copy.headers
-            .insert(LAST_ERROR_HEADER.to_owned(), error.to_owned());
-        self.inner
-            .broker
-            .publish_delayed(&self.inner.dead_letter, outgoing(copy), Duration::ZERO)
-            .await
-            .map_err(|source| self.error("dead-letter", source))?;
-        acker
-            .ack()
-            .await
-            .map_err(|source| self.error("dead-letter (acknowledging the original)", source))
+            .map_err(|source| self.error(acknowledging, source))
     }
 
     /// A handler running `handle` for each message of the queue, with the
@@ -531,7 +536,7 @@ impl<B: Broker> WorkQueue<B> {
             handle: Box::new(move |received| Box::pin(handle(received))),
         });
         QueueHandler {
-            runner: Arc::new(Runner::new(self.inner.broker.clone(), dispatch, config)),
+            runner: Runner::owned(self.inner.broker.clone(), dispatch, config),
             queue: self.inner.name.clone(),
         }
     }
@@ -570,7 +575,7 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
             let queue = self.queue.name().to_owned();
             let (received, acker) = Received::from_delivery(&queue, delivery);
             let outcome = tokio::select! {
-                outcome = AssertUnwindSafe((self.handle)(received.clone())).catch_unwind() => outcome,
+                outcome = run_caught((self.handle)(received.clone())) => outcome,
                 () = interrupt.interrupted() => {
                     tracing::warn!(%queue, "handler interrupted by stop; returning the message");
                     if let Err(error) = acker.nack(true).await {
@@ -579,12 +584,7 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
                     return;
                 }
             };
-            let failure = match outcome {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(error.to_string()),
-                Err(panic) => Some(format!("handler panicked: {}", panic_message(&*panic))),
-            };
-            let settled = match failure {
+            let settled = match outcome.err() {
                 None => acker
                     .ack()
                     .await
@@ -619,7 +619,7 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
 /// Runs a function for each message of a queue; see [`WorkQueue::handler`].
 /// Dropping a running handler stops it.
 pub struct QueueHandler<B: Broker> {
-    runner: Arc<Runner<B, QueueDispatch<B>>>,
+    runner: OwnedRunner<B, QueueDispatch<B>>,
     queue: String,
 }
 
@@ -652,13 +652,7 @@ impl<B: Broker> QueueHandler<B> {
 
     /// Whether the handler is running (started and not asked to stop).
     pub fn is_running(&self) -> bool {
-        self.runner.phase() == Phase::Running
-    }
-}
-
-impl<B: Broker> Drop for QueueHandler<B> {
-    fn drop(&mut self) {
-        let _ = self.runner.stop();
+        self.runner.is_running()
     }
 }
 

@@ -3,6 +3,7 @@
 //! deliveries from one queue and hands each to a task, with a bounded number
 //! in flight, resubscribing with backoff when the broker's stream ends.
 
+use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use crate::broker::{BoxFuture, Broker, BrokerError, Delivery, DeliveryStream};
 
 /// Where a runner is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Phase {
+enum Phase {
     /// Not consuming.
     Idle,
     /// Consuming.
@@ -93,16 +94,37 @@ pub(crate) struct Runner<B: Broker, D: Dispatch> {
     queue: Mutex<Option<String>>,
 }
 
+/// A runner as its owner (a consumer, a queue handler, job workers) holds
+/// it: dropping the owner stops the runner. In-flight work still finishes in
+/// the background, since the consuming loop holds a reference of its own.
+pub(crate) struct OwnedRunner<B: Broker, D: Dispatch>(Arc<Runner<B, D>>);
+
+impl<B: Broker, D: Dispatch> Deref for OwnedRunner<B, D> {
+    type Target = Arc<Runner<B, D>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl<B: Broker, D: Dispatch> Drop for OwnedRunner<B, D> {
+    fn drop(&mut self) {
+        // Not running is fine: there is nothing to stop.
+        let _ = self.0.stop();
+    }
+}
+
 impl<B: Broker, D: Dispatch> Runner<B, D> {
-    pub(crate) fn new(broker: B, dispatch: Arc<D>, config: RunnerConfig) -> Self {
-        Runner {
+    /// An idle runner, owned by the caller (see [`OwnedRunner`]).
+    pub(crate) fn owned(broker: B, dispatch: Arc<D>, config: RunnerConfig) -> OwnedRunner<B, D> {
+        OwnedRunner(Arc::new(Runner {
             broker,
             dispatch,
             config,
             phase: watch::Sender::new(Phase::Idle),
             start_lock: tokio::sync::Mutex::new(()),
             queue: Mutex::new(None),
-        }
+        }))
     }
 
     /// The dispatcher.
@@ -118,9 +140,9 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
             .clone()
     }
 
-    /// The current phase.
-    pub(crate) fn phase(&self) -> Phase {
-        *self.phase.borrow()
+    /// Whether the runner is running (started and not asked to stop).
+    pub(crate) fn is_running(&self) -> bool {
+        *self.phase.borrow() == Phase::Running
     }
 
     /// Declares and starts consuming; returns once deliveries flow.
@@ -201,7 +223,7 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                         }
                         Err(error) => {
                             tracing::warn!(queue = %queue, %error, retry_in = ?delay, "resubscribing failed");
-                            delay = (delay * 2).min(self.config.reconnect_max);
+                            delay = delay.saturating_mul(2).min(self.config.reconnect_max);
                         }
                     }
                 }
