@@ -287,7 +287,15 @@ struct ServiceBuilder<'a> {
     drafts: BTreeMap<SchemaLoc, Draft>,
     /// Untagged enums whose alternatives are checked once every type is known.
     untagged_checks: Vec<SchemaLoc>,
+    /// Unnamed (inline) types being typed since the innermost named type: one
+    /// met again is a schema containing itself with no object in between.
+    inline_path: Vec<SchemaLoc>,
+    /// How many `type_of` calls are under way, bounded to keep the stack finite.
+    nesting: usize,
 }
+
+/// The deepest schema nesting (counting `$ref`s followed) the generator accepts.
+pub const MAX_NESTING: usize = 128;
 
 fn build_service(
     schemas: &SchemaSet,
@@ -304,6 +312,8 @@ fn build_service(
         schemas,
         drafts: BTreeMap::new(),
         untagged_checks: Vec::new(),
+        inline_path: Vec::new(),
+        nesting: 0,
     };
     // Names the API fixes: binding structs, and message types used by one entry.
     let mut fixed: BTreeMap<String, Location> = BTreeMap::new();
@@ -611,14 +621,39 @@ impl<'a> ServiceBuilder<'a> {
 
     /// The Rust type of the schema at `loc`, defining named types as needed.
     fn type_of(&mut self, loc: &SchemaLoc) -> Result<TypeRef, Error> {
-        let loc = self.schemas.follow_refs(loc)?;
-        if self.drafts.contains_key(&loc) {
-            return Ok(TypeRef::Named(loc));
+        let target = self.schemas.follow_refs(loc)?;
+        if self.drafts.contains_key(&target) {
+            return Ok(TypeRef::Named(target));
         }
-        let schema = self.object_at(&loc)?;
-        self.check_keywords(&loc, schema)?;
-        let type_set = self.type_set(&loc, schema)?;
-        let inner = self.non_null_type(&loc, schema, &type_set)?;
+        if self.inline_path.contains(&target) {
+            return Err(Error::unsupported(
+                self.location(loc),
+                format!(
+                    "the schema {target} contains itself with no object in between \
+                     (an infinitely nested type)"
+                ),
+            ));
+        }
+        if self.nesting >= MAX_NESTING {
+            return Err(Error::unsupported(
+                self.location(loc),
+                format!("schemas nested more than {MAX_NESTING} deep"),
+            ));
+        }
+        self.inline_path.push(target.clone());
+        self.nesting += 1;
+        let ty = self.inline_type_of(&target);
+        self.nesting -= 1;
+        self.inline_path.pop();
+        ty
+    }
+
+    /// [`Self::type_of`] of a `$ref`-free schema that is not a named type yet.
+    fn inline_type_of(&mut self, loc: &SchemaLoc) -> Result<TypeRef, Error> {
+        let schema = self.object_at(loc)?;
+        self.check_keywords(loc, schema)?;
+        let type_set = self.type_set(loc, schema)?;
+        let inner = self.non_null_type(loc, schema, &type_set)?;
         Ok(if type_set.nullable {
             wrap_option(inner)
         } else {
@@ -961,7 +996,11 @@ impl<'a> ServiceBuilder<'a> {
                 message: None,
             },
         );
-        let kind = build(self)?;
+        // Inside a named type, a schema met again is a (boxed) reference to it.
+        let outer_inline_path = std::mem::take(&mut self.inline_path);
+        let kind = build(self);
+        self.inline_path = outer_inline_path;
+        let kind = kind?;
         if let Some(draft) = self.drafts.get_mut(loc) {
             draft.kind = Some(kind);
         }

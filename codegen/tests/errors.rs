@@ -115,3 +115,80 @@ fn colliding_routing_key_fields_are_rejected() {
         "{error}"
     );
 }
+
+/// A schema that contains itself with no object (named type) in between
+/// would be an infinitely nested Rust type.
+#[test]
+fn self_containing_array_schema_is_an_error_not_a_stack_overflow() {
+    let error = with_file("tiny/v1/text.json", |_| {
+        r##"{"$id": "/schemas/tiny/v1/text.json#", "type": "array", "items": {"$ref": "#"}}"##
+            .to_owned()
+    })
+    .expect_err("an array of itself is rejected");
+    assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "references/tiny/v1/text.json#/items: unsupported schema construct: the schema \
+         /schemas/tiny/v1/text.json# contains itself with no object in between \
+         (an infinitely nested type)"
+    );
+}
+
+#[test]
+fn self_containing_map_and_nullable_schemas_are_errors() {
+    for (schema, pointer) in [
+        (
+            r##"{"type": "object", "additionalProperties": {"$ref": "#"}}"##,
+            "/additionalProperties",
+        ),
+        (
+            r##"{"oneOf": [{"type": "null"}, {"type": "array", "items": {"$ref": "#/oneOf/1"}}]}"##,
+            "/oneOf/1/items",
+        ),
+        (
+            r##"{"type": "array", "items": {"$ref": "#/definitions/list"},
+                "definitions": {"list": {"type": "array", "items": {"$ref": "#"}}}}"##,
+            "/definitions/list/items",
+        ),
+    ] {
+        let error = with_file("tiny/v1/text.json", |_| schema.to_owned())
+            .expect_err("a schema containing itself is rejected");
+        assert!(
+            error
+                .to_string()
+                .starts_with(&format!("references/tiny/v1/text.json#{pointer}: ")),
+            "{schema}: {error}"
+        );
+    }
+}
+
+/// A very long chain of schemas (each an object holding the next) is refused
+/// with an error rather than overflowing the stack.
+#[test]
+fn overly_deep_nesting_is_an_error() {
+    let mut files = read_tree(&fixture_dir("constructs").join("references"));
+    let depth = 2000;
+    for index in 0..depth {
+        let next = if index + 1 == depth {
+            r#"{"type": "string"}"#.to_owned()
+        } else {
+            format!(
+                r#"{{"type": "object", "properties": {{"next": {{"$ref": "chain{}.json#"}}}}}}"#,
+                index + 1
+            )
+        };
+        files.insert(format!("tiny/v1/chain{index}.json"), next);
+    }
+    files.insert(
+        "tiny/v1/text.json".to_owned(),
+        r##"{"type": "array", "items": {"$ref": "chain0.json#"}}"##.to_owned(),
+    );
+    let error = generate(&Sources::from_directory_files("references", files))
+        .expect_err("nesting deeper than the limit is rejected");
+    assert!(matches!(error, Error::Unsupported { .. }), "{error}");
+    assert!(
+        error.to_string().starts_with("references/tiny/v1/chain"),
+        "{error}"
+    );
+    assert!(error.to_string().contains("nested more than"), "{error}");
+}
