@@ -85,7 +85,10 @@ pub fn fetch_references(root_url: &str, out: &Path) -> Result<Vec<(PathBuf, Chan
         if !path.ends_with("/exchanges.json") {
             continue; // API and log references describe no exchanges
         }
-        let Some(relative) = path.strip_prefix("/references/") else {
+        let Some(relative) = path
+            .strip_prefix("/references/")
+            .filter(|relative| stays_below(relative))
+        else {
             return Err(Failure::Other(format!(
                 "{}#/references/{index}: {path:?} is not below /references/",
                 fetcher.url(manifest_path)
@@ -120,7 +123,10 @@ pub fn fetch_references(root_url: &str, out: &Path) -> Result<Vec<(PathBuf, Chan
         if !fetched.insert(uri.clone()) {
             continue;
         }
-        let Some(relative) = uri.strip_prefix("/schemas/") else {
+        let Some(relative) = uri
+            .strip_prefix("/schemas/")
+            .filter(|relative| stays_below(relative))
+        else {
             return Err(Failure::Other(format!(
                 "{referrer}: schema {uri} is not below /schemas/"
             )));
@@ -162,4 +168,13 @@ pub fn fetch_references(root_url: &str, out: &Path) -> Result<Vec<(PathBuf, Chan
         }
     }
     Ok(changes)
+}
+
+/// Whether a `/`-separated path from the server names a file below the output
+/// directory: no empty (absolute), `.` or `..` segments, no backslashes.
+fn stays_below(relative: &str) -> bool {
+    !relative.contains('\\')
+        && relative
+            .split('/')
+            .all(|segment| !matches!(segment, "" | "." | ".."))
 }

@@ -203,3 +203,33 @@ fn invalid_reference_is_reported_with_its_url_and_pointer() {
         "{message}"
     );
 }
+
+/// Paths in the server's manifest cannot make the command write outside `--out`.
+#[test]
+fn reference_path_leaving_the_output_directory_is_refused() {
+    let mut files = bundle_files();
+    let escaping = "/references/../escaped/v1/exchanges.json";
+    let notify = files["/references/notify/v1/exchanges.json"].clone();
+    // Served as written and as an HTTP client may normalize it.
+    files.insert(escaping.to_owned(), notify.clone());
+    files.insert("/escaped/v1/exchanges.json".to_owned(), notify);
+    files.insert(
+        "/references/manifest.json".to_owned(),
+        serde_json::json!({"references": ["/references/notify/v1/exchanges.json", escaping]})
+            .to_string(),
+    );
+    let root_url = serve(files, 500);
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("references");
+    let output = fetch(&root_url, &out);
+    assert_eq!(output.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains(&format!(
+            "{root_url}/references/manifest.json#/references/1: \"{escaping}\" is not below /references/"
+        )),
+        "{message}"
+    );
+    assert!(!out.exists(), "nothing may be written on error");
+    assert!(!temp.path().join("escaped").exists());
+}
