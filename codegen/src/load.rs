@@ -513,10 +513,11 @@ fn parse_entry(file: &str, pointer: String, value: &Value) -> Result<ExchangeEnt
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn reference_json() -> Value {
+    /// The `demo` service's `exchanges.json` with these entries.
+    pub(crate) fn demo_reference(entries: Value) -> Value {
         serde_json::json!({
             "$schema": "/schemas/common/exchanges-reference-v0.json#",
             "apiVersion": "v1",
@@ -524,20 +525,24 @@ mod tests {
             "title": "Demo",
             "description": "Demo exchanges",
             "exchangePrefix": "exchange/demo/v1/",
-            "entries": [{
-                "type": "topic-exchange",
-                "name": "thingDone",
-                "exchange": "thing-done",
-                "title": "Thing done",
-                "description": "A thing was done",
-                "schema": "v1/thing.json#",
-                "routingKey": [
-                    {"name": "routingKeyKind", "summary": "kind", "constant": "primary",
-                     "multipleWords": false, "required": true},
-                    {"name": "thingId", "summary": "id", "multipleWords": false, "required": true}
-                ]
-            }]
+            "entries": entries,
         })
+    }
+
+    fn reference_json() -> Value {
+        demo_reference(serde_json::json!([{
+            "type": "topic-exchange",
+            "name": "thingDone",
+            "exchange": "thing-done",
+            "title": "Thing done",
+            "description": "A thing was done",
+            "schema": "v1/thing.json#",
+            "routingKey": [
+                {"name": "routingKeyKind", "summary": "kind", "constant": "primary",
+                 "multipleWords": false, "required": true},
+                {"name": "thingId", "summary": "id", "multipleWords": false, "required": true}
+            ]
+        }]))
     }
 
     fn load_dir(files: &[(&str, String)]) -> Result<Loaded, Error> {

@@ -1629,15 +1629,7 @@ mod tests {
     use serde_json::json;
 
     fn reference(entries: Value) -> Value {
-        json!({
-            "$schema": "/schemas/common/exchanges-reference-v0.json#",
-            "apiVersion": "v1",
-            "serviceName": "demo",
-            "title": "Demo",
-            "description": "Demo exchanges",
-            "exchangePrefix": "exchange/demo/v1/",
-            "entries": entries,
-        })
+        crate::load::tests::demo_reference(entries)
     }
 
     fn entry(name: &str, schema: &str) -> Value {

@@ -41,11 +41,17 @@ fn finish(name: String, digit_prefix: &str) -> String {
     }
 }
 
+/// `UpperCamelCase`, `digit_prefix`ed if it would start with a digit; `None`
+/// if nothing usable remains.
+fn upper_camel(text: &str, digit_prefix: &str) -> Option<String> {
+    let name = words_only(text).to_upper_camel_case();
+    (!name.is_empty()).then(|| finish(name, digit_prefix))
+}
+
 /// A type name: `UpperCamelCase`, `T`-prefixed if it would start with a
 /// digit; `None` if nothing usable remains (`"$$"`).
 pub fn type_name(text: &str) -> Option<String> {
-    let name = words_only(text).to_upper_camel_case();
-    (!name.is_empty()).then(|| finish(name, "T"))
+    upper_camel(text, "T")
 }
 
 /// A struct field name: `snake_case`, `_`-prefixed if it would start with a
@@ -58,12 +64,7 @@ pub fn field_name(text: &str) -> Option<String> {
 /// An enum variant name for a string value: `UpperCamelCase`, `V`-prefixed if
 /// it would start with a digit, `Empty` for a value without letters or digits.
 pub fn variant_name(value: &str) -> String {
-    let name = words_only(value).to_upper_camel_case();
-    if name.is_empty() {
-        "Empty".to_owned()
-    } else {
-        finish(name, "V")
-    }
+    upper_camel(value, "V").unwrap_or_else(|| "Empty".to_owned())
 }
 
 /// The module (and cargo feature) name of a service: `purge-cache` → `purge_cache`.

@@ -271,6 +271,31 @@ fn percent_decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| format!("fragment {text:?} is not UTF-8"))
 }
 
+/// What the value of a schema keyword holds, for walking schema positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeywordValue {
+    /// The reference of `$ref`.
+    Ref,
+    /// Data (`default`, `enum`, `const`, `examples`): a `$ref` key in it is not a reference.
+    Data,
+    /// An object of schemas by name (`properties`, `definitions`, …).
+    SchemaMap,
+    /// A schema, an array of schemas, or something without schemas.
+    Schemas,
+}
+
+/// What the value of the schema keyword `key` holds.
+pub fn keyword_value(key: &str) -> KeywordValue {
+    match key {
+        "$ref" => KeywordValue::Ref,
+        "default" | "enum" | "const" | "examples" => KeywordValue::Data,
+        "properties" | "patternProperties" | "definitions" | "$defs" | "dependencies" => {
+            KeywordValue::SchemaMap
+        }
+        _ => KeywordValue::Schemas,
+    }
+}
+
 /// Every `$ref` in the schema positions of a schema document, as (JSON
 /// pointer of the `$ref` keyword, its value); values of `default`, `enum`,
 /// `const` and `examples` are data and not searched.
@@ -280,22 +305,21 @@ pub fn schema_refs(schema: &Value) -> Vec<(String, String)> {
             Value::Object(map) => {
                 for (key, child) in map {
                     let here = crate::error::pointer_push(pointer, key);
-                    match key.as_str() {
-                        "$ref" => {
+                    match keyword_value(key) {
+                        KeywordValue::Ref => {
                             if let Value::String(reference) = child {
                                 out.push((here, reference.clone()));
                             }
                         }
-                        "default" | "enum" | "const" | "examples" => {}
-                        "properties" | "patternProperties" | "definitions" | "$defs"
-                        | "dependencies" => {
+                        KeywordValue::Data => {}
+                        KeywordValue::SchemaMap => {
                             if let Value::Object(children) = child {
                                 for (name, schema) in children {
                                     walk(schema, &crate::error::pointer_push(&here, name), out);
                                 }
                             }
                         }
-                        _ => walk(child, &here, out),
+                        KeywordValue::Schemas => walk(child, &here, out),
                     }
                 }
             }
@@ -337,25 +361,31 @@ pub fn lookup_pointer<'a>(value: &'a Value, pointer: &str) -> Option<&'a Value> 
     Some(current)
 }
 
+/// A set of in-memory documents by id, each named `file_name(id)` in errors.
+#[cfg(test)]
+pub(crate) fn schema_set(docs: &[(&str, Value)], file_name: impl Fn(&str) -> String) -> SchemaSet {
+    let documents = docs
+        .iter()
+        .map(|(uri, value)| {
+            let doc = SchemaDoc {
+                file: file_name(uri),
+                value: value.clone(),
+            };
+            ((*uri).to_owned(), doc)
+        })
+        .collect();
+    SchemaSet::new(documents, Vec::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn set(docs: &[(&str, Value)]) -> SchemaSet {
-        let documents = docs
-            .iter()
-            .map(|(uri, value)| {
-                (
-                    (*uri).to_owned(),
-                    SchemaDoc {
-                        file: format!("references{}", uri.trim_start_matches("/schemas")),
-                        value: value.clone(),
-                    },
-                )
-            })
-            .collect();
-        SchemaSet::new(documents, Vec::new())
+        schema_set(docs, |uri| {
+            format!("references{}", uri.trim_start_matches("/schemas"))
+        })
     }
 
     fn at() -> Location {

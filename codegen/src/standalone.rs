@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, pointer_push};
-use crate::resolve::{SchemaLoc, SchemaSet};
+use crate::resolve::{KeywordValue, SchemaLoc, SchemaSet, keyword_value};
 
 /// The draft Taskcluster's schemas are written in (their metaschema extends draft-06).
 pub const DRAFT: &str = "http://json-schema.org/draft-06/schema#";
@@ -90,11 +90,10 @@ impl Bundler<'_> {
                     map.insert("$ref".into(), Value::from(self.local_ref(target)));
                 }
                 for (key, child) in map.iter_mut() {
-                    match key.as_str() {
-                        // Values, not schemas: a `$ref` key in them is data.
-                        "$ref" | "default" | "enum" | "const" | "examples" => {}
-                        "properties" | "patternProperties" | "definitions" | "$defs"
-                        | "dependencies" => {
+                    match keyword_value(key) {
+                        // Rewritten above; data holds no references.
+                        KeywordValue::Ref | KeywordValue::Data => {}
+                        KeywordValue::SchemaMap => {
                             if let Value::Object(children) = child {
                                 let container = from.child(key);
                                 for (name, schema) in children.iter_mut() {
@@ -102,7 +101,7 @@ impl Bundler<'_> {
                                 }
                             }
                         }
-                        _ => self.rewrite(child, &from.child(key))?,
+                        KeywordValue::Schemas => self.rewrite(child, &from.child(key))?,
                     }
                 }
             }
@@ -221,23 +220,10 @@ fn push_indent(level: usize, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::resolve::SchemaDoc;
     use serde_json::json;
 
     fn set(docs: &[(&str, Value)]) -> SchemaSet {
-        let documents = docs
-            .iter()
-            .map(|(uri, value)| {
-                (
-                    (*uri).to_owned(),
-                    SchemaDoc {
-                        file: (*uri).to_owned(),
-                        value: value.clone(),
-                    },
-                )
-            })
-            .collect();
-        SchemaSet::new(documents, Vec::new())
+        crate::resolve::schema_set(docs, str::to_owned)
     }
 
     #[test]
