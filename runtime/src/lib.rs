@@ -10,6 +10,7 @@
 pub mod binding;
 pub mod broker;
 pub mod consumer;
+mod deadline;
 pub mod jobs;
 pub mod publisher;
 pub mod queue;

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::binding::Binding;
 use crate::broker::{Broker, BrokerError, ExchangeOptions, OutgoingMessage};
 use crate::consumer::ROUTE_PREFIX;
+use crate::deadline;
 use crate::routing::{MAX_ROUTING_KEY_LEN, RoutingKeyError};
 use crate::validate::{self, ValidationError};
 
@@ -177,7 +178,7 @@ impl<B: Broker> Publisher<B> {
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), PublishError> {
-        let deadline = Instant::now() + self.options.deadline;
+        let deadline = deadline::after(self.options.deadline);
         let mut backoff = self.options.initial_backoff;
         let mut attempts = 0;
         loop {
@@ -214,8 +215,9 @@ impl<B: Broker> Publisher<B> {
                 error,
                 BrokerError::Connection(_) | BrokerError::NotConfirmed { .. }
             );
-            let now = Instant::now();
-            if !retryable || now + backoff >= deadline {
+            // A retry too far away to represent is past any deadline.
+            let retry_at = Instant::now().checked_add(backoff);
+            if !retryable || retry_at.is_none_or(|at| at >= deadline) {
                 return Err(PublishError::Broker {
                     exchange: exchange.to_owned(),
                     routing_key: routing_key.to_owned(),
@@ -225,7 +227,7 @@ impl<B: Broker> Publisher<B> {
             }
             tracing::warn!(%exchange, %routing_key, %error, retry_in = ?backoff, "publish failed; retrying");
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(self.options.max_backoff);
+            backoff = backoff.saturating_mul(2).min(self.options.max_backoff);
         }
     }
 }

@@ -4,6 +4,7 @@
 //! These tests fail, never skip, when RabbitMQ is unreachable.
 #![cfg(feature = "amqp")]
 
+mod client_support;
 mod suite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -12,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use client_support::unique;
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use exchange_runtime::broker::{
     Broker, BrokerError, DeliveryStream, ExchangeOptions, OutgoingMessage, QueueOptions,
@@ -47,21 +49,6 @@ async fn connect() -> AmqpBroker {
 }
 
 suite::conformance_tests!(connect);
-
-/// A name no other test (or earlier run) uses.
-fn unique(prefix: &str) -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_nanos();
-    format!(
-        "{prefix}-{}-{nanos}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 fn message(body: &str) -> OutgoingMessage {
     OutgoingMessage {
@@ -133,6 +120,27 @@ async fn wait_for_recoveries(broker: &AmqpBroker, at_least: u64) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn an_unbounded_operation_timeout_is_not_a_panic() {
+    // `Instant + Duration::MAX` would panic: the deadline is far away instead.
+    let config = config("exchange-runtime-unbounded").with_operation_timeout(Duration::MAX);
+    let broker = AmqpBroker::connect(config).await.expect("connect");
+    let queue = broker
+        .declare_queue(
+            &broker.qualify_queue_name(&unique("unbounded")),
+            transient_queue(),
+        )
+        .await
+        .expect("declare queue");
+    broker
+        .publish("", &queue, message("{}"))
+        .await
+        .expect("publish");
+    assert_eq!(broker.pending(&queue).await.expect("pending").len(), 1);
+    broker.delete_queue(&queue).await.expect("delete queue");
+    broker.close().await;
 }
 
 #[tokio::test]

@@ -185,6 +185,42 @@ async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
 }
 
 #[tokio::test]
+async fn unbounded_deadline_and_backoff_are_not_a_panic() {
+    // `Duration::MAX` deadline: retried until confirmed, as with any deadline.
+    let memory = MemoryBroker::new();
+    let queue = tap(&memory).await;
+    let options = PublisherOptions {
+        deadline: Duration::MAX,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::MAX,
+    };
+    let publisher = Publisher::with_options(Flaky::new(memory.clone(), 3, 0), options);
+    let (binding, message) = defined(1, "w");
+    publisher.publish(&binding, &message).await.unwrap();
+    assert_eq!(memory.pending(&queue).await.unwrap().len(), 1);
+
+    // A first backoff too long to represent is past the deadline: no retry.
+    let options = PublisherOptions {
+        initial_backoff: Duration::MAX,
+        ..quick(Duration::from_secs(10))
+    };
+    let broker = Flaky::new(memory.clone(), u32::MAX, 0);
+    let publisher = Publisher::with_options(broker.clone(), options);
+    let error = publisher.publish(&binding, &message).await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            PublishError::Broker {
+                attempts: 1,
+                source: BrokerError::Connection(_),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+}
+
+#[tokio::test]
 async fn errors_that_retrying_cannot_fix_are_not_retried() {
     // A queue-full rejection is backpressure, not a lost connection.
     let memory = MemoryBroker::new();

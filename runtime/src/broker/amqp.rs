@@ -230,7 +230,7 @@ impl AmqpBroker {
     }
 
     fn deadline(&self) -> Instant {
-        Instant::now() + self.shared.config.operation_timeout()
+        crate::deadline::after(self.shared.config.operation_timeout())
     }
 
     /// The current link, waiting for recovery until `deadline`.
