@@ -599,8 +599,13 @@ impl<B: Broker> Jobs<B> {
     }
 }
 
+/// A duration as a header value, in whole milliseconds. One too long for a
+/// `u64` of them (over 500 million years: `Duration::MAX` for "no cap") is
+/// written as `u64::MAX`, just as unbounded, so that workers can read it back.
 fn millis(duration: Duration) -> String {
-    duration.as_millis().to_string()
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .to_string()
 }
 
 /// The job carried by a message, or why it carries none.

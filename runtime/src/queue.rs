@@ -172,6 +172,14 @@ pub enum QueueError {
         /// Why.
         reason: &'static str,
     },
+    /// The queue name given to [`WorkQueue::open`] cannot name a queue.
+    #[error("invalid queue name `{name}`: {reason}")]
+    InvalidName {
+        /// The name as given.
+        name: String,
+        /// Why.
+        reason: &'static str,
+    },
     /// A handler option is out of range.
     #[error("queue `{queue}`: invalid handler option: {reason}")]
     InvalidOption {
@@ -272,8 +280,16 @@ impl<B: Broker> fmt::Debug for WorkQueue<B> {
 
 impl<B: Broker> WorkQueue<B> {
     /// Declares the queue `name` (qualified by [`Broker::qualify_queue_name`])
-    /// and its dead-letter queue.
+    /// and its dead-letter queue. An empty name is [`QueueError::InvalidName`].
     pub async fn open(broker: B, name: &str) -> Result<Self, QueueError> {
+        if name.is_empty() {
+            // The in-memory broker would declare a server-named queue the
+            // work queue could never address again.
+            return Err(QueueError::InvalidName {
+                name: String::new(),
+                reason: "a work queue needs a name",
+            });
+        }
         let full = broker.qualify_queue_name(name);
         let dead_letter = format!("{full}{DEAD_LETTER_SUFFIX}");
         let queue = WorkQueue {
@@ -595,7 +611,7 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
                         .max_attempts
                         .is_some_and(|max| received.attempts.saturating_add(1) >= max) =>
                 {
-                    tracing::error!(%queue, %error, attempts = received.attempts + 1, "handler failed for the last time; dead-lettering");
+                    tracing::error!(%queue, %error, attempts = received.attempts.saturating_add(1), "handler failed for the last time; dead-lettering");
                     self.queue
                         .dead_letter_parts(&received, &*acker, &error)
                         .await

@@ -13,7 +13,8 @@ use client_support::{EVENTUALLY, eventually, next};
 use exchange_runtime::broker::memory::MemoryBroker;
 use exchange_runtime::consumer::HandlerError;
 use exchange_runtime::jobs::{
-    Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore,
+    BACKOFF_CAP_HEADER, Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore,
+    TIMEOUT_HEADER,
 };
 use exchange_runtime::queue::{
     ATTEMPTS_HEADER, Backoff, HandlerOptions, LAST_ERROR_HEADER, QueueError, QueueMessage,
@@ -204,6 +205,50 @@ async fn reserved_headers_are_refused() {
     );
     assert!(error.to_string().contains("`headers`") && error.to_string().contains("X-Death"));
     assert!(queue.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_queue_name_is_refused() {
+    let error = WorkQueue::open(MemoryBroker::new(), "").await.unwrap_err();
+    assert!(
+        matches!(&error, QueueError::InvalidName { name, .. } if name.is_empty()),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("needs a name"), "{error}");
+    let error = Jobs::builder(MemoryBroker::new(), "")
+        .build()
+        .await
+        .err()
+        .expect("an empty name is refused");
+    assert!(error.to_string().contains("needs a name"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempts_header_at_its_maximum_does_not_overflow() {
+    // A foreign message claiming u32::MAX earlier attempts: its first failure
+    // dead-letters it, the count staying at the maximum.
+    let queue = WorkQueue::open(MemoryBroker::new(), "worn-out")
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let handler = queue.handler(move |_received: Received| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async { Err(HandlerError::msg("still failing")) }
+    });
+    let worn = QueueMessage::new("old").with_header(ATTEMPTS_HEADER, u32::MAX.to_string());
+    queue.put(worn, Duration::ZERO).await.unwrap();
+    handler.start().await.unwrap();
+    eventually("the message dead-lettered", || async {
+        queue.dead_letters().await.unwrap().len() == 1
+    })
+    .await;
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead[0].headers[ATTEMPTS_HEADER], u32::MAX.to_string());
+    assert_eq!(dead[0].headers[LAST_ERROR_HEADER], "still failing");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    handler.stop().unwrap();
+    handler.wait().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,6 +648,30 @@ async fn panics_and_timeouts_are_failures_never_successes() {
     let mut expected = vec![panicking, hanging, unknown];
     expected.sort();
     assert_eq!(failed, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_with_unbounded_durations_still_run() {
+    // `Duration::MAX` (no cap, no timeout) has more milliseconds than a
+    // header's u64 holds: written as u64::MAX, not as a value workers refuse.
+    let store = Arc::new(MemoryStatusStore::new());
+    let jobs = jobs_with(MemoryBroker::new(), "jobs-unbounded", store, None, |b| {
+        b.register("patient", |_job: JobContext| async { Ok(()) })
+    })
+    .await;
+    let job = Job::new("patient", "")
+        .backoff(Duration::from_millis(10), Duration::MAX)
+        .timeout(Duration::MAX);
+    let id = jobs.enqueue(job).await.unwrap();
+    let pending = jobs.queue().pending().await.unwrap();
+    assert_eq!(pending[0].headers[TIMEOUT_HEADER], u64::MAX.to_string());
+    assert_eq!(pending[0].headers[BACKOFF_CAP_HEADER], u64::MAX.to_string());
+    jobs.start().await.unwrap();
+    eventually("the job is successful", || async {
+        status(&jobs, &id).await == JobStatus::Successful
+    })
+    .await;
+    assert!(jobs.failed_messages().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
