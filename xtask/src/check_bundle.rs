@@ -55,7 +55,13 @@ pub fn cargo_in(crate_dir: &Path, target_dir: &Path, args: &[&str]) -> Result<()
         .current_dir(crate_dir)
         .env("CARGO_TARGET_DIR", target_dir)
         .status()
-        .map_err(|source| Failure::Other(format!("cannot run cargo: {source}")))?;
+        .map_err(|source| {
+            Failure::Other(format!(
+                "cannot run {} in {}: {source}",
+                cargo.to_string_lossy(),
+                display_path(crate_dir)
+            ))
+        })?;
     if status.success() {
         Ok(())
     } else {
