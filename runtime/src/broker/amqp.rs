@@ -744,8 +744,10 @@ impl Broker for AmqpBroker {
                 .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true)
                 .await;
         }
-        let tier_ms = convert::delay_tier_ms(delay_ms);
-        let tier_ms_signed = i64::try_from(tier_ms).unwrap_or(i64::MAX).min(MAX_TTL_MS);
+        // Capping the tier at RabbitMQ's TTL limit keeps it never early:
+        // `millis` refused delays above the limit.
+        let tier_ms = convert::delay_tier_ms(delay_ms).min(MAX_TTL_MS.unsigned_abs());
+        let tier_ms_signed = i64::try_from(tier_ms).unwrap_or(MAX_TTL_MS);
         let delay_queue = format!("{queue}.delay.{tier_ms}");
         let target_queue = short("queue", queue)?;
         let delay_queue_name = short("delay queue", &delay_queue)?;
