@@ -67,6 +67,35 @@ fn transient_queue() -> QueueOptions {
     }
 }
 
+/// Declares a fresh non-durable exchange named `unique(prefix)` and returns its name.
+async fn declare_transient_exchange(broker: &AmqpBroker, prefix: &str) -> String {
+    let exchange = unique(prefix);
+    broker
+        .declare_exchange(
+            &exchange,
+            ExchangeOptions {
+                passive: false,
+                durable: false,
+            },
+        )
+        .await
+        .expect("declare exchange");
+    exchange
+}
+
+/// Declares an unnamed (exclusive) queue bound to `exchange` by `pattern`.
+async fn bound_anonymous_queue(broker: &AmqpBroker, exchange: &str, pattern: &str) -> String {
+    let queue = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declare queue");
+    broker
+        .bind_queue(&queue, exchange, pattern)
+        .await
+        .expect("bind");
+    queue
+}
+
 async fn next_body(stream: &mut DeliveryStream) -> String {
     let delivery = tokio::time::timeout(Duration::from_secs(10), stream.next())
         .await
@@ -146,17 +175,7 @@ async fn an_unbounded_operation_timeout_is_not_a_panic() {
 #[tokio::test]
 async fn publishes_and_consumes_with_headers_and_cc() {
     let broker = connect().await;
-    let exchange = unique("exchange/guest/roundtrip");
-    broker
-        .declare_exchange(
-            &exchange,
-            ExchangeOptions {
-                passive: false,
-                durable: false,
-            },
-        )
-        .await
-        .expect("declare exchange");
+    let exchange = declare_transient_exchange(&broker, "exchange/guest/roundtrip").await;
     let queue = broker
         .declare_queue(
             &broker.qualify_queue_name(&unique("roundtrip")),
@@ -450,25 +469,8 @@ async fn missing_exchange_and_queue_errors_leave_the_broker_working() {
 #[tokio::test]
 async fn a_failed_publish_does_not_fail_concurrent_ones() {
     let broker = connect().await;
-    let exchange = unique("exchange/guest/concurrent");
-    broker
-        .declare_exchange(
-            &exchange,
-            ExchangeOptions {
-                passive: false,
-                durable: false,
-            },
-        )
-        .await
-        .expect("declare exchange");
-    let queue = broker
-        .declare_queue("", QueueOptions::default())
-        .await
-        .expect("declare queue");
-    broker
-        .bind_queue(&queue, &exchange, "#")
-        .await
-        .expect("bind");
+    let exchange = declare_transient_exchange(&broker, "exchange/guest/concurrent").await;
+    let queue = bound_anonymous_queue(&broker, &exchange, "#").await;
     let missing = unique("exchange/guest/absent");
     let mut tasks = Vec::new();
     for i in 0..40 {
@@ -778,25 +780,8 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
 async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
     let connection_name = unique("exchange-runtime-restore");
     let broker = connect_named(&connection_name).await;
-    let exchange = unique("exchange/guest/restore");
-    broker
-        .declare_exchange(
-            &exchange,
-            ExchangeOptions {
-                passive: false,
-                durable: false,
-            },
-        )
-        .await
-        .expect("declare exchange");
-    let queue = broker
-        .declare_queue("", QueueOptions::default())
-        .await
-        .expect("declare queue");
-    broker
-        .bind_queue(&queue, &exchange, "a.*")
-        .await
-        .expect("bind");
+    let exchange = declare_transient_exchange(&broker, "exchange/guest/restore").await;
+    let queue = bound_anonymous_queue(&broker, &exchange, "a.*").await;
     let mut stream = broker.consume(&queue, 3).await.expect("consume");
     broker
         .publish(&exchange, "a.before", message("before"))

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use client_support::*;
 use exchange_runtime::broker::memory::MemoryBroker;
-use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage};
+use exchange_runtime::broker::{Broker, OutgoingMessage};
 use exchange_runtime::consumer::{
     AckMode, ConsumerBuilder, ConsumerError, DeliveryInfo, Handler, HandlerError,
 };
@@ -19,21 +19,6 @@ use exchange_runtime::{DecodeError, DecodeErrorKind};
 use tokio::sync::mpsc;
 
 type Seen = (Result<QueueEvent, DecodeError>, DeliveryInfo);
-
-async fn declare_exchanges(broker: &MemoryBroker) {
-    for exchange in [DEFINED, RUNNING] {
-        broker
-            .declare_exchange(
-                exchange,
-                ExchangeOptions {
-                    passive: false,
-                    durable: true,
-                },
-            )
-            .await
-            .expect("declaring a test exchange");
-    }
-}
 
 /// A handler that reports everything it sees and succeeds (through the
 /// `Handler` trait, where the other tests use closures).
@@ -57,8 +42,7 @@ fn recorder() -> (Recorder, mpsc::UnboundedReceiver<Seen>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_messages_arrive_with_their_routing_fields() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (handler, mut seen) = recorder();
     let consumer = ConsumerBuilder::new(broker.clone())
         .queue("typed")
@@ -124,8 +108,7 @@ async fn typed_messages_arrive_with_their_routing_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cc_routes_are_delivered_without_their_prefix() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (handler, mut seen) = recorder();
     let consumer = ConsumerBuilder::new(broker.clone())
         // Typed binding that matches nothing itself: gives the exchange's
@@ -171,8 +154,7 @@ async fn cc_routes_are_delivered_without_their_prefix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_reach_the_handler_and_are_dead_lettered() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (sender, mut seen) = mpsc::unbounded_channel::<Seen>();
     let consumer = ConsumerBuilder::new(broker.clone())
         .queue("malformed")
@@ -225,8 +207,7 @@ async fn malformed_bodies_reach_the_handler_and_are_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (sender, mut seen) = mpsc::unbounded_channel::<(String, bool)>();
     let consumer = ConsumerBuilder::new(broker.clone())
         .queue("failing")
@@ -285,8 +266,7 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_lets_in_flight_handlers_finish_and_acknowledge() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let started = Arc::new(tokio::sync::Notify::new());
     let finished = Arc::new(AtomicBool::new(false));
     let (started2, finished2) = (Arc::clone(&started), Arc::clone(&finished));
@@ -334,8 +314,7 @@ async fn stop_lets_in_flight_handlers_finish_and_acknowledge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_is_idempotent_stop_needs_a_running_consumer_and_restart_resumes() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (handler, mut seen) = recorder();
     let consumer = ConsumerBuilder::new(broker.clone())
         .queue("lifecycle")
@@ -381,8 +360,7 @@ async fn start_is_idempotent_stop_needs_a_running_consumer_and_restart_resumes()
 }
 
 async fn max_concurrency(prefetch: u16, max_in_flight: usize, messages: u32) -> usize {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let current = Arc::new(AtomicUsize::new(0));
     let peak = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
@@ -439,8 +417,7 @@ async fn handlers_in_flight_are_bounded_by_prefetch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_interrupts_handlers_and_requeues_their_messages() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let started = Arc::new(tokio::sync::Notify::new());
     let started2 = Arc::clone(&started);
     let consumer = ConsumerBuilder::new(broker.clone())
@@ -479,8 +456,7 @@ async fn drain_timeout_interrupts_handlers_and_requeues_their_messages() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_ack_never_requeues() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let runs = Arc::new(AtomicUsize::new(0));
     let runs2 = Arc::clone(&runs);
     let consumer = ConsumerBuilder::new(broker.clone())
@@ -514,8 +490,7 @@ async fn auto_ack_never_requeues() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unnamed_queues_are_private_and_have_a_dead_letter_queue() {
-    let broker = MemoryBroker::new();
-    declare_exchanges(&broker).await;
+    let broker = broker_with_test_exchanges().await;
     let (handler, mut seen) = recorder();
     let consumer = ConsumerBuilder::new(broker.clone())
         .bind(TaskRunning::default())
@@ -575,8 +550,7 @@ async fn missing_exchanges_and_bad_options_are_reported() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_delivery_stream_is_resubscribed() {
-    let memory = MemoryBroker::new();
-    declare_exchanges(&memory).await;
+    let memory = broker_with_test_exchanges().await;
     // The first two subscriptions die at once, as on a lost connection.
     let broker = Flaky::new(memory.clone(), 0, 2);
     let (handler, mut seen) = recorder();

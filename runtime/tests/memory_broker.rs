@@ -18,6 +18,20 @@ suite::conformance_tests!(broker);
 
 const EVENTUALLY: Duration = suite::EVENTUALLY;
 
+/// A fresh broker whose queue `q` holds one message, `m`.
+async fn broker_with_message_m_in_queue_q() -> MemoryBroker {
+    let broker = MemoryBroker::new();
+    broker
+        .declare_queue("q", QueueOptions::default())
+        .await
+        .unwrap();
+    broker
+        .publish(DEFAULT_EXCHANGE, "q", suite::message("m"))
+        .await
+        .unwrap();
+    broker
+}
+
 #[tokio::test]
 async fn exclusive_queue_belongs_to_its_connection() {
     let broker = MemoryBroker::new();
@@ -213,15 +227,7 @@ async fn delayed_publish_to_missing_queue_fails() {
 
 #[tokio::test]
 async fn stale_delivery_of_a_cancelled_consumer_cannot_be_acknowledged() {
-    let broker = MemoryBroker::new();
-    broker
-        .declare_queue("q", QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .publish(DEFAULT_EXCHANGE, "q", suite::message("m"))
-        .await
-        .unwrap();
+    let broker = broker_with_message_m_in_queue_q().await;
     let mut stream = broker.consume("q", 1).await.unwrap();
     let delivery = stream.next().await.unwrap().unwrap();
     drop(stream);
@@ -240,15 +246,7 @@ async fn stale_delivery_of_a_cancelled_consumer_cannot_be_acknowledged() {
 
 #[tokio::test]
 async fn ack_after_queue_deleted_fails() {
-    let broker = MemoryBroker::new();
-    broker
-        .declare_queue("q", QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .publish(DEFAULT_EXCHANGE, "q", suite::message("m"))
-        .await
-        .unwrap();
+    let broker = broker_with_message_m_in_queue_q().await;
     let delivery = broker.get("q").await.unwrap().unwrap();
     broker.delete_queue("q").await.unwrap();
     // Even when a new queue of the same name exists.
@@ -263,15 +261,7 @@ async fn ack_after_queue_deleted_fails() {
 
 #[tokio::test]
 async fn dropping_the_broker_ends_consumers_and_acks() {
-    let broker = MemoryBroker::new();
-    broker
-        .declare_queue("q", QueueOptions::default())
-        .await
-        .unwrap();
-    broker
-        .publish(DEFAULT_EXCHANGE, "q", suite::message("m"))
-        .await
-        .unwrap();
+    let broker = broker_with_message_m_in_queue_q().await;
     let mut stream = broker.consume("q", 1).await.unwrap();
     let delivery = stream.next().await.unwrap().unwrap();
     drop(broker);

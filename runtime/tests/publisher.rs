@@ -10,23 +10,12 @@ use std::time::Duration;
 use client_support::*;
 use exchange_runtime::RoutingKeyErrorKind;
 use exchange_runtime::broker::memory::MemoryBroker;
-use exchange_runtime::broker::{Broker, BrokerError, ExchangeOptions, QueueOptions};
+use exchange_runtime::broker::{Broker, BrokerError, QueueOptions};
 use exchange_runtime::publisher::{PublishError, Publisher, PublisherOptions};
 
 /// A queue bound to everything on both test exchanges.
 async fn tap(broker: &impl Broker) -> String {
-    for exchange in [DEFINED, RUNNING] {
-        broker
-            .declare_exchange(
-                exchange,
-                ExchangeOptions {
-                    passive: false,
-                    durable: true,
-                },
-            )
-            .await
-            .unwrap();
-    }
+    declare_test_exchanges(broker).await;
     let queue = broker
         .declare_queue("tap", QueueOptions::default())
         .await

@@ -25,9 +25,21 @@ use tokio::time::Instant;
 
 const NONE_WINDOW: Duration = Duration::from_millis(100);
 
+/// A work queue `name` on a fresh embedded broker.
+async fn memory_queue(name: &str) -> WorkQueue<MemoryBroker> {
+    WorkQueue::open(MemoryBroker::new(), name).await.unwrap()
+}
+
+/// A work queue `name` on a fresh embedded broker, holding `message` (put with no delay).
+async fn memory_queue_holding(name: &str, message: QueueMessage) -> WorkQueue<MemoryBroker> {
+    let queue = memory_queue(name).await;
+    queue.put(message, Duration::ZERO).await.unwrap();
+    queue
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_get_delete_in_order() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "plain").await.unwrap();
+    let queue = memory_queue("plain").await;
     assert_eq!(queue.dead_letter_queue(), "plain.dead");
     queue
         .put(QueueMessage::new("one").with_id("1"), Duration::ZERO)
@@ -64,9 +76,7 @@ async fn put_get_delete_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_waits_for_a_message_put_later() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "waiting")
-        .await
-        .unwrap();
+    let queue = memory_queue("waiting").await;
     let putter = queue.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -88,9 +98,7 @@ async fn get_waits_for_a_message_put_later() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_put_is_not_delivered_early() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "delayed")
-        .await
-        .unwrap();
+    let queue = memory_queue("delayed").await;
     let put_at = Instant::now();
     queue
         .put(QueueMessage::new("later"), Duration::from_millis(500))
@@ -114,13 +122,7 @@ async fn delayed_put_is_not_delivered_early() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn release_puts_back_after_the_delay_with_one_more_attempt() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "released")
-        .await
-        .unwrap();
-    queue
-        .put(QueueMessage::new("job").with_id("m1"), Duration::ZERO)
-        .await
-        .unwrap();
+    let queue = memory_queue_holding("released", QueueMessage::new("job").with_id("m1")).await;
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     let released_at = Instant::now();
     queue
@@ -149,13 +151,7 @@ async fn release_puts_back_after_the_delay_with_one_more_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_message_returns_to_the_queue() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "dropped")
-        .await
-        .unwrap();
-    queue
-        .put(QueueMessage::new("keep me"), Duration::ZERO)
-        .await
-        .unwrap();
+    let queue = memory_queue_holding("dropped", QueueMessage::new("keep me")).await;
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     drop(message);
     let again = queue
@@ -171,13 +167,7 @@ async fn a_dropped_message_returns_to_the_queue() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_moves_a_message_with_its_error() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "poison")
-        .await
-        .unwrap();
-    queue
-        .put(QueueMessage::new("bad"), Duration::ZERO)
-        .await
-        .unwrap();
+    let queue = memory_queue_holding("poison", QueueMessage::new("bad")).await;
     let message = queue.get(EVENTUALLY).await.unwrap().unwrap();
     queue.dead_letter(message, "cannot parse").await.unwrap();
     assert!(queue.pending().await.unwrap().is_empty());
@@ -189,9 +179,7 @@ async fn dead_letter_moves_a_message_with_its_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_headers_are_refused() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "headers")
-        .await
-        .unwrap();
+    let queue = memory_queue("headers").await;
     let error = queue
         .put(
             QueueMessage::new("x").with_header("X-Death", "1"),
@@ -227,9 +215,7 @@ async fn an_empty_queue_name_is_refused() {
 async fn an_attempts_header_at_its_maximum_does_not_overflow() {
     // A foreign message claiming u32::MAX earlier attempts: its first failure
     // dead-letters it, the count staying at the maximum.
-    let queue = WorkQueue::open(MemoryBroker::new(), "worn-out")
-        .await
-        .unwrap();
+    let queue = memory_queue("worn-out").await;
     let runs = Arc::new(AtomicUsize::new(0));
     let counted = Arc::clone(&runs);
     let handler = queue.handler(move |_received: Received| {
@@ -253,9 +239,7 @@ async fn an_attempts_header_at_its_maximum_does_not_overflow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_handler_deletes_on_success_and_backs_off_then_dead_letters_failures() {
-    let queue = WorkQueue::open(MemoryBroker::new(), "handled")
-        .await
-        .unwrap();
+    let queue = memory_queue("handled").await;
     let (sender, mut runs) = mpsc::unbounded_channel::<(Vec<u8>, u32, Instant)>();
     let options = HandlerOptions {
         concurrency: 2,

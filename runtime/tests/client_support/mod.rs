@@ -182,6 +182,29 @@ impl Decode for QueueEvent {
     }
 }
 
+/// Declares [`DEFINED`] and [`RUNNING`] (durable), as a deployment would have them.
+pub async fn declare_test_exchanges(broker: &impl Broker) {
+    for exchange in [DEFINED, RUNNING] {
+        broker
+            .declare_exchange(
+                exchange,
+                ExchangeOptions {
+                    passive: false,
+                    durable: true,
+                },
+            )
+            .await
+            .expect("declaring a test exchange");
+    }
+}
+
+/// A fresh embedded broker with [`DEFINED`] and [`RUNNING`] declared.
+pub async fn broker_with_test_exchanges() -> MemoryBroker {
+    let broker = MemoryBroker::new();
+    declare_test_exchanges(&broker).await;
+    broker
+}
+
 /// A 22-character slug id made from a number.
 pub fn task_id(n: u32) -> String {
     format!("{n:0>22}")
