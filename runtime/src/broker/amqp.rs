@@ -52,6 +52,8 @@
 mod config;
 mod convert;
 mod link;
+pub mod raw;
+mod wire;
 
 use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
@@ -75,7 +77,9 @@ use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use convert::{MAX_TTL_MS, Target, short};
-use link::{Link, LinkState, SupervisorHandles, Topology};
+use link::{Link, LinkState, Readers, SupervisorHandles, Topology};
+pub use raw::PoisonEvent;
+pub use wire::{InvalidField, WireError};
 
 use super::{
     Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions,
@@ -93,6 +97,8 @@ struct Shared {
     state: Arc<watch::Sender<LinkState>>,
     topology: Arc<std::sync::Mutex<Topology>>,
     recoveries: Arc<AtomicU64>,
+    readers: Arc<Readers>,
+    poison: tokio::sync::broadcast::Sender<PoisonEvent>,
 }
 
 impl Drop for Shared {
@@ -139,6 +145,12 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
 /// How many fresh channels an operation tries when its channel is closed under it.
 const CHANNEL_RETRIES: u32 = 5;
 
+/// How deep into a queue listed by `pending` a poison message is looked for.
+const PENDING_SWEEP_DEPTH: u32 = 10_000;
+
+/// How many [`PoisonEvent`]s a slow receiver may fall behind.
+const POISON_EVENTS_KEPT: usize = 64;
+
 impl AmqpBroker {
     /// Connects to RabbitMQ (one attempt: fails at once if it is unreachable)
     /// and starts the supervisor that recovers the connection later.
@@ -147,11 +159,15 @@ impl AmqpBroker {
         let state = Arc::new(watch::Sender::new(LinkState::Up(link.clone())));
         let topology = Arc::new(std::sync::Mutex::new(Topology::default()));
         let recoveries = Arc::new(AtomicU64::new(0));
+        let readers = Arc::new(Readers::default());
+        let (poison, _) = tokio::sync::broadcast::channel(POISON_EVENTS_KEPT);
         let handles = SupervisorHandles {
             config: config.clone(),
             state: Arc::downgrade(&state),
             topology: Arc::downgrade(&topology),
             recoveries: recoveries.clone(),
+            readers: readers.clone(),
+            poison: poison.clone(),
         };
         tokio::spawn(link::supervise(handles, link, events));
         Ok(AmqpBroker {
@@ -160,6 +176,8 @@ impl AmqpBroker {
                 state,
                 topology,
                 recoveries,
+                readers,
+                poison,
             }),
         })
     }
@@ -182,6 +200,14 @@ impl AmqpBroker {
     /// How many times the connection was lost and re-established.
     pub fn recoveries(&self) -> u64 {
         self.shared.recoveries.load(Ordering::SeqCst)
+    }
+
+    /// Reports of messages the AMQP client could not parse: each one set
+    /// aside to its queue's dead-letter destination, or why none could be
+    /// (see [`raw`]). Also logged at error level. A receiver that falls more
+    /// than 64 events behind misses the oldest.
+    pub fn poison_events(&self) -> tokio::sync::broadcast::Receiver<PoisonEvent> {
+        self.shared.poison.subscribe()
     }
 
     /// Closes the connection. Operations afterwards fail with
@@ -280,9 +306,16 @@ impl AmqpBroker {
         let mut channel_failures = 0;
         loop {
             let link = self.link(deadline).await?;
-            let failure = match tokio::time::timeout_at(deadline, operation(link.clone())).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => classify(&error, &link),
+            let attempt = async {
+                tokio::select! {
+                    result = operation(link.clone()) => Some(result),
+                    () = link.died() => None,
+                }
+            };
+            let failure = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(Some(Ok(value))) => return Ok(value),
+                Ok(Some(Err(error))) => classify(&error, &link),
+                Ok(None) => Failure::ConnectionLost("connection lost".to_owned()),
                 Err(_) => {
                     return Err(BrokerError::Connection(format!(
                         "{what} `{}`: no answer from {} within {:?}",
@@ -353,15 +386,22 @@ impl AmqpBroker {
                     .await?;
                 confirm.await
             };
+            let attempt = async {
+                tokio::select! {
+                    result = attempt => Some(result),
+                    () = link.died() => None,
+                }
+            };
             let failure = match tokio::time::timeout_at(deadline, attempt).await {
+                Ok(None) => Failure::ConnectionLost("connection lost".to_owned()),
                 Err(_) => {
                     return Err(not_confirmed(format!(
                         "no confirm within {:?}",
                         self.shared.config.operation_timeout()
                     )));
                 }
-                Ok(Ok(Confirmation::Ack(None))) => return Ok(()),
-                Ok(Ok(Confirmation::Ack(Some(returned)))) => {
+                Ok(Some(Ok(Confirmation::Ack(None)))) => return Ok(()),
+                Ok(Some(Ok(Confirmation::Ack(Some(returned))))) => {
                     return Err(if exchange == DEFAULT_EXCHANGE {
                         BrokerError::QueueNotFound(routing_key.to_owned())
                     } else {
@@ -369,16 +409,16 @@ impl AmqpBroker {
                     });
                 }
                 // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
-                Ok(Ok(Confirmation::Nack(_))) => {
+                Ok(Some(Ok(Confirmation::Nack(_)))) => {
                     let full = self
                         .find_full_queue(exchange, routing_key, &message.cc)
                         .await;
                     return Err(BrokerError::QueueFull(full));
                 }
-                Ok(Ok(Confirmation::NotRequested)) => {
+                Ok(Some(Ok(Confirmation::NotRequested))) => {
                     return Err(not_confirmed("channel not in confirm mode".to_owned()));
                 }
-                Ok(Err(error)) => classify(&error, &link),
+                Ok(Some(Err(error))) => classify(&error, &link),
             };
             match failure {
                 // The shared channel also fails for other publishers' errors: only ours are final.
@@ -472,7 +512,7 @@ impl AmqpBroker {
         &self,
         queue: &ShortString,
         prefetch: u16,
-    ) -> Result<(Channel, lapin::Consumer), BrokerError> {
+    ) -> Result<Subscription, BrokerError> {
         let target = Target::queue(queue.as_str());
         self.run("consume queue", &target, |link| {
             let queue = queue.clone();
@@ -490,12 +530,15 @@ impl AmqpBroker {
                         FieldTable::default(),
                     )
                     .await?;
-                Ok((channel, consumer))
+                Ok((channel, consumer, link.dead_signal()))
             }
         })
         .await
     }
 }
+
+/// A consumer's channel, its lapin consumer, and its connection's death signal.
+type Subscription = (Channel, lapin::Consumer, watch::Receiver<bool>);
 
 /// A fresh unique queue-name suffix (128 random bits, hex).
 fn random_suffix() -> String {
@@ -521,16 +564,21 @@ async fn forward_deliveries(
     queue: ShortString,
     prefetch: u16,
     sender: mpsc::Sender<Result<Delivery, BrokerError>>,
-    mut subscription: (Channel, lapin::Consumer),
+    mut subscription: Subscription,
+    // Held while the stream lives: a message that breaks the connection is looked for here.
+    _reading: link::ReadGuard,
 ) {
     loop {
-        let (channel, mut consumer) = subscription;
+        let (channel, mut consumer, dead) = subscription;
+        let mut died = dead.clone();
         loop {
             tokio::select! {
                 _ = sender.closed() => return, // Drops the consumer (basic.cancel) and closes its channel.
+                // lapin's consumer may stay silent after a parse failure killed its connection.
+                () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
                     Some(Ok(delivery)) => {
-                        if sender.send(Ok(convert::delivery(delivery, None))).await.is_err() {
+                        if sender.send(Ok(convert::delivery(delivery, None, dead.clone()))).await.is_err() {
                             return;
                         }
                     }
@@ -813,6 +861,7 @@ impl Broker for AmqpBroker {
             )));
         }
         let queue_name = short("queue", queue)?;
+        let reading = self.shared.readers.register(queue, u32::from(prefetch));
         let subscription = self.subscribe(&queue_name, prefetch).await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch));
         tokio::spawn(forward_deliveries(
@@ -821,12 +870,14 @@ impl Broker for AmqpBroker {
             prefetch,
             sender,
             subscription,
+            reading,
         ));
         Ok(DeliveryStream::new(receiver))
     }
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
         let queue_name = short("queue", queue)?;
+        let _reading = self.shared.readers.register(queue, 1);
         let got = self
             .run("get from queue", &Target::queue(queue), |link| {
                 let queue_name = queue_name.clone();
@@ -836,15 +887,18 @@ impl Broker for AmqpBroker {
                     let message = channel
                         .basic_get(queue_name, BasicGetOptions { no_ack: false })
                         .await?;
-                    Ok(message.map(|message| (message, channel)))
+                    Ok(message.map(|message| (message, channel, link.dead_signal())))
                 }
             })
             .await?;
-        Ok(got.map(|(message, channel)| convert::delivery(message.delivery, Some(channel))))
+        Ok(got.map(|(message, channel, dead)| {
+            convert::delivery(message.delivery, Some(channel), dead)
+        }))
     }
 
     async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
         let queue_name = short("queue", queue)?;
+        let _reading = self.shared.readers.register(queue, PENDING_SWEEP_DEPTH);
         self.run("list pending in queue", &Target::queue(queue), |link| {
             let queue_name = queue_name.clone();
             async move {

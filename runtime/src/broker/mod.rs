@@ -48,6 +48,39 @@ pub struct QueueOptions {
     pub max_length: Option<u32>,
     /// Time after which a message waiting in the queue expires (and is dead-lettered).
     pub message_ttl: Option<Duration>,
+    /// How the queue keeps its messages (RabbitMQ's `x-queue-type`).
+    pub queue_type: QueueType,
+}
+
+/// How a queue keeps its messages: RabbitMQ's `x-queue-type`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QueueType {
+    /// A classic queue (RabbitMQ's default): on one node; may be exclusive or auto-deleted.
+    #[default]
+    Classic,
+    /// A quorum queue (RabbitMQ 3.8+): replicated on a cluster (Raft), counts
+    /// redeliveries; must be durable, neither exclusive nor auto-deleted.
+    Quorum,
+}
+
+impl QueueOptions {
+    /// Refuses combinations no broker accepts (both brokers call this first).
+    pub(crate) fn check(&self, queue: &str) -> Result<(), BrokerError> {
+        if self.queue_type == QueueType::Quorum
+            && (!self.durable || self.exclusive || self.auto_delete)
+        {
+            return Err(BrokerError::Invalid(format!(
+                "queue `{queue}`: a quorum queue must be durable, neither exclusive nor auto-deleted"
+            )));
+        }
+        if self.dead_letter_routing_key.is_some() && self.dead_letter_exchange.is_none() {
+            return Err(BrokerError::Invalid(format!(
+                "queue `{queue}`: a dead-letter routing key needs a dead-letter exchange"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A message handed to a broker for publishing.

@@ -11,6 +11,7 @@ use lapin::{BasicProperties, Channel};
 
 use crate::broker::{
     AckHandle, BoxFuture, BrokerError, Delivery, OutgoingMessage, PendingMessage, QueueOptions,
+    QueueType,
 };
 
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
@@ -109,7 +110,12 @@ fn value_text(value: &AMQPValue) -> Option<String> {
 
 /// A lapin delivery as a contract [`Delivery`]. `channel` is kept open until the
 /// delivery is settled or dropped (basic.get deliveries own their channel).
-pub(crate) fn delivery(delivery: lapin::message::Delivery, channel: Option<Channel>) -> Delivery {
+/// `dead` turns true when its connection is seen dead.
+pub(crate) fn delivery(
+    delivery: lapin::message::Delivery,
+    channel: Option<Channel>,
+    dead: tokio::sync::watch::Receiver<bool>,
+) -> Delivery {
     let (headers, cc) = received_headers(&delivery.properties);
     Delivery {
         exchange: delivery.exchange.to_string(),
@@ -131,6 +137,7 @@ pub(crate) fn delivery(delivery: lapin::message::Delivery, channel: Option<Chann
         acker: Box::new(LapinAcker {
             acker: delivery.acker,
             channel,
+            dead,
         }),
     }
 }
@@ -154,6 +161,30 @@ struct LapinAcker {
     acker: lapin::Acker,
     /// A `get`'s own channel, closed once the delivery is gone.
     channel: Option<Channel>,
+    /// Turns true when the delivery's connection is seen dead: lapin may
+    /// then never answer an ack.
+    dead: tokio::sync::watch::Receiver<bool>,
+}
+
+impl LapinAcker {
+    /// Runs a settle call, failing when the connection dies first.
+    async fn settle(
+        &self,
+        call: impl Future<Output = Result<bool, lapin::Error>>,
+    ) -> Result<(), BrokerError> {
+        let mut dead = self.dead.clone();
+        tokio::select! {
+            biased; // An answer that came is the truth, even if the connection died since.
+            result = call => match result {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(BrokerError::AckFailed(ACK_FAILED.to_owned())),
+                Err(error) => Err(BrokerError::AckFailed(error.to_string())),
+            },
+            () = super::link::until_dead(&mut dead) => Err(BrokerError::AckFailed(
+                "the connection was lost (the broker redelivers it)".to_owned(),
+            )),
+        }
+    }
 }
 
 impl Drop for LapinAcker {
@@ -185,27 +216,15 @@ const ACK_FAILED: &str = "already settled, or its channel closed (the broker red
 
 impl AckHandle for LapinAcker {
     fn ack(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async move {
-            match self.acker.ack(BasicAckOptions::default()).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(BrokerError::AckFailed(ACK_FAILED.to_owned())),
-                Err(error) => Err(BrokerError::AckFailed(error.to_string())),
-            }
-        })
+        Box::pin(self.settle(self.acker.ack(BasicAckOptions::default())))
     }
 
     fn nack(&self, requeue: bool) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(async move {
-            let options = BasicNackOptions {
-                multiple: false,
-                requeue,
-            };
-            match self.acker.nack(options).await {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(BrokerError::AckFailed(ACK_FAILED.to_owned())),
-                Err(error) => Err(BrokerError::AckFailed(error.to_string())),
-            }
-        })
+        let options = BasicNackOptions {
+            multiple: false,
+            requeue,
+        };
+        Box::pin(self.settle(self.acker.nack(options)))
     }
 }
 
@@ -214,7 +233,14 @@ pub(crate) fn queue_arguments(
     queue: &str,
     options: &QueueOptions,
 ) -> Result<FieldTable, BrokerError> {
+    options.check(queue)?;
     let mut arguments = FieldTable::default();
+    if options.queue_type == QueueType::Quorum {
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
     if let Some(exchange) = &options.dead_letter_exchange {
         short("dead-letter exchange", exchange)?;
         arguments.insert(
@@ -223,11 +249,6 @@ pub(crate) fn queue_arguments(
         );
     }
     if let Some(key) = &options.dead_letter_routing_key {
-        if options.dead_letter_exchange.is_none() {
-            return Err(BrokerError::Invalid(format!(
-                "queue `{queue}`: a dead-letter routing key needs a dead-letter exchange"
-            )));
-        }
         short("dead-letter routing key", key)?;
         arguments.insert(
             "x-dead-letter-routing-key".into(),

@@ -13,10 +13,11 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, Notify, broadcast, watch};
 
 use super::config::AmqpConfig;
 use super::convert::queue_arguments;
+use super::raw::{PoisonEvent, RawConnection, SweepTarget};
 use crate::broker::{BrokerError, ExchangeOptions, QueueOptions};
 
 /// An open connection plus the long-lived channels shared by operations.
@@ -28,11 +29,25 @@ pub(crate) struct Link {
     publisher: Mutex<Option<Channel>>,
     /// Woken by operations that saw the connection fail, so the supervisor reacts at once.
     pub(crate) broken: Notify,
+    /// Set by the supervisor once it saw the connection die: some lapin
+    /// futures (`basic.get` after a parse failure) never resolve, so
+    /// operations wait on this too.
+    dead: watch::Sender<bool>,
 }
 
 impl Link {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// Turns true once the supervisor has seen this connection die.
+    pub(crate) fn dead_signal(&self) -> watch::Receiver<bool> {
+        self.dead.subscribe()
+    }
+
+    /// Resolves once the supervisor has seen this connection die.
+    pub(crate) async fn died(&self) {
+        until_dead(&mut self.dead.subscribe()).await;
     }
 
     /// A fresh channel, for operations whose failure closes their channel.
@@ -55,6 +70,11 @@ impl Link {
         *slot = Some(channel.clone());
         Ok(channel)
     }
+}
+
+/// Resolves once `dead` turns true (or its link is gone).
+pub(crate) async fn until_dead(dead: &mut watch::Receiver<bool>) {
+    let _ = dead.wait_for(|dead| *dead).await;
 }
 
 /// The state operations look at to find the connection.
@@ -113,6 +133,7 @@ pub(crate) async fn open(
         connection,
         publisher: Mutex::new(None),
         broken: Notify::new(),
+        dead: watch::Sender::new(false),
     });
     Ok((link, events))
 }
@@ -240,6 +261,60 @@ where
     }
 }
 
+/// Queues being read (consumed or fetched) through the broker, each with how
+/// many messages from its head its readers may hold: where a message that
+/// broke the connection can be.
+#[derive(Debug, Default)]
+pub(crate) struct Readers(std::sync::Mutex<BTreeMap<String, Vec<u32>>>);
+
+/// One reader's registration; dropping it unregisters.
+pub(crate) struct ReadGuard {
+    readers: Arc<Readers>,
+    queue: String,
+    depth: u32,
+}
+
+impl Readers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u32>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a reader of `queue` holding up to `depth` messages.
+    pub(crate) fn register(self: &Arc<Self>, queue: &str, depth: u32) -> ReadGuard {
+        self.lock().entry(queue.to_owned()).or_default().push(depth);
+        ReadGuard {
+            readers: self.clone(),
+            queue: queue.to_owned(),
+            depth,
+        }
+    }
+
+    /// Each queue read now, with the sum of its readers' depths.
+    pub(crate) fn snapshot(&self) -> Vec<(String, u32)> {
+        self.lock()
+            .iter()
+            .map(|(queue, depths)| {
+                let depth = depths.iter().fold(0u32, |sum, d| sum.saturating_add(*d));
+                (queue.clone(), depth)
+            })
+            .collect()
+    }
+}
+
+impl Drop for ReadGuard {
+    fn drop(&mut self) {
+        let mut readers = self.readers.lock();
+        if let Some(depths) = readers.get_mut(&self.queue) {
+            if let Some(index) = depths.iter().position(|d| *d == self.depth) {
+                depths.swap_remove(index);
+            }
+            if depths.is_empty() {
+                readers.remove(&self.queue);
+            }
+        }
+    }
+}
+
 /// Shared pieces the supervisor needs; it holds the broker weakly so dropping
 /// every broker handle ends it.
 pub(crate) struct SupervisorHandles {
@@ -247,6 +322,116 @@ pub(crate) struct SupervisorHandles {
     pub(crate) state: Weak<watch::Sender<LinkState>>,
     pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
     pub(crate) recoveries: Arc<AtomicU64>,
+    pub(crate) readers: Arc<Readers>,
+    pub(crate) poison: broadcast::Sender<PoisonEvent>,
+}
+
+fn is_parse_error(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ParsingError(_))
+}
+
+/// Whether the dead link's events say it died failing to parse a frame.
+/// The error event may trail the status change that woke the supervisor.
+async fn died_parsing(events: &mut Events) -> bool {
+    let look = async {
+        while let Some(event) = events.next().await {
+            if let Event::Error(error) = event {
+                return is_parse_error(&error);
+            }
+        }
+        false
+    };
+    tokio::time::timeout(Duration::from_millis(200), look)
+        .await
+        .unwrap_or(false)
+}
+
+/// After a connection died failing to parse a frame: sets aside the messages
+/// that lapin cannot read from the head of every queue being read, before
+/// readers resubscribe. Returns how many were set aside.
+async fn sweep_poison(
+    config: &AmqpConfig,
+    topology: &Topology,
+    readers: &Readers,
+    poison: &broadcast::Sender<PoisonEvent>,
+) -> usize {
+    let mut lost = Vec::new();
+    let targets: Vec<SweepTarget> = readers
+        .snapshot()
+        .into_iter()
+        .filter_map(|(queue, depth)| {
+            let options = topology.queues.get(&queue);
+            // An exclusive queue died with the connection, poison and all.
+            if options.is_some_and(|options| options.exclusive) {
+                lost.push(queue);
+                return None;
+            }
+            let dead_letter = options.and_then(|options| {
+                options
+                    .dead_letter_exchange
+                    .clone()
+                    .map(|exchange| (exchange, options.dead_letter_routing_key.clone()))
+            });
+            Some(SweepTarget {
+                queue,
+                depth,
+                dead_letter,
+            })
+        })
+        .collect();
+    let queues: Vec<String> = readers.snapshot().into_iter().map(|(q, _)| q).collect();
+    let lost = (!lost.is_empty()).then(|| {
+        format!("exclusive queues {lost:?} died with the connection, with the messages in them")
+    });
+    let unresolved = |error: String| {
+        let error = match &lost {
+            Some(lost) => format!("{error}; {lost}"),
+            None => error,
+        };
+        tracing::error!(?queues, %error, "AMQP connection failed parsing a message that could not be set aside");
+        let _ = poison.send(PoisonEvent::Unresolved {
+            queues: queues.clone(),
+            error,
+        });
+    };
+    if targets.is_empty() {
+        unresolved("no queue to look in".to_owned());
+        return 0;
+    }
+    let mut connection = match RawConnection::connect(config).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            unresolved(error.to_string());
+            return 0;
+        }
+    };
+    let mut moved = 0;
+    let mut errors = Vec::new();
+    for target in &targets {
+        match connection.set_aside(target).await {
+            Ok(events) => {
+                moved += events.len();
+                for event in events {
+                    let _ = poison.send(event);
+                }
+            }
+            Err(error @ BrokerError::QueueNotFound(_)) => errors.push(error.to_string()),
+            Err(error) => {
+                errors.push(error.to_string());
+                break; // The raw connection is unusable.
+            }
+        }
+    }
+    connection.close().await;
+    if moved == 0 {
+        let error = if errors.is_empty() {
+            "no message with an invalid short string at the head of these queues".to_owned()
+        } else {
+            errors.join("; ")
+        };
+        unresolved(error);
+    }
+    moved
 }
 
 /// Watches `link`; when it dies, reconnects with capped exponential backoff,
@@ -258,10 +443,15 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
         state,
         topology,
         recoveries,
+        readers,
+        poison,
     } = handles;
+    // Parse failures in a row that no sweep explained: each one waits longer.
+    let mut unexplained_parse_failures = 0u32;
     loop {
         // Wait for the link to die (or the broker to go away).
         let mut poll = tokio::time::interval(Duration::from_millis(250));
+        let mut parse_failure = false;
         let reason = loop {
             let Some(state) = state.upgrade() else {
                 return;
@@ -273,7 +463,10 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
             }
             tokio::select! {
                 event = events.next() => match event {
-                    Some(Event::Error(error)) if !link.is_up() => break error.to_string(),
+                    Some(Event::Error(error)) if !link.is_up() => {
+                        parse_failure = is_parse_error(&error);
+                        break error.to_string();
+                    }
                     None if !link.is_up() => break "connection ended".to_owned(),
                     Some(_) => {}
                     None => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -283,9 +476,11 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 _ = watcher.changed() => {}
             }
             if !link.is_up() {
+                parse_failure = died_parsing(&mut events).await;
                 break "connection closed".to_owned();
             }
         };
+        link.dead.send_replace(true);
         tracing::warn!(
             endpoint = %config.endpoint(),
             generation = link.generation,
@@ -302,7 +497,12 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
         drop(sender);
         drop(link);
 
-        let mut attempt = 0;
+        // A message that cannot be parsed comes back at once: wait longer each time it is not found.
+        let mut attempt = if parse_failure {
+            unexplained_parse_failures
+        } else {
+            0
+        };
         let generation = recoveries.load(Ordering::SeqCst) + 2;
         (link, events) = loop {
             let Some(sender) = state.upgrade() else {
@@ -334,7 +534,17 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 return;
             };
             match replay(&candidate, &snapshot).await {
-                Ok(()) => break (candidate, candidate_events),
+                Ok(()) => {
+                    if parse_failure {
+                        if sweep_poison(&config, &snapshot, &readers, &poison).await > 0 {
+                            unexplained_parse_failures = 0;
+                        } else {
+                            unexplained_parse_failures =
+                                unexplained_parse_failures.saturating_add(1);
+                        }
+                    }
+                    break (candidate, candidate_events);
+                }
                 Err(error) => {
                     tracing::warn!(%error, attempt, "AMQP topology replay failed");
                     set_down(&state, error.to_string());

@@ -150,6 +150,11 @@ fn differences(old: &QueueOptions, new: &QueueOptions) -> Vec<String> {
     };
     check("durable", old.durable.to_string(), new.durable.to_string());
     check(
+        "queue_type",
+        format!("{:?}", old.queue_type),
+        format!("{:?}", new.queue_type),
+    );
+    check(
         "exclusive",
         old.exclusive.to_string(),
         new.exclusive.to_string(),
@@ -254,10 +259,17 @@ impl State {
         connection: u64,
     ) -> Result<Declared, BrokerError> {
         check_len("queue name", name)?;
-        if options.dead_letter_routing_key.is_some() && options.dead_letter_exchange.is_none() {
-            return Err(BrokerError::Invalid(format!(
-                "queue `{name}`: a dead-letter routing key needs a dead-letter exchange"
-            )));
+        if name.is_empty() {
+            // Checked as it will be: unnamed queues are exclusive, auto-deleted and transient.
+            let unnamed = QueueOptions {
+                durable: false,
+                exclusive: true,
+                auto_delete: true,
+                ..options.clone()
+            };
+            unnamed.check(name)?;
+        } else {
+            options.check(name)?;
         }
         if let Some(existing) = self.queues.get(name) {
             check_owner(name, existing, connection)?;

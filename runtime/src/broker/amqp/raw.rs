@@ -1,0 +1,717 @@
+//! A small AMQP connection that treats short strings as bytes.
+//!
+//! RabbitMQ accepts a routing key, a property (`message-id`, `content-type`,
+//! `app-id`, ...) or a header name that is not valid UTF-8 from any publisher;
+//! lapin's frame parser rejects it and drops the whole connection. Left alone,
+//! RabbitMQ redelivers the message, the connection drops again, and every
+//! message behind it waits forever.
+//!
+//! [`AmqpBroker`](super::AmqpBroker) uses this connection to break that cycle:
+//! after a connection died failing to parse a frame, and before its consumers
+//! resubscribe, it takes the first messages of every queue it was reading
+//! with `basic.get`, moves each message holding such a string to the queue's
+//! dead-letter destination — with the strings made valid (invalid sequences
+//! replaced by U+FFFD), `user-id` and `expiration` dropped, and the
+//! `tc-poison-reason` and `tc-poison-queue` headers saying what was wrong —
+//! and puts the others back in order by closing the channel. It reports each
+//! one as a [`PoisonEvent`].
+//!
+//! [`RawConnection::publish`] sends arbitrary bytes, as Go's and Node's
+//! clients can: a diagnostic tool, and how the tests play a hostile publisher.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
+
+use super::config::AmqpConfig;
+use super::wire::{
+    CLASS_BASIC, ContentHeader, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD,
+    FieldValue, Frame, InvalidField, PropertyValue, Reader, Table, WireError, Writer, sanitize,
+};
+use crate::broker::BrokerError;
+
+/// The header naming what made a message unreadable.
+pub const POISON_REASON_HEADER: &str = "tc-poison-reason";
+/// The header naming the queue a poison message was taken from.
+pub const POISON_QUEUE_HEADER: &str = "tc-poison-queue";
+
+/// What happened to a message that the AMQP client could not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PoisonEvent {
+    /// Moved from `queue` to `destination` (made readable, with the
+    /// [`POISON_REASON_HEADER`] and [`POISON_QUEUE_HEADER`] headers).
+    SetAside {
+        /// The queue it was taken from.
+        queue: String,
+        /// Each short string that was not valid UTF-8.
+        fields: Vec<InvalidField>,
+        /// Where it went: `exchange "<name>" with key "<key>"`.
+        destination: String,
+    },
+    /// A connection failed parsing a frame, but no message could be set
+    /// aside: the queues were read, nothing invalid was at their head (it may
+    /// have been consumed by another client, or sit in an exclusive queue that
+    /// died with the connection), or reading them failed (`error`).
+    Unresolved {
+        /// The queues being read when the connection failed.
+        queues: Vec<String>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+impl fmt::Display for PoisonEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoisonEvent::SetAside {
+                queue,
+                fields,
+                destination,
+            } => {
+                write!(f, "message in queue `{queue}` set aside to {destination}: ")?;
+                write_fields(f, fields)
+            }
+            PoisonEvent::Unresolved { queues, error } => {
+                write!(
+                    f,
+                    "unparsable message not set aside (queues {queues:?}): {error}"
+                )
+            }
+        }
+    }
+}
+
+fn write_fields(f: &mut impl fmt::Write, fields: &[InvalidField]) -> fmt::Result {
+    for (index, field) in fields.iter().enumerate() {
+        if index > 0 {
+            f.write_str("; ")?;
+        }
+        write!(f, "{field}")?;
+    }
+    Ok(())
+}
+
+/// A message as RabbitMQ holds it, every short string as bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawMessage {
+    /// Exchange name.
+    pub exchange: Vec<u8>,
+    /// Routing key.
+    pub routing_key: Vec<u8>,
+    /// Short-string properties by their AMQP names: `content-type`,
+    /// `content-encoding`, `correlation-id`, `reply-to`, `expiration`,
+    /// `message-id`, `type`, `user-id`, `app-id`, `cluster-id`.
+    pub properties: BTreeMap<String, Vec<u8>>,
+    /// Application headers: names, and long-string values.
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Delivery mode 2 (written to disk) rather than 1.
+    pub persistent: bool,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl RawMessage {
+    fn content_header(&self) -> Result<ContentHeader, BrokerError> {
+        let mut header = ContentHeader {
+            body_size: self.body.len() as u64,
+            properties: Vec::new(),
+        };
+        for (name, value) in &self.properties {
+            let name = SHORT_PROPERTIES
+                .iter()
+                .find(|known| **known == name)
+                .ok_or_else(|| {
+                    BrokerError::Invalid(format!(
+                        "`{name}` is not a short-string AMQP property (one of {SHORT_PROPERTIES:?})"
+                    ))
+                })?;
+            header.set(name, Some(PropertyValue::Short(value.clone())));
+        }
+        if !self.headers.is_empty() {
+            let table = self
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), FieldValue::long_string(value)))
+                .collect();
+            header.set("headers", Some(PropertyValue::Table(Table(table))));
+        }
+        header.set(
+            "delivery-mode",
+            Some(PropertyValue::Octet(if self.persistent { 2 } else { 1 })),
+        );
+        Ok(header)
+    }
+}
+
+const SHORT_PROPERTIES: [&str; 10] = [
+    "content-type",
+    "content-encoding",
+    "correlation-id",
+    "reply-to",
+    "expiration",
+    "message-id",
+    "type",
+    "user-id",
+    "app-id",
+    "cluster-id",
+];
+
+/// What one queue's sweep needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct SweepTarget {
+    pub(crate) queue: String,
+    /// How many messages from the head to look at (the readers' prefetch).
+    pub(crate) depth: u32,
+    /// The queue's dead-letter exchange and routing key, when declared through the broker.
+    pub(crate) dead_letter: Option<(String, Option<String>)>,
+}
+
+/// The I/O the connection runs over: TCP or TLS, as lapin connects.
+trait RawIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> RawIo for T {}
+
+/// A channel the server closed: its reply code and text.
+struct ChannelClosed {
+    code: u16,
+    text: String,
+}
+
+enum RawError {
+    Channel(ChannelClosed),
+    Broker(BrokerError),
+}
+
+impl From<BrokerError> for RawError {
+    fn from(error: BrokerError) -> Self {
+        RawError::Broker(error)
+    }
+}
+
+/// A connection of its own to RabbitMQ that reads and writes short strings as bytes.
+pub struct RawConnection {
+    io: Box<dyn RawIo>,
+    buffer: Vec<u8>,
+    frame_max: u32,
+    next_channel: u16,
+    endpoint: String,
+    /// The longest one call may take.
+    timeout: std::time::Duration,
+}
+
+impl fmt::Debug for RawConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawConnection")
+            .field("endpoint", &self.endpoint)
+            .field("frame_max", &self.frame_max)
+            .finish()
+    }
+}
+
+const CONNECTION: u16 = 10;
+const CHANNEL: u16 = 20;
+const QUEUE: u16 = 50;
+const CONFIRM: u16 = 85;
+
+impl RawConnection {
+    /// Connects and logs in as `config` says (TCP or TLS, user, virtual host).
+    pub async fn connect(config: &AmqpConfig) -> Result<Self, BrokerError> {
+        let endpoint = config.endpoint();
+        let fail = |what: String| {
+            BrokerError::Connection(format!("raw AMQP connection to {endpoint}: {what}"))
+        };
+        let uri = config.lapin_uri();
+        let runtime = lapin::runtime::default_runtime().map_err(|e| fail(e.to_string()))?;
+        let tls = tls_config(config);
+        let connect = uri.connect_with_config_async(tls.as_ref(), &runtime);
+        let io = match tokio::time::timeout(config.connect_timeout(), connect).await {
+            Ok(Ok(io)) => io,
+            Ok(Err(error)) => return Err(fail(error.to_string())),
+            Err(_) => {
+                return Err(fail(format!(
+                    "no answer within {:?}",
+                    config.connect_timeout()
+                )));
+            }
+        };
+        let mut connection = RawConnection {
+            io: Box::new(io),
+            buffer: Vec::new(),
+            frame_max: 0,
+            next_channel: 1,
+            endpoint: endpoint.clone(),
+            timeout: config.operation_timeout(),
+        };
+        let handshake = connection.handshake(&uri);
+        match tokio::time::timeout(config.connect_timeout(), handshake).await {
+            Ok(result) => result.map(|()| connection),
+            Err(_) => Err(fail(format!(
+                "no handshake within {:?}",
+                config.connect_timeout()
+            ))),
+        }
+    }
+
+    async fn handshake(&mut self, uri: &lapin::uri::AMQPUri) -> Result<(), BrokerError> {
+        self.write(b"AMQP\x00\x00\x09\x01").await?;
+        self.expect(0, CONNECTION, 10).await.map_err(Self::hard)?;
+        let user = &uri.authority.userinfo;
+        let mut response = vec![0];
+        response.extend_from_slice(user.username.as_bytes());
+        response.push(0);
+        response.extend_from_slice(user.password.as_bytes());
+        let mut start_ok = Writer::method(CONNECTION, 11);
+        start_ok.long(&[]); // No client properties.
+        self.wire(start_ok.short("mechanism", b"PLAIN"))?
+            .long(&response);
+        self.wire(start_ok.short("locale", b"en_US"))?;
+        self.send_method(0, start_ok).await?;
+        let tune = self.expect(0, CONNECTION, 30).await.map_err(Self::hard)?;
+        let (_, _, mut args) = tune.method().map_err(|e| self.protocol(e))?;
+        let parsed = (|| Ok::<_, WireError>((args.u16("channel max")?, args.u32("frame max")?)))();
+        let (channel_max, frame_max) = parsed.map_err(|e| self.protocol(e))?;
+        self.frame_max = if frame_max == 0 { 131_072 } else { frame_max };
+        let mut tune_ok = Writer::method(CONNECTION, 31);
+        // No heartbeats: the connection lives for one short task.
+        tune_ok.u16(channel_max).u32(self.frame_max).u16(0);
+        self.send_method(0, tune_ok).await?;
+        let mut open = Writer::method(CONNECTION, 40);
+        self.wire(open.short("virtual host", uri.vhost.as_bytes()))?;
+        self.wire(open.short("reserved", b""))?.u8(0);
+        self.send_method(0, open).await?;
+        self.expect(0, CONNECTION, 41).await.map_err(Self::hard)?;
+        Ok(())
+    }
+
+    /// Publishes `message` as it is, bytes and all, and waits for the
+    /// broker's confirm, up to the configured operation timeout.
+    pub async fn publish(&mut self, message: &RawMessage) -> Result<(), BrokerError> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.publish_now(message))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::NotConfirmed {
+                    exchange: String::from_utf8_lossy(&message.exchange).into_owned(),
+                    routing_key: String::from_utf8_lossy(&message.routing_key).into_owned(),
+                    reason: format!("no confirm within {timeout:?}"),
+                })
+            })
+    }
+
+    async fn publish_now(&mut self, message: &RawMessage) -> Result<(), BrokerError> {
+        let header = message.content_header()?;
+        let channel = self.open_channel().await.map_err(Self::hard)?;
+        let mut sequence = 0;
+        let result = self
+            .publish_confirmed(
+                channel,
+                &mut sequence,
+                &message.exchange,
+                &message.routing_key,
+                &header,
+                &message.body,
+            )
+            .await;
+        match result {
+            Ok(()) => self.close_channel(channel).await.map_err(Self::hard),
+            Err(RawError::Channel(closed)) => Err(BrokerError::NotConfirmed {
+                exchange: String::from_utf8_lossy(&message.exchange).into_owned(),
+                routing_key: String::from_utf8_lossy(&message.routing_key).into_owned(),
+                reason: format!(
+                    "channel closed by the broker: {} {}",
+                    closed.code, closed.text
+                ),
+            }),
+            Err(RawError::Broker(error)) => Err(error),
+        }
+    }
+
+    /// Closes the connection (waiting for the broker's answer up to the operation timeout).
+    pub async fn close(mut self) {
+        let timeout = self.timeout;
+        let _ = tokio::time::timeout(timeout, self.close_now()).await;
+    }
+
+    async fn close_now(&mut self) {
+        let mut close = Writer::method(CONNECTION, 50);
+        close.u16(200);
+        if self.wire(close.short("reply text", b"done")).is_ok() {
+            close.u16(0).u16(0);
+            if self.send_method(0, close).await.is_ok() {
+                let _ = self.expect(0, CONNECTION, 51).await;
+            }
+        }
+        let _ = self.io.close().await;
+    }
+
+    /// Moves every message with an invalid short string among the first
+    /// `target.depth` of `target.queue` to its dead-letter destination; the
+    /// others go back in order.
+    pub(crate) async fn set_aside(
+        &mut self,
+        target: &SweepTarget,
+    ) -> Result<Vec<PoisonEvent>, BrokerError> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, self.set_aside_now(target))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BrokerError::Connection(format!(
+                    "setting aside messages of queue `{}`: no answer within {timeout:?}",
+                    target.queue
+                )))
+            })
+    }
+
+    async fn set_aside_now(
+        &mut self,
+        target: &SweepTarget,
+    ) -> Result<Vec<PoisonEvent>, BrokerError> {
+        let channel = self.open_channel().await.map_err(Self::hard)?;
+        match self.sweep_channel(channel, target).await {
+            Ok(events) => {
+                // Closing the channel requeues the valid messages taken, in order.
+                self.close_channel(channel).await.map_err(Self::hard)?;
+                Ok(events)
+            }
+            Err(RawError::Channel(closed)) if closed.code == 404 => {
+                Err(BrokerError::QueueNotFound(target.queue.clone()))
+            }
+            Err(RawError::Channel(closed)) => Err(BrokerError::Connection(format!(
+                "setting aside messages of queue `{}`: channel closed by the broker: {} {}",
+                target.queue, closed.code, closed.text
+            ))),
+            Err(RawError::Broker(error)) => Err(error),
+        }
+    }
+
+    async fn sweep_channel(
+        &mut self,
+        channel: u16,
+        target: &SweepTarget,
+    ) -> Result<Vec<PoisonEvent>, RawError> {
+        let mut events = Vec::new();
+        let mut sequence = 0;
+        let mut dead_letter_declared = false;
+        for _ in 0..target.depth.max(1) {
+            let mut get = Writer::method(CLASS_BASIC, 70);
+            get.u16(0);
+            self.wire(get.short("queue", target.queue.as_bytes()))?
+                .u8(0);
+            self.send_method(channel, get).await?;
+            let reply = self.expect_any(channel, CLASS_BASIC, &[71, 72]).await?;
+            let (_, method, mut args) = reply.method().map_err(|e| self.protocol(e))?;
+            if method == 72 {
+                break; // get-empty
+            }
+            let parsed = (|| {
+                let tag = args.u64("delivery tag")?;
+                args.u8("redelivered")?;
+                let exchange = args.short("exchange")?.to_vec();
+                let routing_key = args.short("routing key")?.to_vec();
+                Ok::<_, WireError>((tag, exchange, routing_key))
+            })();
+            let (tag, exchange, routing_key) = parsed.map_err(|e| self.protocol(e))?;
+            let (mut header, body) = self.read_content(channel).await?;
+            let mut invalid = Vec::new();
+            sanitize("exchange", &exchange, &mut invalid);
+            let routing_key = sanitize("routing key", &routing_key, &mut invalid);
+            invalid.extend(header.sanitize());
+            if invalid.is_empty() {
+                continue; // Left unacknowledged: back to the queue when the channel closes.
+            }
+            let (exchange, key) = match &target.dead_letter {
+                Some((exchange, key)) => (
+                    exchange.clone(),
+                    key.clone().map(String::into_bytes).unwrap_or(routing_key),
+                ),
+                None => {
+                    let dead = format!("{}{}", target.queue, crate::consumer::DEAD_LETTER_SUFFIX);
+                    if !dead_letter_declared {
+                        self.declare_durable(channel, &dead).await?;
+                        dead_letter_declared = true;
+                    }
+                    (String::new(), dead.into_bytes())
+                }
+            };
+            let mut reason = String::new();
+            let _ = write_fields(&mut reason, &invalid);
+            mark_poison(&mut header, &reason, &target.queue);
+            self.publish_confirmed(
+                channel,
+                &mut sequence,
+                exchange.as_bytes(),
+                &key,
+                &header,
+                &body,
+            )
+            .await?;
+            let mut ack = Writer::method(CLASS_BASIC, 80);
+            ack.u64(tag).u8(0);
+            self.send_method(channel, ack).await?;
+            let destination = format!(
+                "exchange \"{exchange}\" with key \"{}\"",
+                String::from_utf8_lossy(&key)
+            );
+            tracing::error!(queue = %target.queue, %destination, %reason, "set aside a message the AMQP client cannot parse");
+            events.push(PoisonEvent::SetAside {
+                queue: target.queue.clone(),
+                fields: invalid,
+                destination,
+            });
+        }
+        Ok(events)
+    }
+
+    async fn declare_durable(&mut self, channel: u16, queue: &str) -> Result<(), RawError> {
+        let mut declare = Writer::method(QUEUE, 10);
+        declare.u16(0);
+        self.wire(declare.short("queue", queue.as_bytes()))?
+            .u8(0b10) // durable
+            .long(&[]);
+        self.send_method(channel, declare).await?;
+        self.expect(channel, QUEUE, 11).await?;
+        Ok(())
+    }
+
+    async fn publish_confirmed(
+        &mut self,
+        channel: u16,
+        sequence: &mut u64,
+        exchange: &[u8],
+        routing_key: &[u8],
+        header: &ContentHeader,
+        body: &[u8],
+    ) -> Result<(), RawError> {
+        if *sequence == 0 {
+            let mut select = Writer::method(CONFIRM, 10);
+            select.u8(0);
+            self.send_method(channel, select).await?;
+            self.expect(channel, CONFIRM, 11).await?;
+        }
+        *sequence += 1;
+        let mut publish = Writer::method(CLASS_BASIC, 40);
+        publish.u16(0);
+        self.wire(publish.short("exchange", exchange))?;
+        self.wire(publish.short("routing key", routing_key))?.u8(0);
+        let mut bytes = Frame::encode(FRAME_METHOD, channel, &publish.0);
+        let header = header.encode().map_err(|e| self.protocol(e))?;
+        bytes.extend(Frame::encode(FRAME_HEADER, channel, &header));
+        // Frame overhead is 8 bytes; frame_max is at least 4096 on RabbitMQ.
+        let chunk = (self.frame_max as usize).saturating_sub(8).max(1);
+        for piece in body.chunks(chunk) {
+            bytes.extend(Frame::encode(FRAME_BODY, channel, piece));
+        }
+        self.write(&bytes).await?;
+        let reply = self.expect_any(channel, CLASS_BASIC, &[80, 120]).await?;
+        let (_, method, mut args) = reply.method().map_err(|e| self.protocol(e))?;
+        let tag = args.u64("delivery tag").map_err(|e| self.protocol(e))?;
+        match method {
+            80 if tag == *sequence => Ok(()),
+            80 => Err(self
+                .protocol(WireError(format!("confirm for {tag}, expected {sequence}")))
+                .into()),
+            _ => Err(RawError::Channel(ChannelClosed {
+                code: 0,
+                text: "the broker refused the message (basic.nack)".into(),
+            })),
+        }
+    }
+
+    async fn read_content(&mut self, channel: u16) -> Result<(ContentHeader, Vec<u8>), RawError> {
+        let frame = self.next_frame().await?;
+        if frame.kind != FRAME_HEADER || frame.channel != channel {
+            return Err(self
+                .protocol(WireError("expected a content header".into()))
+                .into());
+        }
+        let header = ContentHeader::parse(&frame.payload).map_err(|e| self.protocol(e))?;
+        let mut body = Vec::new();
+        while (body.len() as u64) < header.body_size {
+            let frame = self.next_frame().await?;
+            if frame.kind != FRAME_BODY || frame.channel != channel {
+                return Err(self
+                    .protocol(WireError("expected a content body".into()))
+                    .into());
+            }
+            body.extend_from_slice(&frame.payload);
+        }
+        Ok((header, body))
+    }
+
+    async fn open_channel(&mut self) -> Result<u16, RawError> {
+        let channel = self.next_channel;
+        self.next_channel = self.next_channel.checked_add(1).unwrap_or(1);
+        let mut open = Writer::method(CHANNEL, 10);
+        self.wire(open.short("reserved", b""))?;
+        self.send_method(channel, open).await?;
+        self.expect(channel, CHANNEL, 11).await?;
+        Ok(channel)
+    }
+
+    async fn close_channel(&mut self, channel: u16) -> Result<(), RawError> {
+        let mut close = Writer::method(CHANNEL, 40);
+        close.u16(200);
+        self.wire(close.short("reply text", b"done"))?.u16(0).u16(0);
+        self.send_method(channel, close).await?;
+        self.expect(channel, CHANNEL, 41).await?;
+        Ok(())
+    }
+
+    /// The next method frame on `channel` of `class` and `method`.
+    async fn expect(&mut self, channel: u16, class: u16, method: u16) -> Result<Frame, RawError> {
+        self.expect_any(channel, class, &[method]).await
+    }
+
+    /// The next method frame on `channel` of `class` and one of `methods`;
+    /// a close of the channel or connection by the server is an error.
+    async fn expect_any(
+        &mut self,
+        channel: u16,
+        class: u16,
+        methods: &[u16],
+    ) -> Result<Frame, RawError> {
+        loop {
+            let frame = self.next_frame().await?;
+            if frame.kind != FRAME_METHOD {
+                return Err(self
+                    .protocol(WireError(format!("unexpected frame type {}", frame.kind)))
+                    .into());
+            }
+            let (got_class, got_method, mut args) = frame.method().map_err(|e| self.protocol(e))?;
+            if got_class == class && methods.contains(&got_method) && frame.channel == channel {
+                return Ok(frame);
+            }
+            let closed = |args: &mut Reader<'_>| -> ChannelClosed {
+                let code = args.u16("reply code").unwrap_or(0);
+                let text = args
+                    .short("reply text")
+                    .map(|t| String::from_utf8_lossy(t).into_owned());
+                ChannelClosed {
+                    code,
+                    text: text.unwrap_or_default(),
+                }
+            };
+            match (got_class, got_method) {
+                (CONNECTION, 50) => {
+                    let closed = closed(&mut args);
+                    let _ = self.send_method(0, Writer::method(CONNECTION, 51)).await;
+                    return Err(RawError::Broker(BrokerError::Connection(format!(
+                        "{} closed the connection: {} {}",
+                        self.endpoint, closed.code, closed.text
+                    ))));
+                }
+                (CHANNEL, 40) if frame.channel == channel => {
+                    let closed = closed(&mut args);
+                    let _ = self.send_method(channel, Writer::method(CHANNEL, 41)).await;
+                    return Err(RawError::Channel(closed));
+                }
+                // Flow control, blocking notices and returns are not ours to act on.
+                (CONNECTION, 60 | 61) | (CHANNEL, 20) | (CLASS_BASIC, 50) => {}
+                _ => {
+                    return Err(self
+                        .protocol(WireError(format!(
+                            "unexpected method {got_class}.{got_method} on channel {}",
+                            frame.channel
+                        )))
+                        .into());
+                }
+            }
+        }
+    }
+
+    /// The next frame that is not a heartbeat.
+    async fn next_frame(&mut self) -> Result<Frame, BrokerError> {
+        loop {
+            if let Some((frame, used)) =
+                Frame::parse(&self.buffer, self.frame_max).map_err(|e| self.protocol(e))?
+            {
+                self.buffer.drain(..used);
+                if frame.kind == FRAME_HEARTBEAT {
+                    continue;
+                }
+                return Ok(frame);
+            }
+            let mut chunk = [0; 16 * 1024];
+            let read = self
+                .io
+                .read(&mut chunk)
+                .await
+                .map_err(|e| self.io_error(&e))?;
+            if read == 0 {
+                return Err(BrokerError::Connection(format!(
+                    "{} closed the raw AMQP connection",
+                    self.endpoint
+                )));
+            }
+            self.buffer.extend_from_slice(&chunk[..read]);
+        }
+    }
+
+    async fn send_method(&mut self, channel: u16, method: Writer) -> Result<(), BrokerError> {
+        self.write(&Frame::encode(FRAME_METHOD, channel, &method.0))
+            .await
+    }
+
+    async fn write(&mut self, bytes: &[u8]) -> Result<(), BrokerError> {
+        self.io
+            .write_all(bytes)
+            .await
+            .map_err(|e| self.io_error(&e))?;
+        self.io.flush().await.map_err(|e| self.io_error(&e))
+    }
+
+    fn wire<'w>(
+        &self,
+        result: Result<&'w mut Writer, WireError>,
+    ) -> Result<&'w mut Writer, BrokerError> {
+        result.map_err(|e| BrokerError::Invalid(e.to_string()))
+    }
+
+    fn protocol(&self, error: WireError) -> BrokerError {
+        BrokerError::Connection(format!("raw AMQP connection to {}: {error}", self.endpoint))
+    }
+
+    fn io_error(&self, error: &std::io::Error) -> BrokerError {
+        BrokerError::Connection(format!("raw AMQP connection to {}: {error}", self.endpoint))
+    }
+
+    fn hard(error: RawError) -> BrokerError {
+        match error {
+            RawError::Broker(error) => error,
+            RawError::Channel(closed) => BrokerError::Connection(format!(
+                "channel closed by the broker: {} {}",
+                closed.code, closed.text
+            )),
+        }
+    }
+}
+
+/// Adds the poison headers; drops `user-id` (RabbitMQ refuses another user's)
+/// and `expiration` (a set-aside message must not vanish).
+fn mark_poison(header: &mut ContentHeader, reason: &str, queue: &str) {
+    header.set("user-id", None);
+    header.set("expiration", None);
+    let mut table = match header.get("headers") {
+        Some(PropertyValue::Table(table)) => table.clone(),
+        _ => Table::default(),
+    };
+    table.0.retain(|(name, _)| {
+        name != POISON_REASON_HEADER.as_bytes() && name != POISON_QUEUE_HEADER.as_bytes()
+    });
+    table.0.push((
+        POISON_REASON_HEADER.as_bytes().to_vec(),
+        FieldValue::long_string(reason.as_bytes()),
+    ));
+    table.0.push((
+        POISON_QUEUE_HEADER.as_bytes().to_vec(),
+        FieldValue::long_string(queue.as_bytes()),
+    ));
+    header.set("headers", Some(PropertyValue::Table(table)));
+}
+
+/// The TLS settings lapin connects with.
+fn tls_config(_config: &AmqpConfig) -> OwnedTLSConfig {
+    OwnedTLSConfig::default()
+}
