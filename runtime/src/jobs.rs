@@ -13,8 +13,9 @@
 //!   [`Successful`](JobStatus::Successful). An error, a panic, or running
 //!   past the job's timeout is a failed attempt: while retries are left the
 //!   job is recorded [`Retrying`](JobStatus::Retrying) and put back after
-//!   `base * 2^attempt` (capped); after `max_retries` retries it is recorded
-//!   [`Failed`](JobStatus::Failed) and moved to the failed queue
+//!   `base * 2^attempt` (capped, and never more than
+//!   [`MAX_DELAY`](crate::broker::MAX_DELAY)); after `max_retries` retries it
+//!   is recorded [`Failed`](JobStatus::Failed) and moved to the failed queue
 //!   (`<queue>.dead`) with the error in its `tc-last-error` header.
 //! - A handler that is interrupted — the worker is stopped and its drain
 //!   timeout passes, or the handler's future is dropped — is **never**
@@ -92,11 +93,14 @@ impl fmt::Display for JobId {
 pub struct JobOptions {
     /// Retries after the first failed attempt (so at most `max_retries + 1` runs). Default 3.
     pub max_retries: u32,
-    /// Delay before each retry: `base * 2^retry`, at most `cap`. Default 1 s, capped at 5 min.
+    /// Delay before each retry: `base * 2^retry`, at most `cap` and
+    /// [`MAX_DELAY`](crate::broker::MAX_DELAY) (about 49.7 days: longer
+    /// delays are clamped to it). Default 1 s, capped at 5 min.
     pub backoff: Backoff,
     /// A run taking longer fails (its handler future is dropped). Default: none.
     pub timeout: Option<Duration>,
-    /// Delay before the first run. Default: none.
+    /// Delay before the first run (clamped to
+    /// [`MAX_DELAY`](crate::broker::MAX_DELAY)). Default: none.
     pub delay: Duration,
 }
 
@@ -147,7 +151,7 @@ impl Job {
         self
     }
 
-    /// Sets the retry backoff.
+    /// Sets the retry backoff (delays clamped to [`MAX_DELAY`](crate::broker::MAX_DELAY)).
     pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
         self.options.backoff = Backoff { base, cap };
         self
@@ -159,7 +163,7 @@ impl Job {
         self
     }
 
-    /// Delays the first run.
+    /// Delays the first run (by at most [`MAX_DELAY`](crate::broker::MAX_DELAY)).
     pub fn delay(mut self, delay: Duration) -> Self {
         self.options.delay = delay;
         self

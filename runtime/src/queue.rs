@@ -29,8 +29,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::{
-    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage,
-    PendingMessage,
+    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, MAX_DELAY,
+    OutgoingMessage, PendingMessage,
 };
 use crate::consumer::{
     DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner,
@@ -196,23 +196,27 @@ pub enum QueueError {
     },
 }
 
-/// Exponential backoff: `base * 2^attempt`, at most `cap`.
+/// Exponential backoff: `base * 2^attempt`, at most `cap`, and never more
+/// than [`MAX_DELAY`] (about 49.7 days, the longest delay a broker keeps):
+/// longer delays, including a `cap` of `Duration::MAX`, are clamped to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The delay after the first failure.
     pub base: Duration,
-    /// The longest delay.
+    /// The longest delay (clamped to [`MAX_DELAY`]).
     pub cap: Duration,
 }
 
 impl Backoff {
-    /// The delay before retrying after `attempt` earlier failures (0 for the first failure).
+    /// The delay before retrying after `attempt` earlier failures (0 for the
+    /// first failure), at most `cap` and [`MAX_DELAY`].
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
         self.base
             .checked_mul(factor)
             .unwrap_or(self.cap)
             .min(self.cap)
+            .min(MAX_DELAY)
     }
 }
 
@@ -232,7 +236,7 @@ pub struct HandlerOptions {
     pub concurrency: u16,
     /// Failures after which a message is dead-lettered; `None` retries forever. Default 5.
     pub max_attempts: Option<u32>,
-    /// Delay before a failed message is retried.
+    /// Delay before a failed message is retried (clamped to [`MAX_DELAY`]).
     pub backoff: Backoff,
     /// How long `stop` lets running handlers finish before dropping them
     /// (their messages go back to the queue, not counted as attempts). Default: no limit.
@@ -334,8 +338,8 @@ impl<B: Broker> WorkQueue<B> {
         &self.inner.broker
     }
 
-    /// Puts a message into the queue, visible after `delay` (zero: at once).
-    /// Returns once the broker holds it.
+    /// Puts a message into the queue, visible after `delay` (zero: at once;
+    /// clamped to [`MAX_DELAY`]). Returns once the broker holds it.
     pub async fn put(&self, message: QueueMessage, delay: Duration) -> Result<(), QueueError> {
         if let Some(header) = message
             .headers
@@ -392,7 +396,8 @@ impl<B: Broker> WorkQueue<B> {
     }
 
     /// Puts a message taken with [`get`](Self::get) back into the queue,
-    /// visible after `delay`, with its attempt count plus one.
+    /// visible after `delay` (clamped to [`MAX_DELAY`]), with its attempt
+    /// count plus one.
     pub async fn release(&self, message: QueuedMessage, delay: Duration) -> Result<(), QueueError> {
         self.release_parts(&message.received, &*message.acker, delay, None)
             .await
@@ -685,6 +690,22 @@ mod tests {
         let delays: Vec<u128> = (0..6).map(|a| backoff.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_never_exceeds_the_longest_broker_delay() {
+        let unbounded = Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::MAX,
+        };
+        assert_eq!(unbounded.delay(10), Duration::from_secs(1024));
+        assert_eq!(unbounded.delay(31), MAX_DELAY);
+        let sixty_days = Duration::from_secs(60 * 86_400);
+        let long = Backoff {
+            base: sixty_days,
+            cap: sixty_days,
+        };
+        assert_eq!(long.delay(0), MAX_DELAY);
     }
 
     #[test]

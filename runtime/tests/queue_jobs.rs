@@ -1,16 +1,21 @@
 //! `WorkQueue` (tsuru's Q) and `Jobs` (tasqueue) against the embedded
 //! `MemoryBroker`: delays, waiting gets, release, handlers with backoff and
 //! dead-lettering, job statuses, retries, the failed queue, and interrupted
-//! jobs never recorded successful.
+//! jobs never recorded successful. Retry delays past the brokers' limit run
+//! on both brokers (RabbitMQ at
+//! `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 mod client_support;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use client_support::{EVENTUALLY, eventually, next};
+use client_support::{EVENTUALLY, eventually, next, unique};
+use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::memory::MemoryBroker;
+use exchange_runtime::broker::{Broker, BrokerError, MAX_DELAY};
 use exchange_runtime::consumer::HandlerError;
 use exchange_runtime::jobs::{
     BACKOFF_CAP_HEADER, Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore,
@@ -673,4 +678,150 @@ async fn workers_without_handlers_refuse_to_start_and_stop_needs_running_workers
     assert_eq!(status(&jobs, &id).await, JobStatus::Queued);
     let error = jobs.enqueue(Job::new("", "x")).await.unwrap_err();
     assert!(error.to_string().contains("needs a name"), "{error}");
+}
+
+// ---- Delays past the brokers' limit, and failed moves of failed messages ----
+
+/// Longer than the longest delay a broker keeps ([`MAX_DELAY`], about 49.7 days).
+const SIXTY_DAYS: Duration = Duration::from_secs(60 * 86_400);
+/// How long to watch for runs that must not happen.
+const WATCH: Duration = Duration::from_millis(500);
+
+async fn rabbitmq() -> AmqpBroker {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let config = AmqpConfig::from_url(&url)
+        .expect("AMQP_URL must be a valid amqp:// URL")
+        .with_connection_name("exchange-runtime-queue-jobs-tests");
+    AmqpBroker::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("RabbitMQ is required at {url} ({error})"))
+}
+
+fn on_rabbitmq<B: Broker>(broker: &B) -> bool {
+    (broker as &dyn Any).is::<AmqpBroker>()
+}
+
+/// The queue RabbitMQ parks messages delayed by [`MAX_DELAY`] in.
+fn longest_tier<B: Broker>(queue: &WorkQueue<B>) -> String {
+    format!("{}.delay.{}", queue.name(), MAX_DELAY.as_millis())
+}
+
+/// On RabbitMQ, checks that `count` messages wait out [`MAX_DELAY`]; the
+/// embedded broker keeps delayed messages in timers, out of sight.
+async fn assert_parked<B: Broker>(queue: &WorkQueue<B>, count: usize) {
+    if on_rabbitmq(queue.broker()) {
+        let parked = queue.broker().pending(&longest_tier(queue)).await;
+        assert_eq!(parked.expect("the longest delay's queue").len(), count);
+    }
+}
+
+/// Deletes a work queue, its dead-letter queue and, on RabbitMQ, its
+/// longest delay's queue (whose messages would otherwise wait 49 days).
+async fn remove<B: Broker>(queue: &WorkQueue<B>) {
+    let broker = queue.broker();
+    for name in [queue.name(), queue.dead_letter_queue()] {
+        broker.delete_queue(name).await.unwrap();
+    }
+    if on_rabbitmq(broker) {
+        match broker.delete_queue(&longest_tier(queue)).await {
+            Ok(()) | Err(BrokerError::QueueNotFound(_)) => {}
+            Err(error) => panic!("deleting the longest delay's queue: {error}"),
+        }
+    }
+}
+
+/// A job failing every run with a 60-day backoff runs once, then waits
+/// (recorded `retrying`) for its retry, delayed by the longest delay.
+async fn a_job_backing_off_past_the_limit_runs_once<B: Broker>(broker: B) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let jobs = Jobs::builder(broker, unique("jobs-sixty-days"))
+        .register("fails", move |_job: JobContext| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::msg("always fails")) }
+        })
+        .build()
+        .await
+        .unwrap();
+    let job = Job::new("fails", "")
+        .max_retries(3)
+        .backoff(SIXTY_DAYS, SIXTY_DAYS);
+    let id = jobs.enqueue(job).await.unwrap();
+    jobs.start().await.unwrap();
+    eventually("the job ran", || async { runs.load(Ordering::SeqCst) > 0 }).await;
+    tokio::time::sleep(WATCH).await;
+    let record = jobs.status(&id).await.unwrap().expect("a recorded job");
+    assert_eq!(
+        (runs.load(Ordering::SeqCst), record.status, record.retried),
+        (1, JobStatus::Retrying, 1),
+        "runs in {WATCH:?}, status, retried"
+    );
+    assert!(jobs.pending().await.unwrap().is_empty(), "retried early");
+    assert!(jobs.failed_messages().await.unwrap().is_empty());
+    assert_parked(jobs.queue(), 1).await;
+    jobs.stop().unwrap();
+    jobs.wait().await;
+    remove(jobs.queue()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_backing_off_past_the_limit_runs_once_in_memory() {
+    a_job_backing_off_past_the_limit_runs_once(MemoryBroker::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_backing_off_past_the_limit_runs_once_on_rabbitmq() {
+    a_job_backing_off_past_the_limit_runs_once(rabbitmq().await).await;
+}
+
+/// A handler failing every run with a 60-day backoff runs once, its message
+/// released for the longest delay.
+async fn a_handler_backing_off_past_the_limit_runs_once<B: Broker>(broker: B) {
+    let queue = WorkQueue::open(broker, &unique("handler-sixty-days"))
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let options = HandlerOptions {
+        max_attempts: Some(3),
+        backoff: Backoff {
+            base: SIXTY_DAYS,
+            cap: SIXTY_DAYS,
+        },
+        ..HandlerOptions::default()
+    };
+    let handler = queue
+        .handler_with(options, move |_received: Received| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::msg("always fails")) }
+        })
+        .unwrap();
+    queue
+        .put(QueueMessage::new("stubborn"), Duration::ZERO)
+        .await
+        .unwrap();
+    handler.start().await.unwrap();
+    eventually("the handler ran", || async {
+        runs.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::sleep(WATCH).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "runs in {WATCH:?}");
+    assert!(queue.pending().await.unwrap().is_empty(), "released early");
+    assert!(queue.dead_letters().await.unwrap().is_empty());
+    assert_parked(&queue, 1).await;
+    handler.stop().unwrap();
+    handler.wait().await;
+    remove(&queue).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_backing_off_past_the_limit_runs_once_in_memory() {
+    a_handler_backing_off_past_the_limit_runs_once(MemoryBroker::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_backing_off_past_the_limit_runs_once_on_rabbitmq() {
+    a_handler_backing_off_past_the_limit_runs_once(rabbitmq().await).await;
 }
