@@ -16,7 +16,9 @@
 //!   `base * 2^attempt` (capped, and never more than
 //!   [`MAX_DELAY`](crate::broker::MAX_DELAY)); after `max_retries` retries it
 //!   is recorded [`Failed`](JobStatus::Failed) and moved to the failed queue
-//!   (`<queue>.dead`) with the error in its `tc-last-error` header.
+//!   (`<queue>.dead`) with the error in its `tc-last-error` header. Moving
+//!   a failed job never turns into an uncounted, immediate rerun, even when
+//!   the broker refuses its copy (see the [`queue`](crate::queue) module).
 //! - A handler that is interrupted — the worker is stopped and its drain
 //!   timeout passes, or the handler's future is dropped — is **never**
 //!   recorded successful: its message goes back to the queue unchanged
@@ -722,7 +724,7 @@ impl<B: Broker> JobDispatch<B> {
                 tracing::error!(%queue, %reason, "not a job message; moving it to the failed queue");
                 if let Err(error) = self
                     .queue
-                    .dead_letter_parts(&received, &*acker, &reason)
+                    .settle_failure(&received, &*acker, None, &reason)
                     .await
                 {
                     tracing::warn!(%error, "dead-lettering a foreign message failed");
@@ -826,23 +828,21 @@ impl<B: Broker> JobDispatch<B> {
                     ..base
                 })
                 .await;
-                let moved = if retry {
+                let retry_in = if retry {
                     let delay = job.backoff.delay(received.attempts);
                     tracing::warn!(job = %job.id, %error, retry_in = ?delay, "job failed; retrying");
-                    self.queue
-                        .release_parts(&received, &*acker, delay, Some(&error))
-                        .await
+                    Some(delay)
                 } else {
                     tracing::error!(job = %job.id, %error, "job failed with no retries left");
-                    self.queue
-                        .dead_letter_parts(&received, &*acker, &error)
-                        .await
+                    None
                 };
-                if let Err(move_error) = moved {
-                    tracing::warn!(job = %job.id, %move_error, "moving the failed job failed; returning it to the queue");
-                    if let Err(error) = acker.nack(true).await {
-                        tracing::warn!(job = %job.id, %error, "returning the job failed");
-                    }
+                // Never an uncounted, immediate redelivery: see `settle_failure`.
+                if let Err(move_error) = self
+                    .queue
+                    .settle_failure(&received, &*acker, retry_in, &error)
+                    .await
+                {
+                    tracing::warn!(job = %job.id, %move_error, "moving the failed job failed");
                 }
             }
         }
