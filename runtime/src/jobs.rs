@@ -13,9 +13,12 @@
 //!   [`Successful`](JobStatus::Successful). An error, a panic, or running
 //!   past the job's timeout is a failed attempt: while retries are left the
 //!   job is recorded [`Retrying`](JobStatus::Retrying) and put back after
-//!   `base * 2^attempt` (capped); after `max_retries` retries it is recorded
-//!   [`Failed`](JobStatus::Failed) and moved to the failed queue
-//!   (`<queue>.dead`) with the error in its `tc-last-error` header.
+//!   `base * 2^attempt` (capped, and never more than
+//!   [`MAX_DELAY`](crate::broker::MAX_DELAY)); after `max_retries` retries it
+//!   is recorded [`Failed`](JobStatus::Failed) and moved to the failed queue
+//!   (`<queue>.dead`) with the error in its `tc-last-error` header. Moving
+//!   a failed job never turns into an uncounted, immediate rerun, even when
+//!   the broker refuses its copy (see the [`queue`](crate::queue) module).
 //! - A handler that is interrupted — the worker is stopped and its drain
 //!   timeout passes, or the handler's future is dropped — is **never**
 //!   recorded successful: its message goes back to the queue unchanged
@@ -92,11 +95,14 @@ impl fmt::Display for JobId {
 pub struct JobOptions {
     /// Retries after the first failed attempt (so at most `max_retries + 1` runs). Default 3.
     pub max_retries: u32,
-    /// Delay before each retry: `base * 2^retry`, at most `cap`. Default 1 s, capped at 5 min.
+    /// Delay before each retry: `base * 2^retry`, at most `cap` and
+    /// [`MAX_DELAY`](crate::broker::MAX_DELAY) (about 49.7 days: longer
+    /// delays are clamped to it). Default 1 s, capped at 5 min.
     pub backoff: Backoff,
     /// A run taking longer fails (its handler future is dropped). Default: none.
     pub timeout: Option<Duration>,
-    /// Delay before the first run. Default: none.
+    /// Delay before the first run (clamped to
+    /// [`MAX_DELAY`](crate::broker::MAX_DELAY)). Default: none.
     pub delay: Duration,
 }
 
@@ -147,7 +153,7 @@ impl Job {
         self
     }
 
-    /// Sets the retry backoff.
+    /// Sets the retry backoff (delays clamped to [`MAX_DELAY`](crate::broker::MAX_DELAY)).
     pub fn backoff(mut self, base: Duration, cap: Duration) -> Self {
         self.options.backoff = Backoff { base, cap };
         self
@@ -159,7 +165,7 @@ impl Job {
         self
     }
 
-    /// Delays the first run.
+    /// Delays the first run (by at most [`MAX_DELAY`](crate::broker::MAX_DELAY)).
     pub fn delay(mut self, delay: Duration) -> Self {
         self.options.delay = delay;
         self
@@ -718,7 +724,7 @@ impl<B: Broker> JobDispatch<B> {
                 tracing::error!(%queue, %reason, "not a job message; moving it to the failed queue");
                 if let Err(error) = self
                     .queue
-                    .dead_letter_parts(&received, &*acker, &reason)
+                    .settle_failure(&received, &*acker, None, &reason)
                     .await
                 {
                     tracing::warn!(%error, "dead-lettering a foreign message failed");
@@ -822,23 +828,21 @@ impl<B: Broker> JobDispatch<B> {
                     ..base
                 })
                 .await;
-                let moved = if retry {
+                let retry_in = if retry {
                     let delay = job.backoff.delay(received.attempts);
                     tracing::warn!(job = %job.id, %error, retry_in = ?delay, "job failed; retrying");
-                    self.queue
-                        .release_parts(&received, &*acker, delay, Some(&error))
-                        .await
+                    Some(delay)
                 } else {
                     tracing::error!(job = %job.id, %error, "job failed with no retries left");
-                    self.queue
-                        .dead_letter_parts(&received, &*acker, &error)
-                        .await
+                    None
                 };
-                if let Err(move_error) = moved {
-                    tracing::warn!(job = %job.id, %move_error, "moving the failed job failed; returning it to the queue");
-                    if let Err(error) = acker.nack(true).await {
-                        tracing::warn!(job = %job.id, %error, "returning the job failed");
-                    }
+                // Never an uncounted, immediate redelivery: see `settle_failure`.
+                if let Err(move_error) = self
+                    .queue
+                    .settle_failure(&received, &*acker, retry_in, &error)
+                    .await
+                {
+                    tracing::warn!(job = %job.id, %move_error, "moving the failed job failed");
                 }
             }
         }

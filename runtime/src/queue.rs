@@ -21,6 +21,15 @@
 //!   it; an error (or a panic) releases it after an exponential backoff, and
 //!   after [`HandlerOptions::max_attempts`] failures moves it to the
 //!   dead-letter queue with the last error in [`LAST_ERROR_HEADER`].
+//! - Delays are clamped to [`MAX_DELAY`] (about 49.7 days, RabbitMQ's limit).
+//! - A handler's failed message is never redelivered at once and uncounted
+//!   because its copy could not be published: the publish is retried a few
+//!   times (a missing queue declared again); a release whose delayed copy
+//!   still fails is held for its delay (at most 30 s) and then released for
+//!   at once, still counted. Only when the broker takes no copy at all is
+//!   the message rejected (logged): requeued as it was after all that
+//!   waiting, or, when it was to be dead-lettered, dead-lettered by the
+//!   broker without its last error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,8 +38,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::{
-    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage,
-    PendingMessage,
+    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, MAX_DELAY,
+    OutgoingMessage, PendingMessage,
 };
 use crate::consumer::{
     DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner,
@@ -196,23 +205,27 @@ pub enum QueueError {
     },
 }
 
-/// Exponential backoff: `base * 2^attempt`, at most `cap`.
+/// Exponential backoff: `base * 2^attempt`, at most `cap`, and never more
+/// than [`MAX_DELAY`] (about 49.7 days, the longest delay a broker keeps):
+/// longer delays, including a `cap` of `Duration::MAX`, are clamped to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// The delay after the first failure.
     pub base: Duration,
-    /// The longest delay.
+    /// The longest delay (clamped to [`MAX_DELAY`]).
     pub cap: Duration,
 }
 
 impl Backoff {
-    /// The delay before retrying after `attempt` earlier failures (0 for the first failure).
+    /// The delay before retrying after `attempt` earlier failures (0 for the
+    /// first failure), at most `cap` and [`MAX_DELAY`].
     pub fn delay(&self, attempt: u32) -> Duration {
         let factor = 2u32.checked_pow(attempt.min(31)).unwrap_or(u32::MAX);
         self.base
             .checked_mul(factor)
             .unwrap_or(self.cap)
             .min(self.cap)
+            .min(MAX_DELAY)
     }
 }
 
@@ -232,7 +245,7 @@ pub struct HandlerOptions {
     pub concurrency: u16,
     /// Failures after which a message is dead-lettered; `None` retries forever. Default 5.
     pub max_attempts: Option<u32>,
-    /// Delay before a failed message is retried.
+    /// Delay before a failed message is retried (clamped to [`MAX_DELAY`]).
     pub backoff: Backoff,
     /// How long `stop` lets running handlers finish before dropping them
     /// (their messages go back to the queue, not counted as attempts). Default: no limit.
@@ -246,6 +259,33 @@ impl Default for HandlerOptions {
             max_attempts: Some(5),
             backoff: Backoff::default(),
             drain_timeout: None,
+        }
+    }
+}
+
+/// How many times a failed message's copy is published before giving up.
+const MOVE_TRIES: u32 = 3;
+/// The wait before publishing a failed message's copy again (doubling after).
+const MOVE_RETRY_WAIT: Duration = Duration::from_millis(100);
+/// The longest a handler holds a failed message whose delayed copy could
+/// not be published, before releasing it for at once instead.
+const MAX_HOLD: Duration = Duration::from_secs(30);
+
+/// Where a failed (or released) message's copy goes.
+#[derive(Debug, Clone, Copy)]
+enum Move {
+    /// Back into the queue, after the delay.
+    Release(Duration),
+    /// Into the dead-letter queue.
+    DeadLetter,
+}
+
+impl Move {
+    /// What publishing the copy and acknowledging the original are called in errors.
+    fn operations(self) -> [&'static str; 2] {
+        match self {
+            Move::Release(_) => ["release", "release (acknowledging the original)"],
+            Move::DeadLetter => ["dead-letter", "dead-letter (acknowledging the original)"],
         }
     }
 }
@@ -334,8 +374,8 @@ impl<B: Broker> WorkQueue<B> {
         &self.inner.broker
     }
 
-    /// Puts a message into the queue, visible after `delay` (zero: at once).
-    /// Returns once the broker holds it.
+    /// Puts a message into the queue, visible after `delay` (zero: at once;
+    /// clamped to [`MAX_DELAY`]). Returns once the broker holds it.
     pub async fn put(&self, message: QueueMessage, delay: Duration) -> Result<(), QueueError> {
         if let Some(header) = message
             .headers
@@ -392,16 +432,19 @@ impl<B: Broker> WorkQueue<B> {
     }
 
     /// Puts a message taken with [`get`](Self::get) back into the queue,
-    /// visible after `delay`, with its attempt count plus one.
+    /// visible after `delay` (clamped to [`MAX_DELAY`]), with its attempt
+    /// count plus one.
     pub async fn release(&self, message: QueuedMessage, delay: Duration) -> Result<(), QueueError> {
-        self.release_parts(&message.received, &*message.acker, delay, None)
+        let to = Move::Release(delay);
+        self.move_copy(&message.received, &*message.acker, to, None, false)
             .await
     }
 
     /// Moves a message taken with [`get`](Self::get) to the dead-letter
     /// queue, recording `error` in its [`LAST_ERROR_HEADER`].
     pub async fn dead_letter(&self, message: QueuedMessage, error: &str) -> Result<(), QueueError> {
-        self.dead_letter_parts(&message.received, &*message.acker, error)
+        let to = Move::DeadLetter;
+        self.move_copy(&message.received, &*message.acker, to, Some(error), false)
             .await
     }
 
@@ -424,61 +467,44 @@ impl<B: Broker> WorkQueue<B> {
             .map_err(|source| self.error("dead_letters", source))
     }
 
-    /// Publishes a copy with one more attempt (and the last error) after
-    /// `delay`, then acknowledges the original.
-    pub(crate) async fn release_parts(
+    /// Settles a message whose handler failed: with `retry_in`, releases it
+    /// for another try after that delay; without, moves it to the
+    /// dead-letter queue. Either way with its attempt count plus one and
+    /// `error` in its [`LAST_ERROR_HEADER`].
+    ///
+    /// A failed move never turns into an uncounted, immediate redelivery:
+    /// publishing the copy is tried [`MOVE_TRIES`] times (declaring a
+    /// missing queue again in between); a release whose delayed copy still
+    /// fails is held (unacknowledged) for its delay, at most [`MAX_HOLD`],
+    /// and then published for at once instead, still counted. Only when that
+    /// fails too is the message rejected, logged: a release back to the
+    /// queue as it was (uncounted, after all that waiting), a dead-letter to
+    /// the queue's dead-letter exchange (the dead-letter queue, without the
+    /// last error).
+    pub(crate) async fn settle_failure(
         &self,
         received: &Received,
         acker: &dyn AckHandle,
-        delay: Duration,
-        last_error: Option<&str>,
-    ) -> Result<(), QueueError> {
-        let operations = ["release", "release (acknowledging the original)"];
-        self.move_copy(
-            received,
-            acker,
-            &self.inner.name,
-            delay,
-            last_error,
-            operations,
-        )
-        .await
-    }
-
-    /// Publishes a copy carrying `error` into the dead-letter queue, then
-    /// acknowledges the original.
-    pub(crate) async fn dead_letter_parts(
-        &self,
-        received: &Received,
-        acker: &dyn AckHandle,
+        retry_in: Option<Duration>,
         error: &str,
     ) -> Result<(), QueueError> {
-        let operations = ["dead-letter", "dead-letter (acknowledging the original)"];
-        let target = &self.inner.dead_letter;
-        self.move_copy(
-            received,
-            acker,
-            target,
-            Duration::ZERO,
-            Some(error),
-            operations,
-        )
-        .await
+        let to = retry_in.map_or(Move::DeadLetter, Move::Release);
+        self.move_copy(received, acker, to, Some(error), true).await
     }
 
-    /// Publishes a copy of a message into `target` after `delay`, with one
-    /// more attempt (and `last_error`, if any) in its headers, then
-    /// acknowledges the original. Publishing first means a crash in between
-    /// duplicates the message rather than loses it. `operations` name the
-    /// publish and the acknowledgement in errors.
+    /// Publishes a copy of a message where `to` says, with one more attempt
+    /// (and `last_error`, if any) in its headers, then acknowledges the
+    /// original. Publishing first means a crash in between duplicates the
+    /// message rather than loses it. With `fall_back`, a failed publish is
+    /// handled as [`settle_failure`](Self::settle_failure) says; without,
+    /// it is only reported.
     async fn move_copy(
         &self,
         received: &Received,
         acker: &dyn AckHandle,
-        target: &str,
-        delay: Duration,
+        to: Move,
         last_error: Option<&str>,
-        [publishing, acknowledging]: [&'static str; 2],
+        fall_back: bool,
     ) -> Result<(), QueueError> {
         let mut copy = received.message.clone();
         copy.headers.insert(
@@ -489,15 +515,73 @@ impl<B: Broker> WorkQueue<B> {
             copy.headers
                 .insert(LAST_ERROR_HEADER.to_owned(), error.to_owned());
         }
-        self.inner
-            .broker
-            .publish_delayed(target, outgoing(copy), delay)
-            .await
-            .map_err(|source| self.error(publishing, source))?;
-        acker
-            .ack()
-            .await
-            .map_err(|source| self.error(acknowledging, source))
+        let copy = outgoing(copy);
+        let (target, delay) = match to {
+            Move::Release(delay) => (&self.inner.name, delay),
+            Move::DeadLetter => (&self.inner.dead_letter, Duration::ZERO),
+        };
+        let [publishing, acknowledging] = to.operations();
+        let mut published = self.publish_copy(target, &copy, delay).await;
+        if fall_back
+            && !delay.is_zero()
+            && let Err(error) = &published
+        {
+            let hold = delay.min(MAX_HOLD);
+            tracing::warn!(queue = %self.inner.name, %error, ?hold, "publishing a delayed copy failed; holding the message, then releasing it at once");
+            tokio::time::sleep(hold).await;
+            published = self.publish_copy(target, &copy, Duration::ZERO).await;
+        }
+        match published {
+            Ok(()) => acker
+                .ack()
+                .await
+                .map_err(|source| self.error(acknowledging, source)),
+            Err(source) => {
+                if fall_back {
+                    let requeue = matches!(to, Move::Release(_));
+                    tracing::error!(queue = %self.inner.name, error = %source, requeue, "cannot {publishing} a failed message; rejecting it (requeued: uncounted; otherwise dead-lettered by the broker without its last error)");
+                    if let Err(error) = acker.nack(requeue).await {
+                        tracing::warn!(queue = %self.inner.name, %error, "rejecting the message failed; the broker redelivers it");
+                    }
+                }
+                Err(self.error(publishing, source))
+            }
+        }
+    }
+
+    /// Publishes `copy` into `target` after `delay`, up to [`MOVE_TRIES`]
+    /// times, waiting [`MOVE_RETRY_WAIT`] (doubling) in between; a missing
+    /// queue is declared again (with its partner) before the next try.
+    async fn publish_copy(
+        &self,
+        target: &str,
+        copy: &OutgoingMessage,
+        delay: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut wait = MOVE_RETRY_WAIT;
+        let mut tries = 1;
+        loop {
+            let published = self
+                .inner
+                .broker
+                .publish_delayed(target, copy.clone(), delay)
+                .await;
+            let Err(error) = &published else {
+                return published;
+            };
+            if tries >= MOVE_TRIES {
+                return published;
+            }
+            tracing::warn!(queue = %self.inner.name, target, %error, retry_in = ?wait, "publishing a message's copy failed; trying again");
+            if matches!(error, BrokerError::QueueNotFound(_))
+                && let Err(error) = self.declare().await
+            {
+                tracing::warn!(queue = %self.inner.name, %error, "declaring the queues again failed");
+            }
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
+            tries += 1;
+        }
     }
 
     /// A handler running `handle` for each message of the queue, with the
@@ -605,27 +689,24 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
                     .ack()
                     .await
                     .map_err(|source| self.queue.error("delete", source)),
-                Some(error)
-                    if self
-                        .options
-                        .max_attempts
-                        .is_some_and(|max| received.attempts.saturating_add(1) >= max) =>
-                {
-                    tracing::error!(%queue, %error, attempts = received.attempts.saturating_add(1), "handler failed for the last time; dead-lettering");
-                    self.queue
-                        .dead_letter_parts(&received, &*acker, &error)
-                        .await
-                }
                 Some(error) => {
-                    let delay = self.options.backoff.delay(received.attempts);
-                    tracing::warn!(%queue, %error, retry_in = ?delay, "handler failed; releasing");
+                    let attempts = received.attempts.saturating_add(1);
+                    let retry_in = if self.options.max_attempts.is_some_and(|max| attempts >= max) {
+                        tracing::error!(%queue, %error, attempts, "handler failed for the last time; dead-lettering");
+                        None
+                    } else {
+                        let delay = self.options.backoff.delay(received.attempts);
+                        tracing::warn!(%queue, %error, retry_in = ?delay, "handler failed; releasing");
+                        Some(delay)
+                    };
                     self.queue
-                        .release_parts(&received, &*acker, delay, Some(&error))
+                        .settle_failure(&received, &*acker, retry_in, &error)
                         .await
                 }
             };
             if let Err(error) = settled {
-                // Unsettled, the message is redelivered: handled at least once.
+                // Rejected by `settle_failure`, or (an acknowledgement
+                // failed) redelivered by the broker: handled at least once.
                 tracing::warn!(%error, "settling a message failed");
             }
         })
@@ -685,6 +766,22 @@ mod tests {
         let delays: Vec<u128> = (0..6).map(|a| backoff.delay(a).as_millis()).collect();
         assert_eq!(delays, [100, 200, 400, 800, 1000, 1000]);
         assert_eq!(backoff.delay(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backoff_never_exceeds_the_longest_broker_delay() {
+        let unbounded = Backoff {
+            base: Duration::from_secs(1),
+            cap: Duration::MAX,
+        };
+        assert_eq!(unbounded.delay(10), Duration::from_secs(1024));
+        assert_eq!(unbounded.delay(31), MAX_DELAY);
+        let sixty_days = Duration::from_secs(60 * 86_400);
+        let long = Backoff {
+            base: sixty_days,
+            cap: sixty_days,
+        };
+        assert_eq!(long.delay(0), MAX_DELAY);
     }
 
     #[test]

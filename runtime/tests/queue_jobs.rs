@@ -1,24 +1,29 @@
 //! `WorkQueue` (tsuru's Q) and `Jobs` (tasqueue) against the embedded
 //! `MemoryBroker`: delays, waiting gets, release, handlers with backoff and
 //! dead-lettering, job statuses, retries, the failed queue, and interrupted
-//! jobs never recorded successful.
+//! jobs never recorded successful. Retry delays past the brokers' limit and
+//! failed moves of a failed message run on both brokers (RabbitMQ at
+//! `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 mod client_support;
 
+use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use client_support::{EVENTUALLY, eventually, next};
+use client_support::{EVENTUALLY, Flaky, eventually, next, unique};
+use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::memory::MemoryBroker;
+use exchange_runtime::broker::{Broker, BrokerError, MAX_DELAY};
 use exchange_runtime::consumer::HandlerError;
 use exchange_runtime::jobs::{
     BACKOFF_CAP_HEADER, Job, JobContext, JobId, JobStatus, Jobs, MemoryStatusStore, StatusStore,
     TIMEOUT_HEADER,
 };
 use exchange_runtime::queue::{
-    ATTEMPTS_HEADER, Backoff, HandlerOptions, LAST_ERROR_HEADER, QueueError, QueueMessage,
-    Received, WorkQueue,
+    ATTEMPTS_HEADER, Backoff, HandlerOptions, LAST_ERROR_HEADER, QueueError, QueueHandler,
+    QueueMessage, Received, WorkQueue,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -673,4 +678,370 @@ async fn workers_without_handlers_refuse_to_start_and_stop_needs_running_workers
     assert_eq!(status(&jobs, &id).await, JobStatus::Queued);
     let error = jobs.enqueue(Job::new("", "x")).await.unwrap_err();
     assert!(error.to_string().contains("needs a name"), "{error}");
+}
+
+// ---- Delays past the brokers' limit, and failed moves of failed messages ----
+
+/// Longer than the longest delay a broker keeps ([`MAX_DELAY`], about 49.7 days).
+const SIXTY_DAYS: Duration = Duration::from_secs(60 * 86_400);
+/// How long to watch for runs that must not happen.
+const WATCH: Duration = Duration::from_millis(500);
+
+async fn rabbitmq() -> AmqpBroker {
+    let url = std::env::var("AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let config = AmqpConfig::from_url(&url)
+        .expect("AMQP_URL must be a valid amqp:// URL")
+        .with_connection_name("exchange-runtime-queue-jobs-tests");
+    AmqpBroker::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("RabbitMQ is required at {url} ({error})"))
+}
+
+fn on_rabbitmq<B: Broker>(broker: &B) -> bool {
+    (broker as &dyn Any).is::<AmqpBroker>()
+}
+
+/// The queue RabbitMQ parks messages delayed by [`MAX_DELAY`] in.
+fn longest_tier<B: Broker>(queue: &WorkQueue<B>) -> String {
+    format!("{}.delay.{}", queue.name(), MAX_DELAY.as_millis())
+}
+
+/// On RabbitMQ, checks that `count` messages wait out [`MAX_DELAY`]; the
+/// embedded broker keeps delayed messages in timers, out of sight.
+async fn assert_parked<B: Broker>(queue: &WorkQueue<B>, count: usize) {
+    if on_rabbitmq(queue.broker()) {
+        let parked = queue.broker().pending(&longest_tier(queue)).await;
+        assert_eq!(parked.expect("the longest delay's queue").len(), count);
+    }
+}
+
+/// Deletes a work queue, its dead-letter queue and, on RabbitMQ, its
+/// longest delay's queue (whose messages would otherwise wait 49 days).
+async fn remove<B: Broker>(queue: &WorkQueue<B>) {
+    let broker = queue.broker();
+    for name in [queue.name(), queue.dead_letter_queue()] {
+        broker.delete_queue(name).await.unwrap();
+    }
+    if on_rabbitmq(broker) {
+        match broker.delete_queue(&longest_tier(queue)).await {
+            Ok(()) | Err(BrokerError::QueueNotFound(_)) => {}
+            Err(error) => panic!("deleting the longest delay's queue: {error}"),
+        }
+    }
+}
+
+/// Polls `check` until it is true (`true`) or `limit` passes (`false`).
+async fn within<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// What the always-failing handlers of these tests fail with.
+const ALWAYS: &str = "always fails";
+
+/// A quick backoff: 50 ms, doubling up to 1 s.
+const QUICK: Backoff = Backoff {
+    base: Duration::from_millis(50),
+    cap: Duration::from_secs(1),
+};
+
+/// A handler of `queue` failing every run, and the attempt counts it ran with.
+fn failing_handler<B: Broker>(
+    queue: &WorkQueue<B>,
+    max_attempts: Option<u32>,
+    backoff: Backoff,
+) -> (QueueHandler<B>, Arc<Mutex<Vec<u32>>>) {
+    let options = HandlerOptions {
+        max_attempts,
+        backoff,
+        ..HandlerOptions::default()
+    };
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&runs);
+    let handler = queue
+        .handler_with(options, move |received: Received| {
+            record.lock().unwrap().push(received.attempts);
+            async { Err(HandlerError::msg(ALWAYS)) }
+        })
+        .unwrap();
+    (handler, runs)
+}
+
+/// Whether a message reaches the dead-letter queue within 3 s; then waits
+/// [`NONE_WINDOW`] more for runs that must not come.
+async fn dead_lettered<B: Broker>(queue: &WorkQueue<B>) -> bool {
+    let arrived = within(Duration::from_secs(3), || async {
+        queue
+            .dead_letters()
+            .await
+            .is_ok_and(|dead| !dead.is_empty())
+    })
+    .await;
+    tokio::time::sleep(NONE_WINDOW).await;
+    arrived
+}
+
+/// A job failing every run with a 60-day backoff runs once, then waits
+/// (recorded `retrying`) for its retry, delayed by the longest delay.
+async fn a_job_backing_off_past_the_limit_runs_once<B: Broker>(broker: B) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let jobs = Jobs::builder(broker, unique("jobs-sixty-days"))
+        .register("fails", move |_job: JobContext| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err(HandlerError::msg("always fails")) }
+        })
+        .build()
+        .await
+        .unwrap();
+    let job = Job::new("fails", "")
+        .max_retries(3)
+        .backoff(SIXTY_DAYS, SIXTY_DAYS);
+    let id = jobs.enqueue(job).await.unwrap();
+    jobs.start().await.unwrap();
+    eventually("the job ran", || async { runs.load(Ordering::SeqCst) > 0 }).await;
+    tokio::time::sleep(WATCH).await;
+    let record = jobs.status(&id).await.unwrap().expect("a recorded job");
+    assert_eq!(
+        (runs.load(Ordering::SeqCst), record.status, record.retried),
+        (1, JobStatus::Retrying, 1),
+        "runs in {WATCH:?}, status, retried"
+    );
+    assert!(jobs.pending().await.unwrap().is_empty(), "retried early");
+    assert!(jobs.failed_messages().await.unwrap().is_empty());
+    assert_parked(jobs.queue(), 1).await;
+    jobs.stop().unwrap();
+    jobs.wait().await;
+    remove(jobs.queue()).await;
+}
+
+/// A handler failing every run with a 60-day backoff runs once, its message
+/// released for the longest delay.
+async fn a_handler_backing_off_past_the_limit_runs_once<B: Broker>(broker: B) {
+    let queue = WorkQueue::open(broker, &unique("handler-sixty-days"))
+        .await
+        .unwrap();
+    let sixty_days = Backoff {
+        base: SIXTY_DAYS,
+        cap: SIXTY_DAYS,
+    };
+    let (handler, runs) = failing_handler(&queue, Some(3), sixty_days);
+    queue
+        .put(QueueMessage::new("stubborn"), Duration::ZERO)
+        .await
+        .unwrap();
+    handler.start().await.unwrap();
+    eventually("the handler ran", || async {
+        !runs.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(WATCH).await;
+    assert_eq!(
+        *runs.lock().unwrap(),
+        [0],
+        "attempts of the runs in {WATCH:?}"
+    );
+    assert!(queue.pending().await.unwrap().is_empty(), "released early");
+    assert!(queue.dead_letters().await.unwrap().is_empty());
+    assert_parked(&queue, 1).await;
+    handler.stop().unwrap();
+    handler.wait().await;
+    remove(&queue).await;
+}
+
+/// A handler failing for good whose dead-letter queue was deleted: the
+/// queue is declared again and the message lands there, after one run.
+async fn a_deleted_dead_letter_queue_is_declared_again<B: Broker>(broker: B) {
+    let queue = WorkQueue::open(broker, &unique("handler-no-dead"))
+        .await
+        .unwrap();
+    let (handler, runs) = failing_handler(&queue, Some(1), Backoff::default());
+    // Started first: subscribing declares the dead-letter queue again.
+    handler.start().await.unwrap();
+    queue
+        .broker()
+        .delete_queue(queue.dead_letter_queue())
+        .await
+        .unwrap();
+    queue
+        .put(QueueMessage::new("doomed"), Duration::ZERO)
+        .await
+        .unwrap();
+    let dead_lettered = dead_lettered(&queue).await;
+    assert_eq!(
+        (dead_lettered, runs.lock().unwrap().len()),
+        (true, 1),
+        "dead-lettered, runs"
+    );
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead[0].headers[LAST_ERROR_HEADER], ALWAYS);
+    handler.stop().unwrap();
+    handler.wait().await;
+    remove(&queue).await;
+}
+
+/// Runs each generic test on both brokers, as `<test>::in_memory` and `<test>::on_rabbitmq`.
+macro_rules! on_both_brokers {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn in_memory() {
+                    super::$test(super::MemoryBroker::new()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn on_rabbitmq() {
+                    super::$test(super::rabbitmq().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both_brokers!(
+    a_job_backing_off_past_the_limit_runs_once,
+    a_handler_backing_off_past_the_limit_runs_once,
+    a_deleted_dead_letter_queue_is_declared_again,
+);
+
+/// Puts a message into `queue` past `broker`'s injected failures.
+async fn put_past(broker: &Flaky, queue: &WorkQueue<Flaky>) {
+    let message = QueueMessage::new("stubborn");
+    let outgoing = exchange_runtime::broker::OutgoingMessage {
+        body: message.body,
+        ..Default::default()
+    };
+    broker
+        .inner
+        .publish_delayed(queue.name(), outgoing, Duration::ZERO)
+        .await
+        .unwrap();
+}
+
+/// The embedded broker, wrapped to fail every `publish_delayed` with a delay of at least `least`.
+fn failing_delays(least: Duration) -> Flaky {
+    let broker = Flaky::new(MemoryBroker::new(), 0, 0);
+    *broker.fail_delays_from.lock().unwrap() = Some(least);
+    broker
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_whose_delayed_publish_fails_still_counts_the_attempt() {
+    let queue = WorkQueue::open(failing_delays(Duration::from_nanos(1)), "release-fails")
+        .await
+        .unwrap();
+    let (handler, runs) = failing_handler(&queue, Some(3), QUICK);
+    queue
+        .put(QueueMessage::new("stubborn"), Duration::ZERO)
+        .await
+        .unwrap();
+    handler.start().await.unwrap();
+    let dead_lettered = dead_lettered(&queue).await;
+    handler.stop().unwrap();
+    handler.wait().await;
+    let attempts = runs.lock().unwrap().clone();
+    assert!(
+        dead_lettered && attempts == [0, 1, 2],
+        "dead-lettered: {dead_lettered}; {} runs, attempts {:?}...",
+        attempts.len(),
+        &attempts[..attempts.len().min(10)]
+    );
+    let dead = queue.dead_letters().await.unwrap();
+    assert_eq!(dead[0].headers[ATTEMPTS_HEADER], "3");
+    assert!(queue.pending().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_delayed_retry_fails_still_counts_the_attempt() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&runs);
+    let jobs = Jobs::builder(failing_delays(Duration::from_nanos(1)), "jobs-retry-fails")
+        .register("fails", move |job: JobContext| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { Err(HandlerError::msg(format!("run {} failed", job.retried))) }
+        })
+        .build()
+        .await
+        .unwrap();
+    let job = Job::new("fails", "")
+        .max_retries(2)
+        .backoff(Duration::from_millis(50), Duration::from_secs(1));
+    let id = jobs.enqueue(job).await.unwrap();
+    jobs.start().await.unwrap();
+    let failed = within(Duration::from_secs(3), || async {
+        !jobs.failed_messages().await.unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(NONE_WINDOW).await;
+    jobs.stop().unwrap();
+    jobs.wait().await;
+    assert_eq!(
+        (failed, runs.load(Ordering::SeqCst)),
+        (true, 3),
+        "failed for good, runs"
+    );
+    let record = jobs.status(&id).await.unwrap().expect("a recorded job");
+    assert_eq!((record.status, record.retried), (JobStatus::Failed, 3));
+    assert_eq!(record.last_error.as_deref(), Some("run 2 failed"));
+    assert_eq!(jobs.failed_messages().await.unwrap()[0].retried, 3);
+}
+
+/// A handler always failing on a broker refusing every copy of a failed
+/// message: its releases are requeued uncounted, but only after the copy's
+/// tries and the hold, never in a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_no_copy_of_which_is_accepted_is_requeued_slowly() {
+    let broker = failing_delays(Duration::ZERO);
+    let queue = WorkQueue::open(broker.clone(), "release-refused")
+        .await
+        .unwrap();
+    let (handler, runs) = failing_handler(&queue, None, QUICK);
+    put_past(&broker, &queue).await;
+    handler.start().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    handler.stop().unwrap();
+    handler.wait().await;
+    // Each round: three tries of the delayed copy (100 + 200 ms apart), a
+    // 50 ms hold, three tries of an immediate copy: at least 650 ms.
+    let attempts = runs.lock().unwrap().clone();
+    assert!(
+        (1..=2).contains(&attempts.len()) && attempts.iter().all(|a| *a == 0),
+        "{} runs in 1 s, attempts {:?}...",
+        attempts.len(),
+        &attempts[..attempts.len().min(10)]
+    );
+}
+
+/// A failed message that no dead-letter copy of is accepted is rejected to
+/// the queue's dead-letter exchange: in the dead-letter queue after one run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_no_copy_of_which_is_accepted_is_rejected_to_the_dead_letter_queue() {
+    let broker = failing_delays(Duration::ZERO);
+    let queue = WorkQueue::open(broker.clone(), "dead-letter-refused")
+        .await
+        .unwrap();
+    let (handler, runs) = failing_handler(&queue, Some(1), Backoff::default());
+    put_past(&broker, &queue).await;
+    handler.start().await.unwrap();
+    let dead_lettered = dead_lettered(&queue).await;
+    handler.stop().unwrap();
+    handler.wait().await;
+    assert_eq!(
+        (dead_lettered, runs.lock().unwrap().len()),
+        (true, 1),
+        "dead-lettered, runs"
+    );
+    assert!(queue.pending().await.unwrap().is_empty());
 }

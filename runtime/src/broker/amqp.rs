@@ -785,7 +785,7 @@ impl Broker for AmqpBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
-        let delay_ms = u64::try_from(convert::millis(queue, delay)?).unwrap_or(u64::MAX);
+        let delay_ms = convert::delay_ms(delay);
         if delay_ms == 0 {
             // Mandatory: a missing queue is an error here, not a silent drop.
             return self
@@ -793,7 +793,7 @@ impl Broker for AmqpBroker {
                 .await;
         }
         // Capping the tier at RabbitMQ's TTL limit keeps it never early:
-        // `millis` refused delays above the limit.
+        // the delay was clamped to that limit.
         let tier_ms = convert::delay_tier_ms(delay_ms).min(MAX_TTL_MS.unsigned_abs());
         let tier_ms_signed = i64::try_from(tier_ms).unwrap_or(MAX_TTL_MS);
         let delay_queue = format!("{queue}.delay.{tier_ms}");

@@ -214,7 +214,8 @@ impl Broker for MemoryBroker {
         self.with_state(|state, _| state.publish(exchange, routing_key, message))
     }
 
-    /// The message enters the queue when the delay has passed, as if
+    /// The message enters the queue when the delay (clamped to
+    /// [`MAX_DELAY`](super::MAX_DELAY), as on RabbitMQ) has passed, as if
     /// published then to the default exchange; if the queue is gone or full
     /// by then, it is dropped (logged).
     async fn publish_delayed(
@@ -233,6 +234,7 @@ impl Broker for MemoryBroker {
         if delay.is_zero() {
             return self.with_state(|state, _| state.enqueue(queue, content));
         }
+        let delay = delay.min(super::MAX_DELAY);
         let runtime = runtime()?;
         self.with_state(|state, _| state.check_exists(queue))?;
         let shared = Arc::downgrade(self.shared());

@@ -21,6 +21,12 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// the routing key delivers straight to that queue.
 pub const DEFAULT_EXCHANGE: &str = "";
 
+/// The longest delay a broker keeps a message for: 2^32 − 1 ms (about 49.7
+/// days), RabbitMQ's limit on a message TTL. Both brokers'
+/// [`publish_delayed`](Broker::publish_delayed) clamp longer delays to it, so
+/// retry backoffs and job delays never exceed it either.
+pub const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
+
 /// Options for declaring an exchange (always of type `topic`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExchangeOptions {
@@ -300,6 +306,9 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// Puts a message into a queue directly, visible only after `delay`
     /// (zero: at once). Returns once the broker holds the message.
+    ///
+    /// A delay longer than [`MAX_DELAY`] (RabbitMQ's TTL limit, about 49.7
+    /// days) is clamped to it: accepted, and the message waits [`MAX_DELAY`].
     fn publish_delayed(
         &self,
         queue: &str,

@@ -4,8 +4,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use exchange_runtime::broker::memory::MemoryBroker;
@@ -292,14 +292,17 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Wraps a `MemoryBroker` to fail on purpose: the next `fail_publishes`
-/// publishes fail with a connection error, and the next `broken_streams`
-/// subscriptions end at once (as a dropped connection ends them). Counts
-/// publishes, exchange declarations and subscriptions.
+/// publishes fail with a connection error, the next `broken_streams`
+/// subscriptions end at once (as a dropped connection ends them), and while
+/// `fail_delays_from` is `Some(least)` every `publish_delayed` with a delay of
+/// at least `least` fails with a connection error. Counts publishes,
+/// exchange declarations and subscriptions.
 #[derive(Clone)]
 pub struct Flaky {
     pub inner: MemoryBroker,
     pub fail_publishes: Arc<AtomicU32>,
     pub broken_streams: Arc<AtomicU32>,
+    pub fail_delays_from: Arc<Mutex<Option<Duration>>>,
     pub publishes: Arc<AtomicU32>,
     pub declarations: Arc<AtomicU32>,
     pub subscriptions: Arc<AtomicU32>,
@@ -311,6 +314,7 @@ impl Flaky {
             inner,
             fail_publishes: Arc::new(AtomicU32::new(fail_publishes)),
             broken_streams: Arc::new(AtomicU32::new(broken_streams)),
+            fail_delays_from: Arc::new(Mutex::new(None)),
             publishes: Arc::new(AtomicU32::new(0)),
             declarations: Arc::new(AtomicU32::new(0)),
             subscriptions: Arc::new(AtomicU32::new(0)),
@@ -377,6 +381,15 @@ impl Broker for Flaky {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
+        let failing = *self
+            .fail_delays_from
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if failing.is_some_and(|least| delay >= least) {
+            return Err(BrokerError::Connection(
+                "injected failure of a delayed publish".to_owned(),
+            ));
+        }
         self.inner.publish_delayed(queue, message, delay).await
     }
 

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use exchange_runtime::broker::{
-    Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions,
+    Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions, MAX_DELAY,
     OutgoingMessage, QueueOptions,
 };
 
@@ -65,6 +65,7 @@ macro_rules! conformance_tests {
             nack_without_requeue_dead_letters,
             expired_messages_are_dead_lettered,
             delayed_publish_is_not_visible_early,
+            delayed_publish_past_the_limit_is_clamped,
             get_and_pending,
             cancelled_consumer_requeues_its_deliveries,
             dropped_delivery_is_requeued,
@@ -763,6 +764,31 @@ pub async fn delayed_publish_is_not_visible_early<B: Broker>(broker: &B) {
     ack(delivery).await;
     drop(stream);
     delete_queues(broker, &[&queue]).await;
+}
+
+/// A delay past [`MAX_DELAY`] is accepted, clamped to it: the message waits
+/// (RabbitMQ's broker parks it in the delay queue `<queue>.delay.<ms>`).
+pub async fn delayed_publish_past_the_limit_is_clamped<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "delayed-max", QueueOptions::default()).await;
+    for (body, delay) in [
+        ("sixty days", Duration::from_secs(60 * 86_400)),
+        ("forever", Duration::MAX),
+    ] {
+        broker
+            .publish_delayed(&queue, message(body), delay)
+            .await
+            .unwrap_or_else(|error| {
+                panic!("publishing `{body}` with a delay of {delay:?}: {error}")
+            });
+    }
+    let mut stream = consume(broker, &queue, 1).await;
+    assert_quiet(&mut stream, "messages delayed past the limit").await;
+    drop(stream);
+    delete_queues(broker, &[&queue]).await;
+    // Only the RabbitMQ broker has a delay queue; deleting it drops the
+    // waiting messages (the embedded broker has none: error ignored).
+    let parked = format!("{queue}.delay.{}", MAX_DELAY.as_millis());
+    let _ = broker.delete_queue(&parked).await;
 }
 
 pub async fn get_and_pending<B: Broker>(broker: &B) {

@@ -277,8 +277,7 @@ pub(crate) fn queue_arguments(
 
 /// A duration in whole milliseconds, rounded up, as RabbitMQ's TTL arguments take it.
 pub(crate) fn millis(queue: &str, duration: Duration) -> Result<i64, BrokerError> {
-    let rounded_up = duration.as_nanos().div_ceil(1_000_000);
-    i64::try_from(rounded_up)
+    i64::try_from(ceil_millis(duration))
         .ok()
         .filter(|ms| *ms <= MAX_TTL_MS)
         .ok_or_else(|| {
@@ -288,8 +287,21 @@ pub(crate) fn millis(queue: &str, duration: Duration) -> Result<i64, BrokerError
         })
 }
 
-/// RabbitMQ's largest TTL / expiry: 2^32 - 1 ms (about 49 days).
-pub(crate) const MAX_TTL_MS: i64 = (1 << 32) - 1;
+/// RabbitMQ's largest TTL / expiry: 2^32 - 1 ms (about 49 days), [`MAX_DELAY`](crate::broker::MAX_DELAY).
+pub(crate) const MAX_TTL_MS: i64 = crate::broker::MAX_DELAY.as_millis() as i64;
+
+/// A delay in whole milliseconds, rounded up, longer ones clamped to
+/// [`MAX_DELAY`](crate::broker::MAX_DELAY), as
+/// [`Broker::publish_delayed`](crate::broker::Broker::publish_delayed) documents.
+pub(crate) fn delay_ms(delay: Duration) -> u64 {
+    let clamped = ceil_millis(delay.min(crate::broker::MAX_DELAY));
+    u64::try_from(clamped).unwrap_or(u64::MAX)
+}
+
+/// A duration in whole milliseconds, rounded up.
+fn ceil_millis(duration: Duration) -> u128 {
+    duration.as_nanos().div_ceil(1_000_000)
+}
 
 /// The delay tier a delay is rounded up to, in milliseconds: below 16 ms
 /// exact, above that `m * 2^e` with `8 <= m < 16` — at most 12.5 % late, never early,
@@ -398,6 +410,17 @@ mod tests {
         // A handful of queues covers a wide range of delays.
         let tiers: std::collections::BTreeSet<u64> = (100..=100_000).map(delay_tier_ms).collect();
         assert!(tiers.len() < 90, "{}", tiers.len());
+    }
+
+    #[test]
+    fn delays_round_up_and_are_clamped_to_the_ttl_limit() {
+        assert_eq!(delay_ms(Duration::ZERO), 0);
+        assert_eq!(delay_ms(Duration::from_micros(1500)), 2);
+        assert_eq!(MAX_TTL_MS, (1 << 32) - 1);
+        let limit = crate::broker::MAX_DELAY;
+        for delay in [limit, Duration::from_secs(60 * 86_400), Duration::MAX] {
+            assert_eq!(delay_ms(delay), MAX_TTL_MS.unsigned_abs(), "{delay:?}");
+        }
     }
 
     #[test]
