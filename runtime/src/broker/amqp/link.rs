@@ -104,8 +104,16 @@ pub(crate) async fn open(
     let connection = match tokio::time::timeout(config.connect_timeout(), connect).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
+            let text = error.to_string();
+            // rustls names the cause (UnknownIssuer, not valid for name ...); say what to do.
+            let hint = if text.contains("invalid peer certificate") {
+                " (the server's TLS certificate was refused; a private CA is trusted with \
+                 AmqpConfig::with_ca_certificate_pem, and the certificate must name the URL's host)"
+            } else {
+                ""
+            };
             return Err(BrokerError::Connection(format!(
-                "cannot connect to {} as `{}`: {error}",
+                "cannot connect to {} as `{}`: {text}{hint}",
                 config.endpoint(),
                 config.username()
             )));
