@@ -1,7 +1,9 @@
 //! `AmqpBroker` against a RabbitMQ node of this test's own (see
 //! `node_support`): TLS with a private CA, refusals of servers whose
-//! certificate does not fit, and recovery after the node closes every
-//! connection — none of which may touch the shared broker on 5672.
+//! certificate does not fit, recovery after the node closes every
+//! connection, and smoke tests of the fault switches later fault tests use
+//! (memory alarm, SIGSTOP/SIGCONT, stop_app/start_app) — none of which may
+//! touch the shared broker on 5672.
 //!
 //! Starting a node takes 20–35 s, so there is one `#[test]`: it starts the
 //! node, runs the cases below in sequence (each in its own task, so one
@@ -39,13 +41,16 @@ macro_rules! cases {
 const CASE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[test]
-fn own_rabbitmq_node_tls_refusals_and_recovery() {
+fn own_rabbitmq_node_cases() {
     let cases: &[(&str, Case)] = cases![
         plain_amqp_reaches_the_own_node_only,
         amqps_publishes_and_consumes_with_a_private_ca,
         a_server_certificate_from_an_unknown_ca_is_refused,
         a_server_certificate_for_another_host_is_refused,
         amqps_recovers_after_close_all_connections,
+        memory_alarm_is_raised_and_cleared,
+        sigstop_freezes_the_node_and_sigcont_thaws_it,
+        stop_app_closes_the_listeners_and_start_app_reopens_them,
     ];
     let only = std::env::var("TCX_NODE_CASES").ok();
     let selected: Vec<&(&str, Case)> = cases
@@ -140,13 +145,9 @@ async fn plain_amqp_reaches_the_own_node_only(node: Arc<RabbitNode>) {
         .declare_queue(&queue, QueueOptions::default())
         .await
         .expect("declare queue");
-    let listed = tokio::task::spawn_blocking({
-        let node = node.clone();
-        move || node.rabbitmqctl(&["list_queues", "name"])
-    })
-    .await
-    .expect("rabbitmqctl task")
-    .expect("list_queues on the test node");
+    let listed = blocking(&node, |node| node.rabbitmqctl(&["list_queues", "name"]))
+        .await
+        .expect("list_queues on the test node");
     assert!(listed.lines().any(|line| line == queue), "{listed}");
     broker.delete_queue(&queue).await.expect("delete queue");
     broker.close().await;
@@ -169,12 +170,10 @@ async fn amqps_publishes_and_consumes_with_a_private_ca(node: Arc<RabbitNode>) {
     assert_eq!(next_body(&mut stream).await, "{\"n\":1}");
     assert_eq!(next_body(&mut stream).await, "{\"n\":2}");
     // The server agrees that this connection is TLS.
-    let connections = tokio::task::spawn_blocking({
-        let node = node.clone();
-        move || node.list_connections(&["client_properties", "ssl", "ssl_protocol"])
+    let connections = blocking(&node, |node| {
+        node.list_connections(&["client_properties", "ssl", "ssl_protocol"])
     })
-    .await
-    .expect("rabbitmqctl task");
+    .await;
     let ours: Vec<&String> = connections
         .iter()
         .filter(|line| line.contains(&connection_name))
@@ -230,12 +229,7 @@ async fn amqps_recovers_after_close_all_connections(node: Arc<RabbitNode>) {
         .publish(&exchange, "before", json_message("{\"before\":true}"))
         .await
         .expect("publish before");
-    tokio::task::spawn_blocking({
-        let node = node.clone();
-        move || node.close_all_connections()
-    })
-    .await
-    .expect("rabbitmqctl task");
+    blocking(&node, RabbitNode::close_all_connections).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while broker.recoveries() < 1 || !broker.is_connected() {
         assert!(Instant::now() < deadline, "no recovery: {broker:?}");
@@ -253,4 +247,52 @@ async fn amqps_recovers_after_close_all_connections(node: Arc<RabbitNode>) {
         .expect("publish after recovery");
     assert_eq!(next_body(&mut stream).await, "{\"after\":true}");
     broker.close().await;
+}
+
+/// Runs `f` (blocking: `rabbitmqctl`, signals) with the node, off the async workers.
+async fn blocking<T: Send + 'static>(
+    node: &Arc<RabbitNode>,
+    f: impl FnOnce(&RabbitNode) -> T + Send + 'static,
+) -> T {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(&node))
+        .await
+        .expect("blocking node task")
+}
+
+/// Smoke test of the switch later fault tests use.
+async fn memory_alarm_is_raised_and_cleared(node: Arc<RabbitNode>) {
+    assert!(!blocking(&node, RabbitNode::memory_alarm).await);
+    blocking(&node, |node| node.set_memory_alarm(true)).await;
+    assert!(
+        blocking(&node, RabbitNode::memory_alarm).await,
+        "alarm raised"
+    );
+    blocking(&node, |node| node.set_memory_alarm(false)).await;
+    assert!(
+        !blocking(&node, RabbitNode::memory_alarm).await,
+        "alarm cleared"
+    );
+}
+
+/// A frozen VM accepts TCP (the kernel does) but never answers AMQP.
+async fn sigstop_freezes_the_node_and_sigcont_thaws_it(node: Arc<RabbitNode>) {
+    let quick = |name: &str| {
+        config(&node.amqp_url(), name).with_connect_timeout(Duration::from_millis(1500))
+    };
+    blocking(&node, RabbitNode::sigstop).await;
+    let error = refusal(quick("tcx-frozen")).await;
+    blocking(&node, RabbitNode::sigcont).await;
+    assert!(error.contains("no answer within"), "{error}");
+    connect(quick("tcx-thawed")).await.close().await;
+}
+
+async fn stop_app_closes_the_listeners_and_start_app_reopens_them(node: Arc<RabbitNode>) {
+    blocking(&node, RabbitNode::stop_app).await;
+    assert!(!node.listening(), "AMQP still listens after stop_app");
+    blocking(&node, RabbitNode::start_app).await;
+    connect(config(&node.amqp_url(), "tcx-restarted"))
+        .await
+        .close()
+        .await;
 }

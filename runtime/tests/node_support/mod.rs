@@ -21,7 +21,7 @@
 //! processes by pid) and its directory removed by [`RabbitNode::stop`] or on
 //! drop, so also when a test panics. A run killed before that leaves a
 //! directory whose owner pid is gone: the next [`RabbitNode::start`] stops that
-//! node (only if the recorded pid still runs a VM with that node name) and
+//! node (only if the recorded pid still runs the VM of that directory) and
 //! removes the directory.
 //!
 //! Starting a node takes 20–35 s and ~130 MiB, so each test binary starts one
@@ -453,14 +453,14 @@ impl RabbitNode {
             // The start script's trap stops the VM on SIGTERM; then force.
             let _ = send_signal("TERM", child.id());
             if !wait_for_exit(&mut child, Duration::from_secs(10)) {
-                if let Some(pid) = beam.filter(|pid| runs_node(*pid, &self.name)) {
+                if let Some(pid) = beam.filter(|pid| runs_node(*pid, &self.dir)) {
                     let _ = send_signal("KILL", pid);
                 }
                 let _ = child.kill();
                 let _ = child.wait();
             }
         }
-        if let Some(pid) = beam.filter(|pid| runs_node(*pid, &self.name)) {
+        if let Some(pid) = beam.filter(|pid| runs_node(*pid, &self.dir)) {
             let _ = send_signal("KILL", pid);
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -499,8 +499,8 @@ fn nodes_base() -> PathBuf {
 }
 
 /// Stops the nodes of test processes that died without cleaning up, and
-/// removes their directories. Only a pid that still runs a VM with that
-/// node's name is killed.
+/// removes their directories. Only a pid that still runs the VM of that
+/// directory's node is killed.
 fn reap_stale_nodes() {
     let Ok(entries) = fs::read_dir(nodes_base()) else {
         return;
@@ -511,10 +511,9 @@ fn reap_stale_nodes() {
         if owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
             continue;
         }
-        let name = format!("{}@localhost", entry.file_name().to_string_lossy());
         for file in ["beam.pid", "rabbitmq.pid"] {
             if let Some(pid) = read_pid(&dir.join(file))
-                && runs_node(pid, &name)
+                && runs_node(pid, &dir)
             {
                 let _ = send_signal("CONT", pid);
                 let _ = send_signal("KILL", pid);
@@ -542,11 +541,18 @@ fn read_pid(file: &Path) -> Option<u32> {
     fs::read_to_string(file).ok()?.trim().parse().ok()
 }
 
-/// Whether process `pid` is an Erlang VM started as node `name`.
-fn runs_node(pid: u32, name: &str) -> bool {
+/// Whether process `pid` is the Erlang VM of the node in `dir` (its command
+/// line has `-home <dir>/home`; the node name is not on it).
+fn runs_node(pid: u32, dir: &Path) -> bool {
+    let home = dir.join("home");
     fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-        let cmdline = String::from_utf8_lossy(&cmdline);
-        cmdline.contains("beam") && cmdline.contains(name)
+        let arguments: Vec<&[u8]> = cmdline.split(|byte| *byte == 0).collect();
+        arguments
+            .iter()
+            .any(|argument| argument.ends_with(b"beam.smp"))
+            && arguments
+                .windows(2)
+                .any(|pair| pair[0] == b"-home" && pair[1] == home.as_os_str().as_encoded_bytes())
     })
 }
 
