@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use client_support::unique;
-use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
-use exchange_runtime::broker::{
-    Broker, BrokerError, DeliveryStream, ExchangeOptions, OutgoingMessage, QueueOptions,
+use client_support::{
+    bound_anonymous_queue, declare_transient_exchange, json_message as message, next_body, unique,
 };
+use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
+use exchange_runtime::broker::{Broker, BrokerError, ExchangeOptions, QueueOptions};
 
 const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -50,61 +50,11 @@ async fn connect() -> AmqpBroker {
 
 suite::conformance_tests!(connect);
 
-fn message(body: &str) -> OutgoingMessage {
-    OutgoingMessage {
-        body: body.as_bytes().to_vec(),
-        content_type: Some("application/json".to_owned()),
-        message_id: Some(body.to_owned()),
-        persistent: true,
-        ..OutgoingMessage::default()
-    }
-}
-
 fn transient_queue() -> QueueOptions {
     QueueOptions {
         auto_delete: false,
         ..QueueOptions::default()
     }
-}
-
-/// Declares a fresh non-durable exchange named `unique(prefix)` and returns its name.
-async fn declare_transient_exchange(broker: &AmqpBroker, prefix: &str) -> String {
-    let exchange = unique(prefix);
-    broker
-        .declare_exchange(
-            &exchange,
-            ExchangeOptions {
-                passive: false,
-                durable: false,
-            },
-        )
-        .await
-        .expect("declare exchange");
-    exchange
-}
-
-/// Declares an unnamed (exclusive) queue bound to `exchange` by `pattern`.
-async fn bound_anonymous_queue(broker: &AmqpBroker, exchange: &str, pattern: &str) -> String {
-    let queue = broker
-        .declare_queue("", QueueOptions::default())
-        .await
-        .expect("declare queue");
-    broker
-        .bind_queue(&queue, exchange, pattern)
-        .await
-        .expect("bind");
-    queue
-}
-
-async fn next_body(stream: &mut DeliveryStream) -> String {
-    let delivery = tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("a delivery within 10 s")
-        .expect("stream open")
-        .expect("no broker error");
-    let body = String::from_utf8(delivery.body.clone()).expect("utf-8 body");
-    delivery.ack().await.expect("ack");
-    body
 }
 
 /// Closes this test's own connection(s) from the server side (by connection name),

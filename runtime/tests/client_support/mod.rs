@@ -276,6 +276,58 @@ pub async fn next<T>(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<T>, wha
     }
 }
 
+/// A JSON message whose body is `body` and whose message id is the body too, persistent.
+pub fn json_message(body: &str) -> OutgoingMessage {
+    OutgoingMessage {
+        body: body.as_bytes().to_vec(),
+        content_type: Some("application/json".to_owned()),
+        message_id: Some(body.to_owned()),
+        persistent: true,
+        ..OutgoingMessage::default()
+    }
+}
+
+/// Declares a fresh non-durable exchange named `unique(prefix)` and returns its name.
+pub async fn declare_transient_exchange(broker: &impl Broker, prefix: &str) -> String {
+    let exchange = unique(prefix);
+    broker
+        .declare_exchange(
+            &exchange,
+            ExchangeOptions {
+                passive: false,
+                durable: false,
+            },
+        )
+        .await
+        .expect("declare exchange");
+    exchange
+}
+
+/// Declares an unnamed (exclusive) queue bound to `exchange` by `pattern`.
+pub async fn bound_anonymous_queue(broker: &impl Broker, exchange: &str, pattern: &str) -> String {
+    let queue = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declare queue");
+    broker
+        .bind_queue(&queue, exchange, pattern)
+        .await
+        .expect("bind");
+    queue
+}
+
+/// The body of the next delivery on `stream` (within 10 s), acknowledged.
+pub async fn next_body(stream: &mut DeliveryStream) -> String {
+    let delivery = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("stream open")
+        .expect("no broker error");
+    let body = String::from_utf8(delivery.body.clone()).expect("utf-8 body");
+    delivery.ack().await.expect("ack");
+    body
+}
+
 /// A name no other test (or earlier run) uses.
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};

@@ -2,9 +2,13 @@
 //! `amqp://` / `amqps://` URL.
 
 use std::fmt;
+use std::path::Path;
 use std::time::Duration;
 
+use lapin::tcp::OwnedTLSConfig;
 use lapin::uri::{AMQPScheme, AMQPUri};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::broker::BrokerError;
 
@@ -34,6 +38,9 @@ pub struct AmqpConfig {
     operation_timeout: Duration,
     initial_backoff: Duration,
     max_backoff: Duration,
+    /// Extra trusted CA certificates for `amqps://`, besides the webpki roots:
+    /// the PEM and how many certificates it holds (at least one).
+    ca_certificates: Option<(String, usize)>,
 }
 
 impl fmt::Debug for AmqpConfig {
@@ -48,6 +55,7 @@ impl fmt::Debug for AmqpConfig {
             .field("operation_timeout", &self.operation_timeout)
             .field("initial_backoff", &self.initial_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field("extra_ca_certificates", &self.extra_ca_certificates())
             .finish()
     }
 }
@@ -101,6 +109,7 @@ impl AmqpConfig {
             operation_timeout: Duration::from_secs(30),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(10),
+            ca_certificates: None,
         })
     }
 
@@ -140,6 +149,60 @@ impl AmqpConfig {
         self.initial_backoff = initial;
         self.max_backoff = max.max(initial);
         self
+    }
+
+    /// Trusts the CA certificates in `pem` (one or more `-----BEGIN CERTIFICATE-----`
+    /// blocks) for `amqps://`, in addition to the built-in webpki roots — for a
+    /// broker whose certificate comes from a private CA. Replaces certificates set
+    /// earlier. Unused with `amqp://`.
+    ///
+    /// The server's certificate is still checked in full: it must chain to a
+    /// trusted CA and name the URL's host (a DNS name, or an IP address SAN for
+    /// an IP host).
+    ///
+    /// Fails, without changing anything, when `pem` holds no certificate or a
+    /// malformed one.
+    ///
+    /// ```
+    /// # use exchange_runtime::broker::amqp::AmqpConfig;
+    /// let error = AmqpConfig::from_url("amqps://u:p@127.0.0.1/%2f")
+    ///     .unwrap()
+    ///     .with_ca_certificate_pem("not a certificate")
+    ///     .unwrap_err();
+    /// assert!(error.to_string().contains("no certificate"));
+    /// ```
+    pub fn with_ca_certificate_pem(mut self, pem: &str) -> Result<Self, BrokerError> {
+        let count = count_pem_certificates(pem).map_err(|problem| {
+            BrokerError::Invalid(format!(
+                "CA certificate PEM for {}: {problem}",
+                self.endpoint()
+            ))
+        })?;
+        self.ca_certificates = Some((pem.to_owned(), count));
+        Ok(self)
+    }
+
+    /// Like [`with_ca_certificate_pem`](Self::with_ca_certificate_pem), reading
+    /// the PEM from the file at `path`; errors name the file.
+    pub fn with_ca_certificate_file(mut self, path: impl AsRef<Path>) -> Result<Self, BrokerError> {
+        let path = path.as_ref();
+        let pem = std::fs::read_to_string(path).map_err(|error| {
+            BrokerError::Invalid(format!(
+                "cannot read CA certificate file {}: {error}",
+                path.display()
+            ))
+        })?;
+        let count = count_pem_certificates(&pem).map_err(|problem| {
+            BrokerError::Invalid(format!("CA certificate file {}: {problem}", path.display()))
+        })?;
+        self.ca_certificates = Some((pem, count));
+        Ok(self)
+    }
+
+    /// How many CA certificates were added with
+    /// [`with_ca_certificate_pem`](Self::with_ca_certificate_pem) (0 if none).
+    pub fn extra_ca_certificates(&self) -> usize {
+        self.ca_certificates.as_ref().map_or(0, |(_, count)| *count)
     }
 
     /// The user name the broker authenticates as (the `<user>` of Pulse's `queue/<user>/...`).
@@ -196,6 +259,32 @@ impl AmqpConfig {
             Some(u64::try_from(self.connect_timeout.as_millis()).unwrap_or(u64::MAX));
         uri
     }
+
+    /// The TLS settings lapin connects `amqps://` with (the extra trusted CAs).
+    pub(crate) fn lapin_tls_config(&self) -> OwnedTLSConfig {
+        OwnedTLSConfig {
+            identity: None,
+            cert_chain: self.ca_certificates.as_ref().map(|(pem, _)| pem.clone()),
+        }
+    }
+}
+
+/// The number of certificates in `pem`; an error describing the problem if
+/// there is none or one is malformed. Other PEM sections (keys) are ignored.
+fn count_pem_certificates(pem: &str) -> Result<usize, String> {
+    let mut count = 0;
+    for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        match certificate {
+            Ok(_) => count += 1,
+            Err(error) => return Err(format!("malformed certificate: {error}")),
+        }
+    }
+    if count == 0 {
+        return Err(
+            "no certificate found (expected -----BEGIN CERTIFICATE----- blocks)".to_owned(),
+        );
+    }
+    Ok(count)
 }
 
 /// The parts of a URL's authority that amq-protocol-uri does not report faithfully.
@@ -338,5 +427,69 @@ mod tests {
         assert_eq!(config.backoff(3), Duration::from_millis(800));
         assert_eq!(config.backoff(4), Duration::from_secs(1));
         assert_eq!(config.backoff(1000), Duration::from_secs(1));
+    }
+
+    fn self_signed_pem() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key pair");
+        let certificate = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        (certificate.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn ca_certificates_are_counted_and_passed_to_lapin() {
+        let config = AmqpConfig::from_url_and_env("amqps://a:b@127.0.0.1/%2f", no_env).unwrap();
+        assert_eq!(config.extra_ca_certificates(), 0);
+        assert_eq!(config.lapin_tls_config().cert_chain, None);
+        let (first, key) = self_signed_pem();
+        let (second, _) = self_signed_pem();
+        // A key among the certificates is ignored, not an error.
+        let bundle = format!("{first}{key}{second}");
+        let config = config
+            .with_ca_certificate_pem(&bundle)
+            .expect("two certificates");
+        assert_eq!(config.extra_ca_certificates(), 2);
+        assert_eq!(
+            config.lapin_tls_config().cert_chain.as_deref(),
+            Some(bundle.as_str())
+        );
+        assert!(format!("{config:?}").contains("extra_ca_certificates: 2"));
+    }
+
+    #[test]
+    fn bad_ca_certificates_are_errors_naming_the_problem() {
+        let config = AmqpConfig::from_url_and_env("amqps://a:b@127.0.0.1/%2f", no_env).unwrap();
+        let (_, key) = self_signed_pem();
+        for (pem, expected) in [
+            ("", "no certificate"),
+            (key.as_str(), "no certificate"),
+            (
+                "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+                "malformed certificate",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\nAAAA\n",
+                "malformed certificate",
+            ),
+        ] {
+            let message = config
+                .clone()
+                .with_ca_certificate_pem(pem)
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(expected), "{pem:?}: {message}");
+            assert!(message.contains("amqps://127.0.0.1:5671/%2F"), "{message}");
+        }
+        let missing = std::env::temp_dir().join("exchange-runtime-no-such-ca.pem");
+        let message = config
+            .with_ca_certificate_file(&missing)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(&missing.display().to_string()),
+            "{message}"
+        );
     }
 }

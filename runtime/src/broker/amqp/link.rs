@@ -108,12 +108,32 @@ pub(crate) async fn open(
 ) -> Result<(Arc<Link>, Events), BrokerError> {
     let properties =
         ConnectionProperties::default().with_connection_name(config.connection_name().into());
-    let connect = Connection::connect_uri(config.lapin_uri(), properties);
+    let runtime = lapin::runtime::default_runtime().map_err(|error| {
+        BrokerError::Connection(format!(
+            "cannot connect to {}: no async runtime: {error}",
+            config.endpoint()
+        ))
+    })?;
+    // The TLS config carries the extra trusted CAs (`AmqpConfig::with_ca_certificate_pem`).
+    let connect = Connection::connect_uri_with_config(
+        config.lapin_uri(),
+        properties,
+        config.lapin_tls_config(),
+        runtime,
+    );
     let connection = match tokio::time::timeout(config.connect_timeout(), connect).await {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
+            let text = error.to_string();
+            // rustls names the cause (UnknownIssuer, not valid for name ...); say what to do.
+            let hint = if text.contains("invalid peer certificate") {
+                " (the server's TLS certificate was refused; a private CA is trusted with \
+                 AmqpConfig::with_ca_certificate_pem, and the certificate must name the URL's host)"
+            } else {
+                ""
+            };
             return Err(BrokerError::Connection(format!(
-                "cannot connect to {} as `{}`: {error}",
+                "cannot connect to {} as `{}`: {text}{hint}",
                 config.endpoint(),
                 config.username()
             )));

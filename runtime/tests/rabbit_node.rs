@@ -1,0 +1,298 @@
+//! `AmqpBroker` against a RabbitMQ node of this test's own (see
+//! `node_support`): TLS with a private CA, refusals of servers whose
+//! certificate does not fit, recovery after the node closes every
+//! connection, and smoke tests of the fault switches later fault tests use
+//! (memory alarm, SIGSTOP/SIGCONT, stop_app/start_app) — none of which may
+//! touch the shared broker on 5672.
+//!
+//! Starting a node takes 20–35 s, so there is one `#[test]`: it starts the
+//! node, runs the cases below in sequence (each in its own task, so one
+//! failing case does not hide the others), stops the node and fails naming
+//! every failed case. The node is also stopped when anything panics (drop).
+//! Run one case with `cargo test -p exchange-runtime --test rabbit_node -- --nocapture`
+//! and `TCX_NODE_CASES=<name>[,<name>]`.
+#![cfg(feature = "amqp")]
+
+mod client_support;
+mod node_support;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use client_support::{
+    bound_anonymous_queue, declare_transient_exchange, json_message, next_body, unique,
+};
+use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
+use exchange_runtime::broker::{Broker, BrokerError, QueueOptions};
+use node_support::{RabbitNode, certificate_authority};
+
+type Case = fn(Arc<RabbitNode>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// `(name, case)` for each `async fn name(node: Arc<RabbitNode>)`.
+macro_rules! cases {
+    ($($case:ident),* $(,)?) => {
+        &[$((stringify!($case), (|node| Box::pin($case(node))) as Case)),*]
+    };
+}
+
+/// Each case's time limit.
+const CASE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[test]
+fn own_rabbitmq_node_cases() {
+    let cases: &[(&str, Case)] = cases![
+        plain_amqp_reaches_the_own_node_only,
+        amqps_publishes_and_consumes_with_a_private_ca,
+        a_server_certificate_from_an_unknown_ca_is_refused,
+        a_server_certificate_for_another_host_is_refused,
+        amqps_recovers_after_close_all_connections,
+        memory_alarm_is_raised_and_cleared,
+        sigstop_freezes_the_node_and_sigcont_thaws_it,
+        stop_app_closes_the_listeners_and_start_app_reopens_them,
+    ];
+    let only = std::env::var("TCX_NODE_CASES").ok();
+    let selected: Vec<&(&str, Case)> = cases
+        .iter()
+        .filter(|(name, _)| {
+            only.as_deref()
+                .is_none_or(|only| only.split(',').any(|wanted| wanted.trim() == *name))
+        })
+        .collect();
+    assert!(
+        !selected.is_empty(),
+        "TCX_NODE_CASES={only:?} selects no case"
+    );
+
+    let node = Arc::new(RabbitNode::start());
+    eprintln!(
+        "node {} (amqp {}, amqps {}) started in {:.1?}",
+        node.name(),
+        node.amqp_port(),
+        node.amqps_port(),
+        node.startup
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut failed = Vec::new();
+    for (name, case) in selected {
+        let began = Instant::now();
+        let case = case(node.clone());
+        let task = runtime.spawn(async move { tokio::time::timeout(CASE_TIMEOUT, case).await });
+        match runtime.block_on(task) {
+            Ok(Ok(())) => eprintln!("case {name}: ok ({:.1?})", began.elapsed()),
+            Ok(Err(_)) => {
+                eprintln!("case {name}: TIMED OUT after {CASE_TIMEOUT:?}");
+                failed.push(*name);
+            }
+            Err(error) => {
+                eprintln!("case {name}: FAILED ({error})");
+                failed.push(*name);
+            }
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let node = Arc::into_inner(node).expect("no case keeps the node");
+    let stopped_in = node.stop();
+    eprintln!("node stopped in {stopped_in:.1?}");
+    assert!(failed.is_empty(), "failed cases: {failed:?}");
+}
+
+fn config(url: &str, connection_name: &str) -> AmqpConfig {
+    AmqpConfig::from_url(url)
+        .expect("node URL")
+        .with_connection_name(connection_name)
+        .with_connect_timeout(Duration::from_secs(10))
+        .with_operation_timeout(Duration::from_secs(20))
+        .with_backoff(Duration::from_millis(50), Duration::from_millis(500))
+}
+
+fn tls_config(node: &RabbitNode, connection_name: &str) -> AmqpConfig {
+    config(&node.amqps_url(), connection_name)
+        .with_ca_certificate_pem(node.ca_pem())
+        .expect("the node's CA certificate")
+}
+
+async fn connect(config: AmqpConfig) -> AmqpBroker {
+    let endpoint = config.endpoint();
+    AmqpBroker::connect(config)
+        .await
+        .unwrap_or_else(|error| panic!("connecting to the test node at {endpoint}: {error}"))
+}
+
+/// The connection error of connecting with `config`, which must fail.
+async fn refusal(config: AmqpConfig) -> String {
+    match AmqpBroker::connect(config).await {
+        Ok(_) => panic!("the connection was accepted"),
+        Err(BrokerError::Connection(message)) => {
+            eprintln!("  refused as expected: {message}");
+            message
+        }
+        Err(other) => panic!("expected a connection error, got {other:?}"),
+    }
+}
+
+/// The node is a separate broker: a queue declared on it is not on the shared one.
+async fn plain_amqp_reaches_the_own_node_only(node: Arc<RabbitNode>) {
+    assert_ne!(node.amqp_port(), 5672);
+    let broker = connect(config(&node.amqp_url(), "tcx-plain")).await;
+    let queue = unique("node-only");
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await
+        .expect("declare queue");
+    let listed = blocking(&node, |node| node.rabbitmqctl(&["list_queues", "name"]))
+        .await
+        .expect("list_queues on the test node");
+    assert!(listed.lines().any(|line| line == queue), "{listed}");
+    broker.delete_queue(&queue).await.expect("delete queue");
+    broker.close().await;
+}
+
+async fn amqps_publishes_and_consumes_with_a_private_ca(node: Arc<RabbitNode>) {
+    let connection_name = unique("tcx-tls");
+    let config = tls_config(&node, &connection_name);
+    assert_eq!(config.extra_ca_certificates(), 1);
+    let broker = connect(config).await;
+    let exchange = declare_transient_exchange(&broker, "node-exchange").await;
+    let queue = bound_anonymous_queue(&broker, &exchange, "#").await;
+    let mut stream = broker.consume(&queue, 5).await.expect("consume");
+    for body in ["{\"n\":1}", "{\"n\":2}"] {
+        broker
+            .publish(&exchange, "some.key", json_message(body))
+            .await
+            .expect("confirmed publish over TLS");
+    }
+    assert_eq!(next_body(&mut stream).await, "{\"n\":1}");
+    assert_eq!(next_body(&mut stream).await, "{\"n\":2}");
+    // The server agrees that this connection is TLS.
+    let connections = blocking(&node, |node| {
+        node.list_connections(&["client_properties", "ssl", "ssl_protocol"])
+    })
+    .await;
+    let ours: Vec<&String> = connections
+        .iter()
+        .filter(|line| line.contains(&connection_name))
+        .collect();
+    assert_eq!(ours.len(), 1, "{connections:?}");
+    assert!(
+        ours[0].contains("\ttrue\t") && ours[0].contains("tlsv1."),
+        "not TLS: {}",
+        ours[0]
+    );
+    broker.close().await;
+}
+
+async fn a_server_certificate_from_an_unknown_ca_is_refused(node: Arc<RabbitNode>) {
+    let endpoint = format!("amqps://127.0.0.1:{}/%2F", node.amqps_port());
+    // Only the built-in webpki roots.
+    let error = refusal(config(&node.amqps_url(), "tcx-no-ca")).await;
+    assert!(error.contains(&endpoint), "names the endpoint: {error}");
+    assert!(error.contains("UnknownIssuer"), "names the cause: {error}");
+    // A private CA, but not the one that signed the server's certificate.
+    let (other_ca, _) = certificate_authority("some other CA");
+    let error = refusal(
+        config(&node.amqps_url(), "tcx-other-ca")
+            .with_ca_certificate_pem(&other_ca)
+            .expect("CA PEM"),
+    )
+    .await;
+    assert!(error.contains(&endpoint), "names the endpoint: {error}");
+    assert!(error.contains("UnknownIssuer"), "names the cause: {error}");
+}
+
+async fn a_server_certificate_for_another_host_is_refused(node: Arc<RabbitNode>) {
+    let url = node.amqps_url_with_unnamed_host();
+    let error = refusal(
+        config(&url, "tcx-wrong-host")
+            .with_ca_certificate_pem(node.ca_pem())
+            .expect("CA PEM"),
+    )
+    .await;
+    let endpoint = format!("amqps://127.0.0.2:{}/%2F", node.amqps_port());
+    assert!(error.contains(&endpoint), "names the endpoint: {error}");
+    assert!(
+        error.contains("not valid for name") && error.contains("127.0.0.2"),
+        "names the cause: {error}"
+    );
+}
+
+async fn amqps_recovers_after_close_all_connections(node: Arc<RabbitNode>) {
+    let broker = connect(tls_config(&node, &unique("tcx-recovery"))).await;
+    let exchange = declare_transient_exchange(&broker, "node-exchange").await;
+    let queue = bound_anonymous_queue(&broker, &exchange, "#").await;
+    broker
+        .publish(&exchange, "before", json_message("{\"before\":true}"))
+        .await
+        .expect("publish before");
+    blocking(&node, RabbitNode::close_all_connections).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.recoveries() < 1 || !broker.is_connected() {
+        assert!(Instant::now() < deadline, "no recovery: {broker:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The exclusive queue died with the connection; recovery re-declared it
+    // and its binding, over TLS again.
+    let mut stream = broker
+        .consume(&queue, 5)
+        .await
+        .expect("consume after recovery");
+    broker
+        .publish(&exchange, "after", json_message("{\"after\":true}"))
+        .await
+        .expect("publish after recovery");
+    assert_eq!(next_body(&mut stream).await, "{\"after\":true}");
+    broker.close().await;
+}
+
+/// Runs `f` (blocking: `rabbitmqctl`, signals) with the node, off the async workers.
+async fn blocking<T: Send + 'static>(
+    node: &Arc<RabbitNode>,
+    f: impl FnOnce(&RabbitNode) -> T + Send + 'static,
+) -> T {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || f(&node))
+        .await
+        .expect("blocking node task")
+}
+
+/// Smoke test of the switch later fault tests use.
+async fn memory_alarm_is_raised_and_cleared(node: Arc<RabbitNode>) {
+    assert!(!blocking(&node, RabbitNode::memory_alarm).await);
+    blocking(&node, |node| node.set_memory_alarm(true)).await;
+    assert!(
+        blocking(&node, RabbitNode::memory_alarm).await,
+        "alarm raised"
+    );
+    blocking(&node, |node| node.set_memory_alarm(false)).await;
+    assert!(
+        !blocking(&node, RabbitNode::memory_alarm).await,
+        "alarm cleared"
+    );
+}
+
+/// A frozen VM accepts TCP (the kernel does) but never answers AMQP.
+async fn sigstop_freezes_the_node_and_sigcont_thaws_it(node: Arc<RabbitNode>) {
+    let quick = |name: &str| {
+        config(&node.amqp_url(), name).with_connect_timeout(Duration::from_millis(1500))
+    };
+    blocking(&node, RabbitNode::sigstop).await;
+    let error = refusal(quick("tcx-frozen")).await;
+    blocking(&node, RabbitNode::sigcont).await;
+    assert!(error.contains("no answer within"), "{error}");
+    connect(quick("tcx-thawed")).await.close().await;
+}
+
+async fn stop_app_closes_the_listeners_and_start_app_reopens_them(node: Arc<RabbitNode>) {
+    blocking(&node, RabbitNode::stop_app).await;
+    assert!(!node.listening(), "AMQP still listens after stop_app");
+    blocking(&node, RabbitNode::start_app).await;
+    connect(config(&node.amqp_url(), "tcx-restarted"))
+        .await
+        .close()
+        .await;
+}
