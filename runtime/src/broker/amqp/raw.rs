@@ -23,7 +23,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use lapin::tcp::{AMQPUriTcpExt, OwnedTLSConfig};
+use lapin::tcp::AMQPUriTcpExt;
 
 use super::config::AmqpConfig;
 use super::wire::{
@@ -224,7 +224,7 @@ impl RawConnection {
         };
         let uri = config.lapin_uri();
         let runtime = lapin::runtime::default_runtime().map_err(|e| fail(e.to_string()))?;
-        let tls = tls_config(config);
+        let tls = config.lapin_tls_config();
         let connect = uri.connect_with_config_async(tls.as_ref(), &runtime);
         let io = match tokio::time::timeout(config.connect_timeout(), connect).await {
             Ok(Ok(io)) => io,
@@ -709,9 +709,4 @@ fn mark_poison(header: &mut ContentHeader, reason: &str, queue: &str) {
         FieldValue::long_string(queue.as_bytes()),
     ));
     header.set("headers", Some(PropertyValue::Table(table)));
-}
-
-/// The TLS settings lapin connects with.
-fn tls_config(_config: &AmqpConfig) -> OwnedTLSConfig {
-    OwnedTLSConfig::default()
 }
