@@ -48,7 +48,12 @@ async fn connect() -> AmqpBroker {
     connect_named("exchange-runtime-tests").await
 }
 
-suite::conformance_tests!(connect);
+/// A second connection to the same RabbitMQ.
+async fn another_connection(_: &AmqpBroker) -> AmqpBroker {
+    connect_named("exchange-runtime-tests-other").await
+}
+
+suite::conformance_tests!(connect, another_connection);
 
 fn transient_queue() -> QueueOptions {
     QueueOptions {

@@ -14,7 +14,12 @@ async fn broker() -> MemoryBroker {
     MemoryBroker::new()
 }
 
-suite::conformance_tests!(broker);
+/// Another connection to the same broker.
+async fn another_connection(broker: &MemoryBroker) -> MemoryBroker {
+    broker.connect()
+}
+
+suite::conformance_tests!(broker, another_connection);
 
 const EVENTUALLY: Duration = suite::EVENTUALLY;
 
@@ -171,17 +176,6 @@ async fn invalid_arguments_are_refused() {
             "{what}: {error:?}"
         );
     }
-    // The default exchange exists for a passive declaration.
-    broker
-        .declare_exchange(
-            DEFAULT_EXCHANGE,
-            ExchangeOptions {
-                passive: true,
-                durable: false,
-            },
-        )
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -191,7 +185,7 @@ async fn huge_durations_do_not_overflow() {
         .declare_queue(
             "forever",
             QueueOptions {
-                message_ttl: Some(Duration::MAX),
+                message_ttl: Some(exchange_runtime::broker::MAX_DELAY),
                 ..QueueOptions::default()
             },
         )
@@ -245,16 +239,18 @@ async fn stale_delivery_of_a_cancelled_consumer_cannot_be_acknowledged() {
 }
 
 #[tokio::test]
-async fn ack_after_queue_deleted_fails() {
+async fn consumer_delivery_settles_after_its_queue_is_deleted() {
+    // As on RabbitMQ, whose channel still knows the delivery.
     let broker = broker_with_message_m_in_queue_q().await;
-    let delivery = broker.get("q").await.unwrap().unwrap();
+    let mut stream = broker.consume("q", 1).await.unwrap();
+    let delivery = stream.next().await.unwrap().unwrap();
     broker.delete_queue("q").await.unwrap();
-    // Even when a new queue of the same name exists.
     broker
         .declare_queue("q", QueueOptions::default())
         .await
         .unwrap();
-    let error = delivery.nack(true).await.unwrap_err();
+    delivery.acker.nack(true).await.unwrap();
+    let error = delivery.acker.ack().await.unwrap_err();
     assert!(matches!(error, BrokerError::AckFailed(_)), "{error:?}");
     assert!(broker.pending("q").await.unwrap().is_empty());
 }

@@ -446,12 +446,13 @@ impl AmqpBroker {
 
     /// Names the full queue that made the broker nack a publish: a bounded
     /// queue the message routes to (per the bindings made through this broker)
-    /// that holds its maximum. The nack itself does not say which.
+    /// that holds its maximum, or the only queue a message sent straight to
+    /// one went to. The nack itself does not say which.
     async fn find_full_queue(&self, exchange: &str, routing_key: &str, cc: &[String]) -> String {
         let keys: Vec<&str> = std::iter::once(routing_key)
             .chain(cc.iter().map(String::as_str))
             .collect();
-        let candidates: Vec<(String, u32)> = {
+        let (routed, candidates): (Vec<String>, Vec<(String, u32)>) = {
             let topology = self.topology();
             let routed: BTreeSet<&str> = if exchange == DEFAULT_EXCHANGE {
                 keys.iter().copied().collect()
@@ -468,13 +469,14 @@ impl AmqpBroker {
                     .map(|(queue, _, _)| queue.as_str())
                     .collect()
             };
-            routed
-                .into_iter()
+            let candidates = routed
+                .iter()
                 .filter_map(|queue| {
-                    let max = topology.queues.get(queue)?.max_length?;
-                    Some((queue.to_owned(), max))
+                    let max = topology.queues.get(*queue)?.max_length?;
+                    Some(((*queue).to_owned(), max))
                 })
-                .collect()
+                .collect();
+            (routed.into_iter().map(str::to_owned).collect(), candidates)
         };
         for (queue, max_length) in &candidates {
             let Ok(name) = short("queue", queue) else {
@@ -501,8 +503,10 @@ impl AmqpBroker {
                 return queue.clone();
             }
         }
-        match candidates.as_slice() {
-            [(only, _)] => only.clone(),
+        match (candidates.as_slice(), routed.as_slice()) {
+            ([(only, _)], _) => only.clone(),
+            // Straight to one queue, though declared elsewhere (its bound unknown here).
+            (_, [only]) if exchange == DEFAULT_EXCHANGE => only.clone(),
             _ => format!("(one that exchange `{exchange}` routes `{routing_key}` to)"),
         }
     }

@@ -8,6 +8,16 @@
 //! - Topic exchanges match as [`crate::topic`] describes; the default exchange
 //!   `""` routes to the queue named by the key. A message is routed by its key
 //!   and each of its CC keys, and reaches each queue once.
+//! - The default exchange cannot be declared, not even passively
+//!   ([`BrokerError::Invalid`]), nor bound to. RabbitMQ's predeclared
+//!   exchanges exist, durable: `amq.topic`; `amq.direct` (a binding key
+//!   equal to the routing key); `amq.fanout`, `amq.headers` and `amq.match`
+//!   (every bound queue: bindings here carry no header arguments); and the
+//!   internal `amq.rabbitmq.trace` (publishing to it is refused). Other
+//!   `amq.` names cannot be declared.
+//! - Names, routing keys, patterns, content types, message ids, header names
+//!   and dead-letter names over 255 bytes (AMQP's short strings) are refused
+//!   with [`BrokerError::Invalid`], checked in the RabbitMQ broker's order.
 //! - Publishing to a missing exchange fails with [`BrokerError::ExchangeNotFound`];
 //!   a message no queue is bound for is dropped, as RabbitMQ does without
 //!   `mandatory`, except through the default exchange, where a key naming no
@@ -23,8 +33,15 @@
 //!   with room still get it and the publish fails (RabbitMQ's `reject-publish`
 //!   overflow does the same: the publisher gets a nack). Messages that are
 //!   dead-lettered or published with a delay into a full queue are dropped.
-//! - A consumer gets at most `prefetch` (at least 1) unacknowledged deliveries;
-//!   several consumers of a queue take turns (round robin).
+//! - A consumer gets at most `prefetch` (at least 1) unacknowledged deliveries.
+//!   Several consumers of a queue take turns as on RabbitMQ's classic queues:
+//!   the consumer that gets a message moves to the back of the turn order; one
+//!   found at its prefetch limit leaves the turn until it settles a delivery,
+//!   then rejoins at the back. (So a requeued message goes to whoever is first
+//!   in turn, often the consumer that requeued it.)
+//! - A message TTL counts from enqueueing; a message that arrives while a
+//!   consumer has room is delivered before its TTL is looked at (so with a TTL
+//!   of zero it is delivered if a consumer can take it, else expires at once).
 //! - A requeued message (nack with requeue, a cancelled consumer, a dropped
 //!   unsettled delivery) returns to its original place with `redelivered` set.
 //! - A rejected or expired message goes to the queue's dead-letter exchange,
@@ -34,12 +51,14 @@
 //!   rejected since (RabbitMQ's cycle detection).
 //! - Dropping a [`DeliveryStream`] cancels its consumer; dropping a
 //!   [`Delivery`] that was not settled requeues it. Settling twice fails with
-//!   [`BrokerError::AckFailed`].
+//!   [`BrokerError::AckFailed`]; settling a delivery whose queue was deleted
+//!   succeeds and does nothing (RabbitMQ's channel still knows the delivery).
 //! - An auto-delete queue is deleted when its last consumer goes. An exclusive
 //!   queue belongs to the connection (handle family, see
 //!   [`MemoryBroker::connect`]) that declared it: others get
 //!   [`BrokerError::Conflict`], and it is deleted when that connection's last
-//!   handle is dropped.
+//!   handle is dropped. It is transient whatever `durable` says, so a
+//!   redeclaration's `durable` is not compared.
 //! - Nothing survives the process: `durable` and `persistent` are recorded
 //!   (a redeclaration must match) but change nothing.
 //!
@@ -210,21 +229,26 @@ impl Broker for MemoryBroker {
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
-        message.check_headers()?;
         self.with_state(|state, _| state.publish(exchange, routing_key, message))
     }
 
     /// The message enters the queue when the delay (clamped to
     /// [`MAX_DELAY`](super::MAX_DELAY), as on RabbitMQ) has passed, as if
     /// published then to the default exchange; if the queue is gone or full
-    /// by then, it is dropped (logged).
+    /// by then, it is dropped (logged). The delay is exact (RabbitMQ's broker
+    /// rounds it up to a tier, which can reorder messages: see
+    /// [`Broker::publish_delayed`]).
     async fn publish_delayed(
         &self,
         queue: &str,
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
-        message.check_headers()?;
+        if delay.is_zero() {
+            State::check_put(queue, &message)?;
+        } else {
+            self.with_state(|state, _| state.check_put_later(queue, &message))?;
+        }
         let content = Arc::new(Content {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),
@@ -236,7 +260,6 @@ impl Broker for MemoryBroker {
         }
         let delay = delay.min(super::MAX_DELAY);
         let runtime = runtime()?;
-        self.with_state(|state, _| state.check_exists(queue))?;
         let shared = Arc::downgrade(self.shared());
         let queue = queue.to_owned();
         runtime.spawn(async move {

@@ -309,6 +309,13 @@ pub trait Broker: Clone + Send + Sync + 'static {
     ///
     /// A delay longer than [`MAX_DELAY`] (RabbitMQ's TTL limit, about 49.7
     /// days) is clamped to it: accepted, and the message waits [`MAX_DELAY`].
+    ///
+    /// A message is never visible early, but delayed messages may arrive in
+    /// another order than their delays say: the RabbitMQ broker rounds each
+    /// delay up to a tier (at most 12.5 % longer) and a tier releases its
+    /// messages in publish order, so a message delayed 100 ms published after
+    /// one delayed 104 ms (the same tier) arrives after it; the embedded
+    /// broker, exact, delivers it first.
     fn publish_delayed(
         &self,
         queue: &str,

@@ -9,12 +9,15 @@
 //! mod suite;
 //!
 //! async fn broker() -> MyBroker { /* connect */ }
+//! async fn another_connection(broker: &MyBroker) -> MyBroker { /* connect again */ }
 //!
-//! suite::conformance_tests!(broker);
+//! suite::conformance_tests!(broker, another_connection);
 //! ```
 //!
 //! which expands to one `#[tokio::test]` per behaviour, each calling
-//! `broker().await` for its own broker handle.
+//! `broker().await` for its own broker handle. Behaviours that need a second
+//! connection to the same broker take it as a second argument, from
+//! `another_connection(&broker).await`.
 //!
 //! Every test declares exchanges and queues with unique names (process id,
 //! time and a counter), so the suite can run in parallel against one shared
@@ -47,7 +50,10 @@ pub const QUIET: Duration = Duration::from_millis(300);
 /// Expands to one `#[tokio::test]` per conformance behaviour, each running it
 /// against a broker from `$make_broker().await`.
 macro_rules! conformance_tests {
-    ($make_broker:path) => {
+    ($make_broker:path, $connect_again:path) => {
+        $crate::suite::conformance_tests!(@pairs $make_broker, $connect_again;
+            full_queue_is_named_across_connections,
+        );
         $crate::suite::conformance_tests!(@each $make_broker;
             topic_routing_follows_rabbitmq,
             default_exchange_routes_by_queue_name,
@@ -76,7 +82,25 @@ macro_rules! conformance_tests {
             full_queue_does_not_stop_other_queues,
             deleted_queue_loses_messages_and_bindings,
             deleted_queue_ends_its_consumers,
+            ttl_zero_reaches_a_waiting_consumer,
+            exclusive_queue_durability_is_not_compared,
+            default_and_amq_exchanges_follow_rabbitmq,
+            settling_after_the_queue_is_gone_succeeds,
+            requeued_message_goes_to_the_consumer_in_turn,
+            consumers_at_their_limit_rejoin_at_the_back,
+            long_fields_are_refused_in_order,
+            delays_are_never_early_but_may_reorder,
         );
+    };
+    (@pairs $make_broker:path, $connect_again:path; $($behaviour:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $behaviour() {
+                let broker = $make_broker().await;
+                let other = $connect_again(&broker).await;
+                $crate::suite::$behaviour(&broker, &other).await;
+            }
+        )*
     };
     (@each $make_broker:path; $($behaviour:ident),* $(,)?) => {
         $(
@@ -1056,4 +1080,519 @@ pub async fn deleted_queue_ends_its_consumers<B: Broker>(broker: &B) {
             Err(_) => panic!("the consumer of deleted queue `{queue}` did not end"),
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// Parity with RabbitMQ (issue 11)
+// ---------------------------------------------------------------------------
+
+/// A message TTL of zero: a consumer with room gets the message; without
+/// one, it expires at once (dead-lettered). A requeued message keeps its
+/// expiry, so it expires then instead of being redelivered.
+pub async fn ttl_zero_reaches_a_waiting_consumer<B: Broker>(broker: &B) {
+    let dead = new_queue(broker, "ttl0-dead", QueueOptions::default()).await;
+    let queue = new_queue(
+        broker,
+        "ttl0",
+        QueueOptions {
+            message_ttl: Some(Duration::ZERO),
+            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+            dead_letter_routing_key: Some(dead.clone()),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    send(broker, &queue, "no-consumer").await;
+    assert_pending(broker, &dead, &["no-consumer"]).await;
+    let mut stream = consume(broker, &queue, 1).await;
+    send(broker, &queue, "taken").await;
+    let taken = next_delivery(&mut stream, "a TTL-0 message with a consumer waiting").await;
+    assert_eq!(body(&taken), "taken");
+    send(broker, &queue, "consumer-busy").await;
+    assert_pending(broker, &dead, &["no-consumer", "consumer-busy"]).await;
+    taken.nack(true).await.expect("nack with requeue");
+    assert_pending(broker, &dead, &["no-consumer", "consumer-busy", "taken"]).await;
+    assert_quiet(&mut stream, "the requeued message expired").await;
+    assert!(get(broker, &queue).await.is_none());
+    drop(stream);
+    delete_queues(broker, &[&queue, &dead]).await;
+}
+
+/// RabbitMQ keeps exclusive queues transient whatever `durable` says, so a
+/// redeclaration may say either; the other options must still match.
+pub async fn exclusive_queue_durability_is_not_compared<B: Broker>(broker: &B) {
+    let exclusive = QueueOptions {
+        exclusive: true,
+        durable: true,
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(broker, "exclusive-durable", exclusive.clone()).await;
+    for durable in [false, true] {
+        let again = QueueOptions {
+            durable,
+            ..exclusive.clone()
+        };
+        let redeclared = broker
+            .declare_queue(&queue, again)
+            .await
+            .unwrap_or_else(|error| panic!("redeclaring with durable {durable}: {error}"));
+        assert_eq!(redeclared, queue);
+    }
+    for (what, other) in [
+        (
+            "auto_delete",
+            QueueOptions {
+                auto_delete: true,
+                ..exclusive.clone()
+            },
+        ),
+        (
+            "exclusive",
+            QueueOptions {
+                exclusive: false,
+                ..exclusive.clone()
+            },
+        ),
+        (
+            "max_length",
+            QueueOptions {
+                max_length: Some(3),
+                ..exclusive.clone()
+            },
+        ),
+    ] {
+        let error = broker
+            .declare_queue(&queue, other)
+            .await
+            .expect_err("other options still conflict");
+        assert!(
+            matches!(error, BrokerError::Conflict { .. }),
+            "{what}: {error:?}"
+        );
+    }
+    // A shared queue does not become exclusive either.
+    let shared = new_queue(broker, "shared-durable", QueueOptions::default()).await;
+    let error = broker
+        .declare_queue(&shared, exclusive)
+        .await
+        .expect_err("a shared queue redeclared exclusive");
+    assert!(matches!(error, BrokerError::Conflict { .. }), "{error:?}");
+    delete_queues(broker, &[&queue, &shared]).await;
+}
+
+/// The default exchange cannot be declared, not even passively; the `amq.*`
+/// exchanges RabbitMQ predeclares exist, durable, and route by their type;
+/// a new `amq.` name is refused.
+pub async fn default_and_amq_exchanges_follow_rabbitmq<B: Broker>(broker: &B) {
+    let declare = |name: &str, passive: bool, durable: bool| {
+        let name = name.to_owned();
+        async move {
+            broker
+                .declare_exchange(&name, ExchangeOptions { passive, durable })
+                .await
+        }
+    };
+    for passive in [true, false] {
+        let error = declare(DEFAULT_EXCHANGE, passive, false)
+            .await
+            .expect_err("the default exchange cannot be declared");
+        assert!(
+            matches!(error, BrokerError::Invalid(_)),
+            "passive {passive}: {error:?}"
+        );
+    }
+    for name in [
+        "amq.topic",
+        "amq.direct",
+        "amq.fanout",
+        "amq.headers",
+        "amq.match",
+        "amq.rabbitmq.trace",
+    ] {
+        declare(name, true, false)
+            .await
+            .unwrap_or_else(|error| panic!("`{name}` exists: {error}"));
+    }
+    declare("amq.topic", false, true)
+        .await
+        .expect("amq.topic redeclared as it is: durable topic");
+    for (name, durable) in [
+        ("amq.topic", false),
+        ("amq.direct", true),
+        ("amq.rabbitmq.trace", true),
+    ] {
+        let error = declare(name, false, durable)
+            .await
+            .expect_err("a predeclared exchange redeclared otherwise");
+        assert!(
+            matches!(error, BrokerError::Conflict { .. }),
+            "{name} durable {durable}: {error:?}"
+        );
+    }
+    let reserved = format!("amq.{}", unique("mine"));
+    let error = declare(&reserved, true, false)
+        .await
+        .expect_err("a missing amq. exchange");
+    assert!(
+        matches!(&error, BrokerError::ExchangeNotFound(name) if *name == reserved),
+        "{error:?}"
+    );
+    let error = declare(&reserved, false, false)
+        .await
+        .expect_err("a new amq. exchange");
+    assert!(matches!(error, BrokerError::Invalid(_)), "{error:?}");
+
+    // Routing by type (keys unique to this test: the exchanges are shared).
+    let word = unique("word");
+    let queue = new_queue(broker, "amq", QueueOptions::default()).await;
+    bind(broker, &queue, "amq.topic", &format!("{word}.*")).await;
+    bind(broker, &queue, "amq.direct", &format!("{word}.*")).await;
+    bind(broker, &queue, "amq.rabbitmq.trace", &format!("{word}.#")).await;
+    publish(
+        broker,
+        "amq.topic",
+        &format!("{word}.topic"),
+        message("topic"),
+    )
+    .await;
+    publish(
+        broker,
+        "amq.direct",
+        &format!("{word}.x"),
+        message("direct-x"),
+    )
+    .await;
+    publish(
+        broker,
+        "amq.direct",
+        &format!("{word}.*"),
+        message("direct-*"),
+    )
+    .await;
+    let error = broker
+        .publish("amq.rabbitmq.trace", &format!("{word}.t"), message("trace"))
+        .await
+        .expect_err("publishing to an internal exchange");
+    assert!(matches!(error, BrokerError::Invalid(_)), "{error:?}");
+    let error = broker
+        .bind_queue(&queue, DEFAULT_EXCHANGE, "#")
+        .await
+        .expect_err("binding to the default exchange");
+    assert!(matches!(error, BrokerError::Invalid(_)), "{error:?}");
+    assert_pending(broker, &queue, &["topic", "direct-*"]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// Settling a delivery (from `get`) whose queue was deleted succeeds and
+/// does nothing, as RabbitMQ's channel still knows the delivery; settling it
+/// again fails.
+pub async fn settling_after_the_queue_is_gone_succeeds<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "settle-gone", QueueOptions::default()).await;
+    for n in 0..3 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let acked = get_eventually(broker, &queue).await;
+    let requeued = get_eventually(broker, &queue).await;
+    let rejected = get_eventually(broker, &queue).await;
+    delete_queues(broker, &[&queue]).await;
+    // Even with a new queue of the same name: nothing comes back into it.
+    broker
+        .declare_queue(&queue, QueueOptions::default())
+        .await
+        .expect("redeclaring the queue");
+    acked
+        .acker
+        .ack()
+        .await
+        .expect("ack after the queue is gone");
+    requeued
+        .acker
+        .nack(true)
+        .await
+        .expect("requeue after the queue is gone");
+    rejected
+        .acker
+        .nack(false)
+        .await
+        .expect("reject after the queue is gone");
+    let error = acked.acker.ack().await.expect_err("a second ack");
+    assert!(matches!(error, BrokerError::AckFailed(_)), "{error:?}");
+    drop((acked, requeued, rejected));
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// Waits until a settlement (which RabbitMQ does not answer) has reached the
+/// queue: a look into the queue goes through the queue after it.
+async fn settled<B: Broker>(broker: &B, queue: &str) {
+    broker
+        .pending(queue)
+        .await
+        .unwrap_or_else(|error| panic!("listing queue `{queue}`: {error}"));
+}
+
+/// Acknowledges `delivery` and waits until `queue` has seen it.
+async fn ack_settled<B: Broker>(broker: &B, queue: &str, delivery: Delivery) {
+    ack(delivery).await;
+    settled(broker, queue).await;
+}
+
+/// A queue with three consumers of prefetch 1 (in that turn order), each
+/// holding one message (`m0` to `m2`), and `m3` waiting: every consumer was
+/// found at its limit, so each rejoins the turn when it settles.
+async fn three_busy_consumers<B: Broker>(
+    broker: &B,
+    what: &str,
+) -> (String, Vec<DeliveryStream>, [Delivery; 3]) {
+    let queue = new_queue(broker, what, QueueOptions::default()).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(consume(broker, &queue, 1).await);
+    }
+    for n in 0..4 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let mut held = Vec::new();
+    for (n, stream) in streams.iter_mut().enumerate() {
+        let delivery = next_delivery(stream, "one message each, in turn").await;
+        assert_eq!(body(&delivery), format!("m{n}"));
+        held.push(delivery);
+    }
+    for stream in &mut streams {
+        assert_quiet(stream, "everyone is at the limit").await;
+    }
+    let held = held.try_into().expect("three deliveries");
+    (queue, streams, held)
+}
+
+/// RabbitMQ's turn order: the consumer that got a message goes to the back;
+/// one found at its limit leaves the turn, and rejoins at the back once it
+/// settles. So the message a consumer requeues goes back to that consumer
+/// when it is first in turn, not to the next one in declaration order.
+pub async fn requeued_message_goes_to_the_consumer_in_turn<B: Broker>(broker: &B) {
+    let (queue, mut streams, [a, b, c]) = three_busy_consumers(broker, "turns").await;
+    ack(c).await;
+    let m3 = next_delivery(&mut streams[2], "m3 to the consumer with room").await;
+    assert_eq!(body(&m3), "m3");
+    ack_settled(broker, &queue, b).await;
+    ack_settled(broker, &queue, a).await;
+    // The third consumer is first in turn: it never left it.
+    m3.nack(true).await.expect("nack with requeue");
+    let again = next_delivery(&mut streams[2], "m3 requeued to the consumer in turn").await;
+    assert_eq!(body(&again), "m3");
+    assert!(again.redelivered);
+    // Then the second (rejoined first), then the first.
+    send(broker, &queue, "m4").await;
+    let m4 = next_delivery(&mut streams[1], "m4 to the consumer that rejoined first").await;
+    assert_eq!(body(&m4), "m4");
+    send(broker, &queue, "m5").await;
+    let m5 = next_delivery(&mut streams[0], "m5 to the consumer that rejoined last").await;
+    assert_eq!(body(&m5), "m5");
+    for stream in &mut streams {
+        assert_quiet(stream, "no more messages").await;
+    }
+    for delivery in [again, m4, m5] {
+        ack(delivery).await;
+    }
+    drop(streams);
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// Consumers at their prefetch limit, freed in another order than they got
+/// their messages, take the next messages in the order they were freed.
+pub async fn consumers_at_their_limit_rejoin_at_the_back<B: Broker>(broker: &B) {
+    let (queue, mut streams, [a, b, c]) = three_busy_consumers(broker, "rejoin").await;
+    ack(b).await;
+    let m3 = next_delivery(&mut streams[1], "m3 to the first freed").await;
+    assert_eq!(body(&m3), "m3");
+    ack_settled(broker, &queue, a).await;
+    ack_settled(broker, &queue, c).await;
+    ack_settled(broker, &queue, m3).await;
+    // In turn: the second (never left after `m3`), the first, the third.
+    let expected = [(1, "m4"), (0, "m5"), (2, "m6")];
+    for (consumer, name) in expected {
+        send(broker, &queue, name).await;
+        let delivery = next_delivery(&mut streams[consumer], name).await;
+        assert_eq!(body(&delivery), name, "consumer {consumer}");
+        ack_settled(broker, &queue, delivery).await;
+    }
+    drop(streams);
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// Asserts `result` is [`BrokerError::Invalid`] whose text starts with `what`.
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, BrokerError>, what: &str) {
+    match result {
+        Err(BrokerError::Invalid(text)) if text.starts_with(what) => {}
+        other => panic!("expected an invalid {what}, got {other:?}"),
+    }
+}
+
+/// Names and fields AMQP carries as short strings (at most 255 bytes) are
+/// refused, checked in one order: exchange, routing key, content type,
+/// message id, reserved header names, header names, CC keys; for queues the
+/// name, then the dead-letter exchange and key. A delayed message's queue
+/// must exist before its fields are looked at.
+pub async fn long_fields_are_refused_in_order<B: Broker>(broker: &B) {
+    let long = "n".repeat(256);
+    let queue = new_queue(broker, "long", QueueOptions::default()).await;
+    let exchange = new_exchange(broker, "long").await;
+    let everything_long = OutgoingMessage {
+        content_type: Some(long.clone()),
+        message_id: Some(long.clone()),
+        headers: BTreeMap::from([
+            (long.clone(), "v".to_owned()),
+            ("x-a".to_owned(), "v".to_owned()),
+        ]),
+        cc: vec![long.clone()],
+        ..message("long")
+    };
+    let mut cases = Vec::new();
+    let mut sent = everything_long.clone();
+    cases.push(("content type", sent.clone()));
+    sent.content_type = None;
+    cases.push(("message id", sent.clone()));
+    sent.message_id = None;
+    cases.push(("header `x-a` is reserved", sent.clone()));
+    sent.headers.remove("x-a");
+    cases.push(("header name", sent.clone()));
+    sent.headers.clear();
+    cases.push(("CC routing key", sent.clone()));
+    for (what, sent) in cases {
+        assert_invalid(broker.publish(&exchange, "k", sent.clone()).await, what);
+        assert_invalid(
+            broker.publish(DEFAULT_EXCHANGE, &queue, sent.clone()).await,
+            what,
+        );
+        assert_invalid(
+            broker.publish_delayed(&queue, sent, Duration::ZERO).await,
+            what,
+        );
+    }
+    assert_invalid(
+        broker.publish(&long, &long, everything_long.clone()).await,
+        "exchange",
+    );
+    assert_invalid(
+        broker
+            .publish(&exchange, &long, everything_long.clone())
+            .await,
+        "routing key",
+    );
+    assert_invalid(
+        broker
+            .publish_delayed(&long, everything_long.clone(), Duration::ZERO)
+            .await,
+        "routing key",
+    );
+    // Delayed: the queue is checked before the message.
+    let missing = broker.qualify_queue_name(&unique("missing"));
+    let error = broker
+        .publish_delayed(&missing, everything_long.clone(), Duration::from_secs(1))
+        .await
+        .expect_err("a delayed message to a missing queue");
+    assert!(
+        matches!(&error, BrokerError::QueueNotFound(name) if *name == missing),
+        "{error:?}"
+    );
+    for (what, options) in [
+        (
+            "dead-letter exchange",
+            QueueOptions {
+                dead_letter_exchange: Some(long.clone()),
+                dead_letter_routing_key: Some(long.clone()),
+                ..QueueOptions::default()
+            },
+        ),
+        (
+            "dead-letter routing key",
+            QueueOptions {
+                dead_letter_exchange: Some(exchange.clone()),
+                dead_letter_routing_key: Some(long.clone()),
+                ..QueueOptions::default()
+            },
+        ),
+        (
+            "queue",
+            QueueOptions {
+                dead_letter_routing_key: Some(long.clone()),
+                ..QueueOptions::default()
+            },
+        ),
+    ] {
+        let name = broker.qualify_queue_name(&unique("long"));
+        assert_invalid(broker.declare_queue(&name, options.clone()).await, what);
+        assert_invalid(broker.declare_queue(&long, options).await, "queue");
+    }
+    assert_invalid(broker.bind_queue(&long, &long, &long).await, "queue");
+    assert_invalid(broker.bind_queue(&queue, &long, &long).await, "exchange");
+    assert_invalid(
+        broker.bind_queue(&queue, &exchange, &long).await,
+        "routing-key pattern",
+    );
+    assert_invalid(broker.delete_queue(&long).await, "queue");
+    assert_invalid(broker.get(&long).await, "queue");
+    assert_invalid(broker.pending(&long).await, "queue");
+    assert_invalid(broker.consume(&long, 1).await.map(|_| ()), "queue");
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// Delayed messages are never delivered early. Their order is not kept:
+/// the RabbitMQ broker rounds a delay up to a tier (at most 12.5 % longer),
+/// and a tier releases its messages in publish order, so of two messages
+/// delayed 104 ms then 100 ms (one tier) the first arrives first there,
+/// while the embedded broker, exact, delivers the second first.
+pub async fn delays_are_never_early_but_may_reorder<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "delay-order", QueueOptions::default()).await;
+    let start = Instant::now();
+    let delays = [("longer", 104), ("shorter", 100)];
+    for (name, ms) in delays {
+        broker
+            .publish_delayed(&queue, message(name), Duration::from_millis(ms))
+            .await
+            .unwrap_or_else(|error| panic!("publishing `{name}` delayed: {error}"));
+    }
+    let mut stream = consume(broker, &queue, 2).await;
+    let mut arrived = Vec::new();
+    for _ in delays {
+        let delivery = next_delivery(&mut stream, "a delayed message").await;
+        let name = body(&delivery);
+        let (_, ms) = delays
+            .iter()
+            .find(|(expected, _)| *expected == name)
+            .unwrap_or_else(|| panic!("unexpected message {name}"));
+        assert!(
+            start.elapsed() >= Duration::from_millis(*ms),
+            "{name} after {:?}",
+            start.elapsed()
+        );
+        arrived.push(name);
+        ack(delivery).await;
+    }
+    arrived.sort();
+    assert_eq!(arrived, ["longer", "shorter"]);
+    drop(stream);
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// A full queue declared on another connection: a publish straight to it
+/// fails with [`BrokerError::QueueFull`] naming it.
+pub async fn full_queue_is_named_across_connections<B: Broker>(broker: &B, other: &B) {
+    let options = QueueOptions {
+        max_length: Some(1),
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(other, "full-elsewhere", options).await;
+    send(broker, &queue, "m0").await;
+    let error = broker
+        .publish(DEFAULT_EXCHANGE, &queue, message("m1"))
+        .await
+        .expect_err("the queue is full");
+    assert!(
+        matches!(&error, BrokerError::QueueFull(name) if *name == queue),
+        "{error:?}"
+    );
+    assert_pending(broker, &queue, &["m0"]).await;
+    delete_queues(broker, &[&queue]).await;
 }

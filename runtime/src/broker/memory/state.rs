@@ -11,8 +11,8 @@ use tokio::time::Instant;
 
 use super::{MemoryAck, Shared};
 use crate::broker::{
-    BrokerError, DEFAULT_EXCHANGE, Delivery, ExchangeOptions, OutgoingMessage, PendingMessage,
-    QueueOptions,
+    BrokerError, DEFAULT_EXCHANGE, Delivery, ExchangeOptions, MAX_DELAY, OutgoingMessage,
+    PendingMessage, QueueOptions,
 };
 use crate::topic::TopicTrie;
 
@@ -34,7 +34,101 @@ pub(super) struct State {
 
 struct ExchangeState {
     options: ExchangeOptions,
-    bindings: TopicTrie<String>,
+    /// Only the broker publishes to it (`amq.rabbitmq.trace`); clients may bind to it.
+    internal: bool,
+    bindings: Bindings,
+}
+
+/// An exchange's bindings, by how it routes. Exchanges declared through
+/// [`Broker`](crate::broker::Broker) are topic exchanges; the others are the
+/// `amq.*` exchanges RabbitMQ declares itself.
+enum Bindings {
+    Topic(TopicTrie<String>),
+    /// `amq.direct`: a binding key equal to the routing key (no wildcards).
+    Direct(BTreeSet<(String, String)>),
+    /// `amq.fanout`, and `amq.headers` / `amq.match`: a binding without
+    /// arguments (all this broker makes) matches every message. `(pattern, queue)`.
+    Fanout(BTreeSet<(String, String)>),
+}
+
+impl Bindings {
+    fn insert(&mut self, pattern: &str, queue: &str) {
+        match self {
+            Bindings::Topic(trie) => {
+                trie.insert(pattern, queue.to_owned());
+            }
+            Bindings::Direct(set) | Bindings::Fanout(set) => {
+                set.insert((pattern.to_owned(), queue.to_owned()));
+            }
+        }
+    }
+
+    fn remove(&mut self, pattern: &str, queue: &str) {
+        match self {
+            Bindings::Topic(trie) => {
+                trie.remove(pattern, &queue.to_owned());
+            }
+            Bindings::Direct(set) | Bindings::Fanout(set) => {
+                set.remove(&(pattern.to_owned(), queue.to_owned()));
+            }
+        }
+    }
+
+    /// The queues a message with these keys (routing key and CC keys) goes to, each once, sorted.
+    fn route<'k>(&self, keys: impl IntoIterator<Item = &'k str>) -> Vec<String> {
+        let mut queues: Vec<String> = match self {
+            Bindings::Topic(trie) => return trie.matches_any(keys).into_iter().cloned().collect(),
+            Bindings::Direct(set) => {
+                let keys: Vec<&str> = keys.into_iter().collect();
+                set.iter()
+                    .filter(|(pattern, _)| keys.contains(&pattern.as_str()))
+                    .map(|(_, queue)| queue.clone())
+                    .collect()
+            }
+            Bindings::Fanout(set) => set.iter().map(|(_, queue)| queue.clone()).collect(),
+        };
+        queues.sort_unstable();
+        queues.dedup();
+        queues
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Bindings::Topic(_) => "topic",
+            Bindings::Direct(_) => "direct",
+            Bindings::Fanout(_) => "fanout",
+        }
+    }
+}
+
+/// The exchanges RabbitMQ declares in every virtual host: all durable,
+/// `amq.rabbitmq.trace` internal.
+fn predeclared_exchanges() -> HashMap<String, ExchangeState> {
+    let durable = ExchangeOptions {
+        passive: false,
+        durable: true,
+    };
+    let exchange = |name: &str, bindings: Bindings, internal: bool| {
+        let state = ExchangeState {
+            options: durable,
+            internal,
+            bindings,
+        };
+        (name.to_owned(), state)
+    };
+    let fanout = || Bindings::Fanout(BTreeSet::new());
+    HashMap::from([
+        exchange("amq.direct", Bindings::Direct(BTreeSet::new()), false),
+        exchange("amq.fanout", fanout(), false),
+        exchange("amq.headers", fanout(), false),
+        exchange("amq.match", fanout(), false),
+        exchange("amq.topic", Bindings::Topic(TopicTrie::new()), false),
+        exchange(
+            "amq.rabbitmq.trace",
+            Bindings::Topic(TopicTrie::new()),
+            true,
+        ),
+    ])
 }
 
 struct QueueState {
@@ -47,9 +141,11 @@ struct QueueState {
     ready: VecDeque<Queued>,
     /// Delivered, not yet settled, by delivery tag.
     unacked: HashMap<u64, Unacked>,
+    /// In turn order, as RabbitMQ's classic queues keep them: a consumer
+    /// that gets a message moves to the back; one found at its prefetch
+    /// limit is `blocked` (out of turn) until a settlement gives it room, and
+    /// then rejoins at the back.
     consumers: Vec<Consumer>,
-    /// Round-robin position: the consumer to try first.
-    next_consumer: usize,
     next_seq: u64,
     /// `(exchange, pattern)` pairs, to unbind when the queue goes.
     bindings: BTreeSet<(String, String)>,
@@ -95,6 +191,8 @@ struct Consumer {
     id: u64,
     prefetch: usize,
     in_flight: usize,
+    /// Found at its prefetch limit by a delivery attempt: skipped until it settles one.
+    blocked: bool,
     sender: DeliverySender,
     /// Dropping it stops the task watching for the stream's end.
     _stop_watching: oneshot::Sender<()>,
@@ -136,6 +234,47 @@ fn check_len(what: &str, value: &str) -> Result<(), BrokerError> {
         return Err(BrokerError::Invalid(format!(
             "{what} `{value}` is {} bytes, AMQP allows {MAX_NAME_LEN}",
             value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a message's short-string fields as an AMQP client must before
+/// sending it, in the order the RabbitMQ broker does: content type, message
+/// id, reserved header names, header name lengths, CC keys.
+fn check_message(message: &OutgoingMessage) -> Result<(), BrokerError> {
+    if let Some(content_type) = &message.content_type {
+        check_len("content type", content_type)?;
+    }
+    if let Some(message_id) = &message.message_id {
+        check_len("message id", message_id)?;
+    }
+    message.check_headers()?;
+    for name in message.headers.keys() {
+        check_len("header name", name)?;
+    }
+    for cc in &message.cc {
+        check_len("CC routing key", cc)?;
+    }
+    Ok(())
+}
+
+/// Checks what a queue declaration carries besides the name, in the RabbitMQ
+/// broker's order: combinations, dead-letter names, the TTL's range.
+fn check_queue_options(name: &str, options: &QueueOptions) -> Result<(), BrokerError> {
+    options.check(name)?;
+    if let Some(exchange) = &options.dead_letter_exchange {
+        check_len("dead-letter exchange", exchange)?;
+    }
+    if let Some(key) = &options.dead_letter_routing_key {
+        check_len("dead-letter routing key", key)?;
+    }
+    if let Some(ttl) = options.message_ttl
+        && ttl > MAX_DELAY
+    {
+        return Err(BrokerError::Invalid(format!(
+            "queue `{name}`: message TTL {ttl:?} exceeds RabbitMQ's limit of {} ms",
+            MAX_DELAY.as_millis()
         )));
     }
     Ok(())
@@ -191,7 +330,7 @@ impl State {
     pub(super) fn new(this: Weak<Shared>) -> Self {
         State {
             this,
-            exchanges: HashMap::new(),
+            exchanges: predeclared_exchanges(),
             queues: HashMap::new(),
             next_id: 1,
             graveyard: Vec::new(),
@@ -204,6 +343,11 @@ impl State {
         id
     }
 
+    /// Declares a topic exchange, or checks one exists (`passive`). As on
+    /// RabbitMQ: the default exchange cannot be declared, even passively;
+    /// the predeclared `amq.*` exchanges exist (durable), and a new name with
+    /// that prefix is refused; a redeclaration must match type, durability
+    /// and internality.
     pub(super) fn declare_exchange(
         &mut self,
         name: &str,
@@ -211,28 +355,31 @@ impl State {
     ) -> Result<(), BrokerError> {
         check_len("exchange name", name)?;
         if name == DEFAULT_EXCHANGE {
-            // RabbitMQ refuses to (re)declare the default exchange, but it exists.
-            return if options.passive {
-                Ok(())
-            } else {
-                Err(BrokerError::Invalid(
-                    "the default exchange `` cannot be declared".to_owned(),
-                ))
-            };
+            return Err(BrokerError::Invalid(
+                "the default exchange `` cannot be declared, even passively".to_owned(),
+            ));
         }
         match self.exchanges.get(name) {
             Some(_) if options.passive => Ok(()),
             None if options.passive => Err(BrokerError::ExchangeNotFound(name.to_owned())),
-            Some(existing) if existing.options.durable != options.durable => {
-                Err(BrokerError::Conflict {
-                    name: name.to_owned(),
-                    detail: format!(
+            Some(existing) => {
+                let detail = if existing.bindings.kind() != "topic" {
+                    format!("type is {}, not topic", existing.bindings.kind())
+                } else if existing.options.durable != options.durable {
+                    format!(
                         "durable was {}, now {}",
                         existing.options.durable, options.durable
-                    ),
+                    )
+                } else if existing.internal {
+                    "the exchange is internal".to_owned()
+                } else {
+                    return Ok(());
+                };
+                Err(BrokerError::Conflict {
+                    name: name.to_owned(),
+                    detail,
                 })
             }
-            Some(_) => Ok(()),
             None if name.starts_with("amq.") => Err(BrokerError::Invalid(format!(
                 "exchange name `{name}`: the `amq.` prefix is reserved"
             ))),
@@ -244,7 +391,8 @@ impl State {
                             passive: false,
                             ..options
                         },
-                        bindings: TopicTrie::new(),
+                        internal: false,
+                        bindings: Bindings::Topic(TopicTrie::new()),
                     },
                 );
                 Ok(())
@@ -267,10 +415,16 @@ impl State {
                 auto_delete: true,
                 ..options.clone()
             };
-            unnamed.check(name)?;
+            check_queue_options(name, &unnamed)?;
         } else {
-            options.check(name)?;
+            check_queue_options(name, &options)?;
         }
+        // RabbitMQ keeps exclusive queues transient, whatever `durable` says,
+        // so a redeclaration's `durable` is not compared either.
+        let options = QueueOptions {
+            durable: options.durable && !options.exclusive,
+            ..options
+        };
         if let Some(existing) = self.queues.get(name) {
             check_owner(name, existing, connection)?;
             let differ = differences(&existing.options, &options);
@@ -311,7 +465,6 @@ impl State {
             ready: VecDeque::new(),
             unacked: HashMap::new(),
             consumers: Vec::new(),
-            next_consumer: 0,
             next_seq: 0,
             bindings: BTreeSet::new(),
             expiry: expiry.clone(),
@@ -336,7 +489,7 @@ impl State {
         };
         for (exchange, pattern) in &queue.bindings {
             if let Some(exchange) = self.exchanges.get_mut(exchange) {
-                exchange.bindings.remove(pattern, &name.to_owned());
+                exchange.bindings.remove(pattern, name);
             }
         }
         // Holds the consumers' senders: dropped once the lock is released.
@@ -363,7 +516,9 @@ impl State {
         pattern: &str,
         connection: u64,
     ) -> Result<(), BrokerError> {
-        check_len("binding pattern", pattern)?;
+        check_len("queue name", queue)?;
+        check_len("exchange name", exchange)?;
+        check_len("routing-key pattern", pattern)?;
         if exchange == DEFAULT_EXCHANGE {
             return Err(BrokerError::Invalid(format!(
                 "queue `{queue}` cannot be bound to the default exchange ``"
@@ -376,7 +531,7 @@ impl State {
             return Err(BrokerError::QueueNotFound(queue.to_owned()));
         };
         check_owner(queue, queue_state, connection)?;
-        exchange_state.bindings.insert(pattern, queue.to_owned());
+        exchange_state.bindings.insert(pattern, queue);
         queue_state
             .bindings
             .insert((exchange.to_owned(), pattern.to_owned()));
@@ -386,16 +541,21 @@ impl State {
     /// Routes a published message into every queue its routing key or a CC
     /// key selects, once per queue. A full queue does not get it and makes the
     /// publish fail with [`BrokerError::QueueFull`]; queues with room still
-    /// get it (what RabbitMQ's `reject-publish` overflow does).
+    /// get it (what RabbitMQ's `reject-publish` overflow does). Only the
+    /// broker publishes to an internal exchange.
     pub(super) fn publish(
         &mut self,
         exchange: &str,
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
+        check_len("exchange name", exchange)?;
         check_len("routing key", routing_key)?;
-        for cc in &message.cc {
-            check_len("CC routing key", cc)?;
+        check_message(&message)?;
+        if self.exchanges.get(exchange).is_some_and(|x| x.internal) {
+            return Err(BrokerError::Invalid(format!(
+                "exchange `{exchange}` is internal: only the broker publishes to it"
+            )));
         }
         let content = Arc::new(Content {
             exchange: exchange.to_owned(),
@@ -427,12 +587,7 @@ impl State {
             let Some(exchange) = self.exchanges.get(&content.exchange) else {
                 return Err(BrokerError::ExchangeNotFound(content.exchange.clone()));
             };
-            exchange
-                .bindings
-                .matches_any(keys)
-                .into_iter()
-                .cloned()
-                .collect()
+            exchange.bindings.route(keys)
         };
         let mut full = None;
         for target in targets {
@@ -446,7 +601,11 @@ impl State {
         full.map_or(Ok(()), Err)
     }
 
-    /// Puts a message at the back of a queue, unless the queue is full.
+    /// Puts a message at the back of a queue, unless the queue is full (as
+    /// RabbitMQ counts: ready messages, even expired ones not dropped yet).
+    /// A consumer with room gets it before its TTL can expire it, so with a
+    /// TTL of zero it is delivered if a consumer can take it at once, and
+    /// dead-lettered otherwise (as RabbitMQ does).
     pub(super) fn enqueue(&mut self, name: &str, content: Arc<Content>) -> Result<(), BrokerError> {
         let Some(queue) = self.queues.get_mut(name) else {
             return Err(BrokerError::QueueNotFound(name.to_owned()));
@@ -456,6 +615,12 @@ impl State {
         {
             return Err(BrokerError::QueueFull(name.to_owned()));
         }
+        // Expired messages ahead of the new one go first, so it is at the
+        // front if the queue is otherwise empty.
+        self.expire(name);
+        let Some(queue) = self.queues.get_mut(name) else {
+            return Err(BrokerError::QueueNotFound(name.to_owned()));
+        };
         let seq = queue.next_seq;
         queue.next_seq += 1;
         queue.ready.push_back(Queued {
@@ -471,8 +636,30 @@ impl State {
         if let Some(expiry) = &queue.expiry {
             expiry.notify_one();
         }
-        self.dispatch(name);
+        self.dispatch_from(name, false);
+        // Not taken: a message already due (TTL zero) expires now, as on RabbitMQ.
+        self.expire(name);
         Ok(())
+    }
+
+    /// Checks a message put straight into a queue, as the RabbitMQ broker
+    /// does: the queue name (its routing key) and the message's fields.
+    pub(super) fn check_put(queue: &str, message: &OutgoingMessage) -> Result<(), BrokerError> {
+        check_len("routing key", queue)?;
+        check_message(message)
+    }
+
+    /// Checks a message put into a queue after a delay, in the RabbitMQ
+    /// broker's order: the queue name, that the queue exists (its delay
+    /// queue is declared before the message is sent), the message's fields.
+    pub(super) fn check_put_later(
+        &self,
+        queue: &str,
+        message: &OutgoingMessage,
+    ) -> Result<(), BrokerError> {
+        check_len("queue name", queue)?;
+        self.check_exists(queue)?;
+        check_message(message)
     }
 
     /// Checks that the queue exists.
@@ -484,8 +671,10 @@ impl State {
         }
     }
 
-    /// Checks that the queue exists and that this connection may use it.
+    /// Checks the name's length, that the queue exists and that this
+    /// connection may use it.
     pub(super) fn check_queue(&self, name: &str, connection: u64) -> Result<(), BrokerError> {
+        check_len("queue name", name)?;
         match self.queues.get(name) {
             None => Err(BrokerError::QueueNotFound(name.to_owned())),
             Some(queue) => check_owner(name, queue, connection),
@@ -554,38 +743,49 @@ impl State {
         }
     }
 
-    /// Hands ready messages to consumers with room under their prefetch, in
-    /// turn (round robin).
+    /// Hands ready messages to consumers in turn, expiring due messages first.
     fn dispatch(&mut self, name: &str) {
+        self.dispatch_from(name, true);
+    }
+
+    /// Hands ready messages to consumers in turn, as RabbitMQ's classic
+    /// queues do: the first consumer in turn order that is not blocked gets
+    /// the next message and moves to the back; one found at its prefetch
+    /// limit is blocked instead (until it settles a delivery). Due messages
+    /// are expired before each hand-out, except the first when
+    /// `expire_first` is false (a message just enqueued goes to a consumer
+    /// with room before its TTL is looked at).
+    fn dispatch_from(&mut self, name: &str, mut expire_first: bool) {
         loop {
-            self.expire(name);
+            if expire_first {
+                self.expire(name);
+            }
+            expire_first = true;
             let Some(queue) = self.queues.get_mut(name) else {
                 return;
             };
-            if queue.ready.is_empty() || queue.consumers.is_empty() {
+            if queue.ready.is_empty() {
                 return;
             }
-            let count = queue.consumers.len();
-            let Some(index) = (0..count)
-                .map(|offset| (queue.next_consumer + offset) % count)
-                .find(|&index| {
-                    let consumer = &queue.consumers[index];
-                    consumer.in_flight < consumer.prefetch
-                })
-            else {
+            let Some(index) = queue.consumers.iter().position(|c| !c.blocked) else {
                 return;
             };
-            queue.next_consumer = (index + 1) % count;
+            let consumer = &mut queue.consumers[index];
+            if consumer.in_flight >= consumer.prefetch {
+                consumer.blocked = true;
+                continue;
+            }
             let Some(message) = queue.ready.pop_front() else {
                 return;
             };
+            let mut consumer = queue.consumers.remove(index);
             let tag = self.next_id;
             self.next_id += 1;
             let delivery = make_delivery(&self.this, name, queue.id, tag, &message);
-            let consumer = &mut queue.consumers[index];
             consumer.in_flight += 1;
             let consumer_id = consumer.id;
             let sent = consumer.sender.try_send(Ok(delivery));
+            queue.consumers.push(consumer);
             queue.unacked.insert(
                 tag,
                 Unacked {
@@ -610,15 +810,16 @@ impl State {
         stop_watching: oneshot::Sender<()>,
         connection: u64,
     ) -> Result<Registered, BrokerError> {
+        self.check_queue(name, connection)?;
         let consumer_id = self.next_id();
         let Some(queue) = self.queues.get_mut(name) else {
             return Err(BrokerError::QueueNotFound(name.to_owned()));
         };
-        check_owner(name, queue, connection)?;
         queue.consumers.push(Consumer {
             id: consumer_id,
             prefetch: usize::from(prefetch),
             in_flight: 0,
+            blocked: false,
             sender,
             _stop_watching: stop_watching,
         });
@@ -641,12 +842,6 @@ impl State {
             return;
         };
         let consumer = queue.consumers.remove(index);
-        if queue.next_consumer > index {
-            queue.next_consumer -= 1;
-        }
-        if queue.next_consumer >= queue.consumers.len() {
-            queue.next_consumer = 0;
-        }
         self.graveyard.push(Box::new(consumer));
         let tags: Vec<u64> = queue
             .unacked
@@ -682,23 +877,28 @@ impl State {
     ) -> Result<(), BrokerError> {
         let queue = match self.queues.get_mut(name) {
             Some(queue) if queue.id == queue_id => queue,
-            _ => {
-                return Err(BrokerError::AckFailed(format!(
-                    "queue `{name}` was deleted"
-                )));
-            }
+            // As on RabbitMQ: the delivery's channel still knows it, so
+            // settling it succeeds, and does nothing.
+            _ => return Ok(()),
         };
         let Some(unacked) = queue.unacked.remove(&tag) else {
             return Err(BrokerError::AckFailed(format!(
                 "delivery {tag} from queue `{name}` is no longer outstanding (its consumer was cancelled and it was requeued)"
             )));
         };
-        if let Some(consumer) = queue
+        if let Some(index) = queue
             .consumers
-            .iter_mut()
-            .find(|c| Some(c.id) == unacked.consumer)
+            .iter()
+            .position(|c| Some(c.id) == unacked.consumer)
         {
+            let consumer = &mut queue.consumers[index];
             consumer.in_flight -= 1;
+            if consumer.blocked {
+                // Room again: back in turn, at the back.
+                consumer.blocked = false;
+                let consumer = queue.consumers.remove(index);
+                queue.consumers.push(consumer);
+            }
         }
         match settlement {
             Settlement::Ack => {}
