@@ -5,9 +5,9 @@
 //! and fails, never skips, when it is unreachable.
 #![cfg(feature = "amqp")]
 
-use std::time::Duration;
+mod differential_support;
 
-use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
+use differential_support::Rng;
 use exchange_runtime::broker::memory::MemoryBroker;
 use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage, QueueOptions};
 
@@ -21,33 +21,13 @@ const PATTERN_WORDS: [&str; 6] = ["a", "b", "ab", "", "*", "#"];
 /// Key words: the literals, the empty word, and a literal `*` (only a wildcard in patterns).
 const KEY_WORDS: [&str; 5] = ["a", "b", "ab", "", "*"];
 
-/// xorshift64*: small, seeded, deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, bound: usize) -> usize {
-        usize::try_from(self.next() % u64::try_from(bound).expect("small")).expect("small")
-    }
-
-    /// 0 to 4 words joined by dots (0 words: the empty key / pattern).
-    fn dotted(&mut self, words: &[&str]) -> String {
-        let count = self.below(5);
-        (0..count)
-            .map(|_| words[self.below(words.len())])
-            .collect::<Vec<_>>()
-            .join(".")
-    }
+/// 0 to 4 words joined by dots (0 words: the empty key / pattern).
+fn dotted(rng: &mut Rng, words: &[&str]) -> String {
+    let count = rng.below(5);
+    (0..count)
+        .map(|_| *rng.pick(words))
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 struct Round {
@@ -62,18 +42,22 @@ fn round(seed: u64) -> Round {
     let bindings = (0..QUEUES_PER_ROUND)
         .map(|_| {
             let count = 1 + rng.below(3);
-            (0..count).map(|_| rng.dotted(&PATTERN_WORDS)).collect()
+            (0..count)
+                .map(|_| dotted(&mut rng, &PATTERN_WORDS))
+                .collect()
         })
         .collect();
     let messages = (0..MESSAGES_PER_ROUND)
         .map(|_| {
-            let key = rng.dotted(&KEY_WORDS);
+            let key = dotted(&mut rng, &KEY_WORDS);
             let cc_count = if rng.below(4) == 0 {
                 1 + rng.below(2)
             } else {
                 0
             };
-            let cc = (0..cc_count).map(|_| rng.dotted(&KEY_WORDS)).collect();
+            let cc = (0..cc_count)
+                .map(|_| dotted(&mut rng, &KEY_WORDS))
+                .collect();
             (key, cc)
         })
         .collect();
@@ -150,19 +134,7 @@ async fn deliveries<B: Broker>(broker: &B, round: &Round, seed: u64) -> (Vec<Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_rabbitmq_route_alike() {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
-    let config = AmqpConfig::from_url(&url)
-        .expect("AMQP_URL must be a valid amqp:// URL")
-        .with_connection_name("exchange-runtime-topic-differential")
-        .with_operation_timeout(Duration::from_secs(20));
-    let endpoint = config.endpoint();
-    let rabbitmq = AmqpBroker::connect(config).await.unwrap_or_else(|error| {
-        panic!(
-            "RabbitMQ is required for this test and is unreachable at {endpoint} ({error}); \
-             start it with `rabbitmq-server -detached` or set AMQP_URL"
-        )
-    });
+    let rabbitmq = differential_support::rabbitmq("exchange-runtime-topic-differential").await;
     let memory = MemoryBroker::new();
     let mut routed = 0;
     for seed in SEEDS {

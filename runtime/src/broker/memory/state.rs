@@ -642,13 +642,6 @@ impl State {
         Ok(())
     }
 
-    /// Checks a message put straight into a queue, as the RabbitMQ broker
-    /// does: the queue name (its routing key) and the message's fields.
-    pub(super) fn check_put(queue: &str, message: &OutgoingMessage) -> Result<(), BrokerError> {
-        check_len("routing key", queue)?;
-        check_message(message)
-    }
-
     /// Checks a message put into a queue after a delay, in the RabbitMQ
     /// broker's order: the queue name, that the queue exists (its delay
     /// queue is declared before the message is sent), the message's fields.
