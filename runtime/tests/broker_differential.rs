@@ -13,7 +13,8 @@
 //! (it delivers synchronously); settlements, which RabbitMQ does not answer,
 //! are followed by a redeclaration of the queue, which goes through the queue
 //! after them. Left out, each for the reason given where it would be:
-//! cancelling consumers, TTLs other than zero and delays (timing), quorum and
+//! cancelling consumers, TTLs other than zero and the arrival of delayed
+//! messages (timing; only the result of a delayed publish is compared), quorum and
 //! server-named queues, and bindings to `amq.fanout` and friends.
 #![cfg(feature = "amqp")]
 
@@ -51,6 +52,10 @@ const SEEDS: [u64; 12] = [
 const OPERATIONS: usize = 80;
 /// Queue names a sequence uses (declared, deleted and redeclared at random).
 const QUEUES: usize = 3;
+/// A delay no message waits out during the test: 2^22 ms (70 minutes), one
+/// of the RabbitMQ broker's delay tiers, so its delay queue is
+/// `<queue>.delay.4194304`.
+const PARKED: Duration = Duration::from_millis(1 << 22);
 /// How long RabbitMQ may take to deliver what the embedded broker delivered.
 const EVENTUALLY: Duration = Duration::from_secs(5);
 /// How long to watch RabbitMQ for deliveries the embedded broker did not make, at the end of a sequence.
@@ -203,8 +208,14 @@ enum Op {
         key: String,
         message: OutgoingMessage,
     },
-    /// `publish_delayed` without a delay (other delays: timing).
+    /// `publish_delayed` without a delay.
     Put {
+        queue: String,
+        message: OutgoingMessage,
+    },
+    /// `publish_delayed` by [`PARKED`]: only the result is compared (the
+    /// message arrives long after the test).
+    PutLater {
         queue: String,
         message: OutgoingMessage,
     },
@@ -350,7 +361,11 @@ fn sequence(seed: u64, names: &Names) -> Vec<Op> {
                     message: message(&mut rng, names, exchange, format!("m{n}")),
                 }
             }
-            62..67 => Op::Put {
+            62..65 => Op::Put {
+                queue: names.any_queue(&mut rng),
+                message: message(&mut rng, names, Exchange::Default, format!("m{n}")),
+            },
+            65..67 => Op::PutLater {
                 queue: names.any_queue(&mut rng),
                 message: message(&mut rng, names, Exchange::Default, format!("m{n}")),
             },
@@ -513,6 +528,10 @@ impl<B: Broker> Side<B> {
                 broker
                     .publish_delayed(queue, message.clone(), Duration::ZERO)
                     .await,
+                |()| String::new(),
+            ),
+            Op::PutLater { queue, message } => outcome(
+                broker.publish_delayed(queue, message.clone(), PARKED).await,
                 |()| String::new(),
             ),
             Op::Get { queue } => {
@@ -740,6 +759,10 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
     for name in &names.queues {
         // Gone already, or auto-deleted with its consumers: either is fine.
         let _ = rabbitmq.delete_queue(name).await;
+        // The RabbitMQ broker's delay queue, if a message was parked.
+        let _ = rabbitmq
+            .delete_queue(&format!("{name}.delay.{}", PARKED.as_millis()))
+            .await;
     }
     for name in &names.own {
         rabbitmq
