@@ -237,9 +237,9 @@ impl Broker for MemoryBroker {
     /// put then into the queue (its CC keys are not used, as the RabbitMQ
     /// broker's delay queue drops them); if the queue is gone or full by then,
     /// it is dropped (logged). Without a delay it is published to the default
-    /// exchange at once, CC keys and all, as the RabbitMQ broker does. The delay is exact (RabbitMQ's broker
-    /// rounds it up to a tier, which can reorder messages: see
-    /// [`Broker::publish_delayed`]).
+    /// exchange at once, CC keys and all, as the RabbitMQ broker does. The
+    /// delay is exact (RabbitMQ's broker rounds it up to a tier, which can
+    /// reorder messages: see [`Broker::publish_delayed`]).
     async fn publish_delayed(
         &self,
         queue: &str,

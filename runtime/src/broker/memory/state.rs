@@ -363,7 +363,7 @@ impl State {
             Some(_) if options.passive => Ok(()),
             None if options.passive => Err(BrokerError::ExchangeNotFound(name.to_owned())),
             Some(existing) => {
-                let detail = if existing.bindings.kind() != "topic" {
+                let detail = if !matches!(existing.bindings, Bindings::Topic(_)) {
                     format!("type is {}, not topic", existing.bindings.kind())
                 } else if existing.options.durable != options.durable {
                     format!(
