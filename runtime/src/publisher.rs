@@ -157,7 +157,8 @@ impl<B: Broker> Publisher<B> {
         let outgoing = OutgoingMessage {
             body,
             content_type: Some("application/json".to_owned()),
-            message_id: None,
+            // One id for every retry of this call: consumers can deduplicate by it.
+            message_id: Some(uuid::Uuid::new_v4().to_string()),
             persistent: true,
             headers: Default::default(),
             cc,
@@ -199,21 +200,18 @@ impl<B: Broker> Publisher<B> {
                     .publish(exchange, routing_key, message.clone())
                     .await
             };
-            let error = match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(error)) => error,
-                Err(_elapsed) => BrokerError::NotConfirmed {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    reason: format!(
-                        "no confirmation within the {:?} deadline",
-                        self.options.deadline
-                    ),
-                },
+            // The broker bounds one attempt (its operation timeout) and says
+            // what became of the message; the deadline bounds the retries.
+            let error = match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
             };
             let retryable = matches!(
                 error,
-                BrokerError::Connection(_) | BrokerError::NotConfirmed { .. }
+                BrokerError::Connection(_)
+                    | BrokerError::NotConfirmed { .. }
+                    | BrokerError::Unreachable(_)
+                    | BrokerError::Unconfirmed(_)
             );
             // A retry too far away to represent is past any deadline.
             let retry_at = Instant::now().checked_add(backoff);

@@ -72,7 +72,11 @@ fn close_connections_named(connection_name: &str) -> usize {
     let stdout = String::from_utf8_lossy(&listing.stdout);
     let pids: Vec<&str> = stdout
         .lines()
-        .filter(|line| line.contains(&format!("\"{connection_name}\"")))
+        // Both of the broker's connections: the main one and the publishing one.
+        .filter(|line| {
+            line.contains(&format!("\"{connection_name}\""))
+                || line.contains(&format!("\"{connection_name} (publish)\""))
+        })
         .filter_map(|line| line.split_whitespace().next())
         .collect();
     for pid in &pids {
@@ -91,7 +95,10 @@ fn close_connections_named(connection_name: &str) -> usize {
 
 async fn wait_for_recoveries(broker: &AmqpBroker, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while broker.recoveries() < at_least || !broker.is_connected() {
+    while broker.recoveries() < at_least
+        || broker.publisher_recoveries() < at_least
+        || !broker.is_connected()
+    {
         assert!(
             Instant::now() < deadline,
             "connection not recovered: {} recoveries, want {at_least}",
@@ -610,13 +617,13 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
             let mut across_recovery = 0;
             for i in 0..MESSAGES {
                 let id = format!("{i:04}");
-                let recoveries_before = broker.recoveries();
+                let recoveries_before = broker.publisher_recoveries();
                 broker
                     .publish(&exchange, "jobs.run", message(&id))
                     .await
                     .unwrap_or_else(|error| panic!("publish {id} failed across recovery: {error}"));
                 confirmed.lock().expect("lock").insert(id);
-                across_recovery += usize::from(broker.recoveries() != recoveries_before);
+                across_recovery += usize::from(broker.publisher_recoveries() != recoveries_before);
                 // Keeps publishing while the kills happen.
                 tokio::time::sleep(Duration::from_millis(8)).await;
             }
@@ -642,8 +649,8 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
                 .await
                 .expect("rabbitmqctl task");
                 assert_eq!(
-                    closed, 1,
-                    "expected exactly this test's connection to close"
+                    closed, 2,
+                    "expected exactly this test's two connections to close"
                 );
                 wait_for_recoveries(&broker, kill).await;
             }
@@ -687,12 +694,12 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
             Err(other) => panic!("ack: unexpected {other:?}"),
         }
     }
+    killer.await.expect("killer");
     let publishes_across_recovery = publisher.await.expect("publisher");
     assert!(
         publishes_across_recovery > 0,
         "no publish waited for a recovery"
     );
-    killer.await.expect("killer");
     let confirmed = confirmed.lock().expect("lock").clone();
     assert_eq!(confirmed.len(), MESSAGES);
     let missing: Vec<_> = confirmed.difference(&received).collect();
@@ -742,7 +749,7 @@ async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
     let closed = tokio::task::spawn_blocking(move || close_connections_named(&connection_name))
         .await
         .expect("rabbitmqctl task");
-    assert_eq!(closed, 1);
+    assert_eq!(closed, 2, "the main and the publishing connection");
     wait_for_recoveries(&broker, 1).await;
 
     broker

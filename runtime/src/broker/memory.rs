@@ -211,6 +211,7 @@ impl Broker for MemoryBroker {
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
         message.check_headers()?;
+        let message = message.with_message_id();
         self.with_state(|state, _| state.publish(exchange, routing_key, message))
     }
 
@@ -225,6 +226,7 @@ impl Broker for MemoryBroker {
         delay: Duration,
     ) -> Result<(), BrokerError> {
         message.check_headers()?;
+        let message = message.with_message_id();
         let content = Arc::new(Content {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),

@@ -29,6 +29,8 @@ pub(crate) struct Link {
     publisher: Mutex<Option<Channel>>,
     /// Woken by operations that saw the connection fail, so the supervisor reacts at once.
     pub(crate) broken: Notify,
+    /// Since when and why the broker blocks this connection (resource alarm), if it does.
+    blocked: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
     /// Set by the supervisor once it saw the connection die: some lapin
     /// futures (`basic.get` after a parse failure) never resolve, so
     /// operations wait on this too.
@@ -38,6 +40,19 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// Since when and why the broker blocks this connection, if it does.
+    pub(crate) fn blocked(&self) -> Option<(tokio::time::Instant, String)> {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_blocked(&self, reason: Option<String>) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        *blocked = reason.map(|reason| (tokio::time::Instant::now(), reason));
     }
 
     /// Turns true once the supervisor has seen this connection die.
@@ -104,10 +119,14 @@ pub(crate) type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event
 /// anything can fail, so no error event is missed).
 pub(crate) async fn open(
     config: &AmqpConfig,
+    role: Role,
     generation: u64,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(config.connection_name().into());
+    let name = match role {
+        Role::Main => config.connection_name().to_owned(),
+        Role::Publish => format!("{} (publish)", config.connection_name()),
+    };
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime().map_err(|error| {
         BrokerError::Connection(format!(
             "cannot connect to {}: no async runtime: {error}",
@@ -154,8 +173,71 @@ pub(crate) async fn open(
         publisher: Mutex::new(None),
         broken: Notify::new(),
         dead: watch::Sender::new(false),
+        blocked: std::sync::Mutex::new(None),
     });
     Ok((link, events))
+}
+
+/// What a connection is for. RabbitMQ blocks a connection that publishes
+/// during a resource alarm, and a blocked connection sends nothing — acks
+/// included — so publishes get a connection of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Declarations, consumers, gets and their acks.
+    Main,
+    /// `basic.publish` only.
+    Publish,
+}
+
+/// One supervised connection: the state operations wait on, and what its
+/// supervisor restores after a loss.
+pub(crate) struct Lane {
+    pub(crate) state: Arc<watch::Sender<LinkState>>,
+    pub(crate) topology: Arc<std::sync::Mutex<Topology>>,
+    pub(crate) recoveries: Arc<AtomicU64>,
+}
+
+impl Lane {
+    /// Connects (one attempt) and starts the supervisor.
+    pub(crate) async fn start(
+        config: &AmqpConfig,
+        role: Role,
+        readers: Arc<Readers>,
+        poison: broadcast::Sender<PoisonEvent>,
+    ) -> Result<Lane, BrokerError> {
+        let (link, events) = open(config, role, 1).await?;
+        let lane = Lane {
+            state: Arc::new(watch::Sender::new(LinkState::Up(link.clone()))),
+            topology: Arc::default(),
+            recoveries: Arc::default(),
+        };
+        let handles = SupervisorHandles {
+            config: config.clone(),
+            role,
+            state: Arc::downgrade(&lane.state),
+            topology: Arc::downgrade(&lane.topology),
+            recoveries: lane.recoveries.clone(),
+            readers,
+            poison,
+        };
+        tokio::spawn(supervise(handles, link, events));
+        Ok(lane)
+    }
+
+    /// Marks the lane closed (ending its supervisor) and returns the link that was up.
+    pub(crate) fn close(&self) -> Option<Arc<Link>> {
+        match self.state.send_replace(LinkState::Closed) {
+            LinkState::Up(link) => Some(link),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Ends the supervisor, which drops (and so closes) the connection.
+        self.state.send_replace(LinkState::Closed);
+    }
 }
 
 /// Why a replay stopped.
@@ -339,6 +421,7 @@ impl Drop for ReadGuard {
 /// every broker handle ends it.
 pub(crate) struct SupervisorHandles {
     pub(crate) config: AmqpConfig,
+    pub(crate) role: Role,
     pub(crate) state: Weak<watch::Sender<LinkState>>,
     pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
     pub(crate) recoveries: Arc<AtomicU64>,
@@ -460,6 +543,7 @@ async fn sweep_poison(
 pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, mut events: Events) {
     let SupervisorHandles {
         config,
+        role,
         state,
         topology,
         recoveries,
@@ -486,6 +570,14 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                     Some(Event::Error(error)) if !link.is_up() => {
                         parse_failure = is_parse_error(&error);
                         break error.to_string();
+                    }
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(endpoint = %config.endpoint(), ?role, %reason, "RabbitMQ blocks the AMQP connection");
+                        link.set_blocked(Some(reason));
+                    }
+                    Some(Event::ConnectionUnblocked) => {
+                        tracing::info!(endpoint = %config.endpoint(), ?role, "RabbitMQ unblocked the AMQP connection");
+                        link.set_blocked(None);
                     }
                     None if !link.is_up() => break "connection ended".to_owned(),
                     Some(_) => {}
@@ -539,7 +631,7 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 _ = closed.wait_for(|state| matches!(state, LinkState::Closed)) => return,
             }
             attempt = attempt.saturating_add(1);
-            let (candidate, candidate_events) = match open(&config, generation).await {
+            let (candidate, candidate_events) = match open(&config, role, generation).await {
                 Ok(opened) => opened,
                 Err(error) => {
                     tracing::warn!(%error, attempt, "AMQP reconnect failed");
