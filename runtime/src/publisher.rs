@@ -7,8 +7,11 @@
 //! routes are added as CC routing keys `route.<route>`.
 //! [`Publisher::publish`] returns only once the broker confirmed the message;
 //! connection failures and unconfirmed publishes are retried with
-//! exponential backoff until a deadline. A retried publish may reach
-//! consumers twice (at-least-once), as with Taskcluster's own services.
+//! exponential backoff until a deadline, under one message id: a copy still
+//! waiting for its confirm is waited for, not sent again, but a copy whose
+//! connection died may have reached the broker, so a message can reach
+//! consumers twice (at-least-once) — with the same
+//! [`message_id`](crate::consumer::DeliveryInfo::message_id), to deduplicate by.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -26,8 +29,10 @@ use crate::validate::{self, ValidationError};
 /// Retry timing of a [`Publisher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublisherOptions {
-    /// How long one `publish` call keeps trying (declaring, publishing,
-    /// waiting for the confirm, retrying) before it gives up. Default 30 s.
+    /// How long one `publish` call keeps retrying before it gives up.
+    /// Default 30 s. An attempt under way when it passes is not cut short:
+    /// the broker bounds it (`AmqpConfig::with_operation_timeout`) and says
+    /// what became of the message (never sent, or sent but unconfirmed).
     pub deadline: Duration,
     /// First wait before a retry; doubled after each failure. Default 100 ms.
     pub initial_backoff: Duration,
