@@ -767,3 +767,97 @@ async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
         .await
         .expect("delete exchange");
 }
+
+/// A long-running service makes many operations, some of them refused:
+/// every one gets its own answer. (A channel per operation wrapped lapin's
+/// channel ids at 2,047, and lapin fails a reused id with the error of the
+/// channel the broker closed under it: answers went to the wrong calls, then
+/// every call failed. Declarations now share one channel, and a connection
+/// whose channels the broker closed is replaced before its ids wrap.)
+#[tokio::test]
+async fn twenty_thousand_mixed_operations_answer_correctly() {
+    const OPERATIONS: usize = 20_000;
+    const TASKS: usize = 4;
+    let broker = connect_named(&unique("many-operations")).await;
+    let exchange = unique("many-ops-exchange");
+    broker
+        .declare_exchange(&exchange, ExchangeOptions::default())
+        .await
+        .expect("declare exchange");
+    let queue = broker
+        .declare_queue(&unique("many-ops-queue"), transient_queue())
+        .await
+        .expect("declare queue");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (broker, exchange, queue) = (broker.clone(), exchange.clone(), queue.clone());
+            tokio::spawn(async move {
+                let missing_exchange = unique("missing-exchange");
+                let missing_queue = unique("missing-queue");
+                for n in (task..OPERATIONS).step_by(TASKS) {
+                    let outcome = match n % 5 {
+                        0 => broker
+                            .declare_exchange(&exchange, ExchangeOptions::default())
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        1 => broker
+                            .declare_exchange(
+                                &missing_exchange,
+                                ExchangeOptions {
+                                    passive: true,
+                                    durable: false,
+                                },
+                            )
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        2 => broker
+                            .bind_queue(&queue, &exchange, "never.#")
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        3 => broker
+                            .publish(&missing_exchange, "k", message("lost"))
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        _ => broker
+                            .delete_queue(&missing_queue)
+                            .await
+                            .map(|()| "ok".to_owned()),
+                    };
+                    let expected = match n % 5 {
+                        0 | 2 => Ok("ok".to_owned()),
+                        1 | 3 => Err(format!("ExchangeNotFound(\"{missing_exchange}\")")),
+                        _ => Err(format!("QueueNotFound(\"{missing_queue}\")")),
+                    };
+                    assert_eq!(
+                        outcome.map_err(|error| format!("{error:?}")),
+                        expected,
+                        "operation {n}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("operations task");
+    }
+    println!(
+        "{OPERATIONS} operations in {:.1?}; connections replaced before their channel ids wrapped: {} main, {} publishing",
+        started.elapsed(),
+        broker.recoveries(),
+        broker.publisher_recoveries()
+    );
+    // Each refused operation costs a channel; a connection is replaced only
+    // before its 2,047 channel ids wrap.
+    let refused = (OPERATIONS * 3 / 5) as u64;
+    assert!(broker.recoveries() <= refused / 1500, "{broker:?}");
+    assert!(
+        broker.publisher_recoveries() <= refused / 1500,
+        "{broker:?}"
+    );
+    broker.delete_queue(&queue).await.expect("delete queue");
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
+}

@@ -171,6 +171,7 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
         && matches!(amqp.kind(), AMQPErrorKind::Soft(_))
     {
+        link.note_channel_closed_by_broker();
         return Failure::Soft(amqp.clone());
     }
     if link.is_up() {
@@ -275,10 +276,12 @@ impl AmqpBroker {
         self.run("delete exchange", &Target::exchange(name), |link| {
             let exchange = exchange.clone();
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .exchange_delete(exchange, ExchangeDeleteOptions::default())
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .exchange_delete(exchange, ExchangeDeleteOptions::default())
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -461,10 +464,18 @@ impl AmqpBroker {
                         );
                         async move {
                             let channel = link.publisher().await?;
-                            let confirm = channel
-                                .basic_publish(exchange_name, key, options, &body, properties)
-                                .await?;
-                            confirm.await
+                            let sent = async {
+                                channel
+                                    .basic_publish(exchange_name, key, options, &body, properties)
+                                    .await?
+                                    .await
+                            };
+                            let result = sent.await;
+                            if result.is_err() {
+                                // It may still be closing: the next publish opens another.
+                                link.discard_publisher(channel.id()).await;
+                            }
+                            result
                         }
                     };
                     self.send_copy(copy_key.clone(), link.clone(), send)
@@ -530,11 +541,11 @@ impl AmqpBroker {
                 Failure::Soft(error) if target.mentioned_in(&error) => {
                     return Err(target.soft_error("publish to exchange", &error));
                 }
+                // Another publish's error closed the channel before the broker took
+                // this one: resent on a fresh channel (each round one publish gets
+                // through), until the operation deadline.
                 Failure::Soft(error) => {
-                    channel_failures += 1;
-                    if channel_failures > CHANNEL_RETRIES {
-                        return Err(not_confirmed(error.get_message().to_string()));
-                    }
+                    tracing::debug!(reason = %error.get_message(), "publish: channel closed by another publish; resending");
                 }
                 Failure::ChannelLost(reason) => {
                     channel_failures += 1;
@@ -653,14 +664,16 @@ impl AmqpBroker {
                 .run("check queue", &Target::queue(queue), |link| {
                     let name = name.clone();
                     async move {
-                        let channel = link.channel().await?;
-                        let passive = QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        };
-                        channel
-                            .queue_declare(name, passive, FieldTable::default())
-                            .await
+                        link.on_operations(|channel| async move {
+                            let passive = QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            };
+                            channel
+                                .queue_declare(name, passive, FieldTable::default())
+                                .await
+                        })
+                        .await
                     }
                 })
                 .await;
@@ -801,19 +814,21 @@ impl Broker for AmqpBroker {
         self.run(what, &target, |link| {
             let exchange = exchange.clone();
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .exchange_declare(
-                        exchange,
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            passive: options.passive,
-                            durable: options.durable,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .exchange_declare(
+                            exchange,
+                            ExchangeKind::Topic,
+                            ExchangeDeclareOptions {
+                                passive: options.passive,
+                                durable: options.durable,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -855,10 +870,12 @@ impl Broker for AmqpBroker {
             .run("declare queue", &Target::queue(&name), |link| {
                 let (queue, arguments) = (queue.clone(), arguments.clone());
                 async move {
-                    let channel = link.channel().await?;
-                    channel
-                        .queue_declare(queue, declare_options, arguments)
-                        .await
+                    link.on_operations(|channel| async move {
+                        channel
+                            .queue_declare(queue, declare_options, arguments)
+                            .await
+                    })
+                    .await
                 }
             })
             .await;
@@ -882,17 +899,19 @@ impl Broker for AmqpBroker {
         self.run("delete queue", &target, |link| {
             let queue = queue.clone();
             async move {
-                let channel = link.channel().await?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                channel
-                    .queue_declare(queue.clone(), passive, FieldTable::default())
-                    .await?;
-                channel
-                    .queue_delete(queue, QueueDeleteOptions::default())
-                    .await
+                link.on_operations(|channel| async move {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    channel
+                        .queue_declare(queue.clone(), passive, FieldTable::default())
+                        .await?;
+                    channel
+                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -915,16 +934,18 @@ impl Broker for AmqpBroker {
             let (queue_name, exchange_name, key) =
                 (queue_name.clone(), exchange_name.clone(), key.clone());
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .queue_bind(
-                        queue_name,
-                        exchange_name,
-                        key,
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .queue_bind(
+                            queue_name,
+                            exchange_name,
+                            key,
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -996,28 +1017,30 @@ impl Broker for AmqpBroker {
                 arguments.clone(),
             );
             async move {
-                let channel = link.channel().await?;
-                // The target must exist now: a message dead-lettered to a missing queue vanishes.
-                channel
-                    .queue_declare(
-                        target_queue,
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                channel
-                    .queue_declare(
-                        delay_queue_name,
-                        QueueDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        arguments,
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    // The target must exist now: a message dead-lettered to a missing queue vanishes.
+                    channel
+                        .queue_declare(
+                            target_queue,
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    channel
+                        .queue_declare(
+                            delay_queue_name,
+                            QueueDeclareOptions {
+                                durable: true,
+                                ..Default::default()
+                            },
+                            arguments,
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;
