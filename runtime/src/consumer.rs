@@ -118,7 +118,10 @@ pub struct DeliveryInfo {
     pub routes: Vec<String>,
     /// Every CC routing key, as published (with `route.` prefixes).
     pub cc: Vec<String>,
-    /// The identifier the publisher gave the message, if any.
+    /// The message's id, stable across a publisher's retries: a message that
+    /// a lost connection made the broker receive twice arrives twice with the
+    /// same id, so handlers can deduplicate by it. Both brokers give every
+    /// message they publish one; `None` only from other publishers.
     pub message_id: Option<String>,
     /// Application headers.
     pub headers: BTreeMap<String, String>,

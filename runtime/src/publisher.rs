@@ -7,8 +7,11 @@
 //! routes are added as CC routing keys `route.<route>`.
 //! [`Publisher::publish`] returns only once the broker confirmed the message;
 //! connection failures and unconfirmed publishes are retried with
-//! exponential backoff until a deadline. A retried publish may reach
-//! consumers twice (at-least-once), as with Taskcluster's own services.
+//! exponential backoff until a deadline, under one message id: a copy still
+//! waiting for its confirm is waited for, not sent again, but a copy whose
+//! connection died may have reached the broker, so a message can reach
+//! consumers twice (at-least-once) — with the same
+//! [`message_id`](crate::consumer::DeliveryInfo::message_id), to deduplicate by.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -26,8 +29,10 @@ use crate::validate::{self, ValidationError};
 /// Retry timing of a [`Publisher`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublisherOptions {
-    /// How long one `publish` call keeps trying (declaring, publishing,
-    /// waiting for the confirm, retrying) before it gives up. Default 30 s.
+    /// How long one `publish` call keeps retrying before it gives up.
+    /// Default 30 s. An attempt under way when it passes is not cut short:
+    /// the broker bounds it (`AmqpConfig::with_operation_timeout`) and says
+    /// what became of the message (never sent, or sent but unconfirmed).
     pub deadline: Duration,
     /// First wait before a retry; doubled after each failure. Default 100 ms.
     pub initial_backoff: Duration,
@@ -157,7 +162,8 @@ impl<B: Broker> Publisher<B> {
         let outgoing = OutgoingMessage {
             body,
             content_type: Some("application/json".to_owned()),
-            message_id: None,
+            // One id for every retry of this call: consumers can deduplicate by it.
+            message_id: Some(uuid::Uuid::new_v4().to_string()),
             persistent: true,
             headers: Default::default(),
             cc,
@@ -199,21 +205,18 @@ impl<B: Broker> Publisher<B> {
                     .publish(exchange, routing_key, message.clone())
                     .await
             };
-            let error = match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(error)) => error,
-                Err(_elapsed) => BrokerError::NotConfirmed {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    reason: format!(
-                        "no confirmation within the {:?} deadline",
-                        self.options.deadline
-                    ),
-                },
+            // The broker bounds one attempt (its operation timeout) and says
+            // what became of the message; the deadline bounds the retries.
+            let error = match attempt.await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
             };
             let retryable = matches!(
                 error,
-                BrokerError::Connection(_) | BrokerError::NotConfirmed { .. }
+                BrokerError::Connection(_)
+                    | BrokerError::NotConfirmed { .. }
+                    | BrokerError::Unreachable(_)
+                    | BrokerError::Unconfirmed(_)
             );
             // A retry too far away to represent is past any deadline.
             let retry_at = Instant::now().checked_add(backoff);

@@ -77,7 +77,11 @@ fn close_connections_named(connection_name: &str) -> usize {
     let stdout = String::from_utf8_lossy(&listing.stdout);
     let pids: Vec<&str> = stdout
         .lines()
-        .filter(|line| line.contains(&format!("\"{connection_name}\"")))
+        // Both of the broker's connections: the main one and the publishing one.
+        .filter(|line| {
+            line.contains(&format!("\"{connection_name}\""))
+                || line.contains(&format!("\"{connection_name} (publish)\""))
+        })
         .filter_map(|line| line.split_whitespace().next())
         .collect();
     for pid in &pids {
@@ -96,7 +100,10 @@ fn close_connections_named(connection_name: &str) -> usize {
 
 async fn wait_for_recoveries(broker: &AmqpBroker, at_least: u64) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while broker.recoveries() < at_least || !broker.is_connected() {
+    while broker.recoveries() < at_least
+        || broker.publisher_recoveries() < at_least
+        || !broker.is_connected()
+    {
         assert!(
             Instant::now() < deadline,
             "connection not recovered: {} recoveries, want {at_least}",
@@ -615,13 +622,13 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
             let mut across_recovery = 0;
             for i in 0..MESSAGES {
                 let id = format!("{i:04}");
-                let recoveries_before = broker.recoveries();
+                let recoveries_before = broker.publisher_recoveries();
                 broker
                     .publish(&exchange, "jobs.run", message(&id))
                     .await
                     .unwrap_or_else(|error| panic!("publish {id} failed across recovery: {error}"));
                 confirmed.lock().expect("lock").insert(id);
-                across_recovery += usize::from(broker.recoveries() != recoveries_before);
+                across_recovery += usize::from(broker.publisher_recoveries() != recoveries_before);
                 // Keeps publishing while the kills happen.
                 tokio::time::sleep(Duration::from_millis(8)).await;
             }
@@ -647,8 +654,8 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
                 .await
                 .expect("rabbitmqctl task");
                 assert_eq!(
-                    closed, 1,
-                    "expected exactly this test's connection to close"
+                    closed, 2,
+                    "expected exactly this test's two connections to close"
                 );
                 wait_for_recoveries(&broker, kill).await;
             }
@@ -692,12 +699,12 @@ async fn connection_loss_mid_stream_loses_no_confirmed_message() {
             Err(other) => panic!("ack: unexpected {other:?}"),
         }
     }
+    killer.await.expect("killer");
     let publishes_across_recovery = publisher.await.expect("publisher");
     assert!(
         publishes_across_recovery > 0,
         "no publish waited for a recovery"
     );
-    killer.await.expect("killer");
     let confirmed = confirmed.lock().expect("lock").clone();
     assert_eq!(confirmed.len(), MESSAGES);
     let missing: Vec<_> = confirmed.difference(&received).collect();
@@ -747,7 +754,7 @@ async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
     let closed = tokio::task::spawn_blocking(move || close_connections_named(&connection_name))
         .await
         .expect("rabbitmqctl task");
-    assert_eq!(closed, 1);
+    assert_eq!(closed, 2, "the main and the publishing connection");
     wait_for_recoveries(&broker, 1).await;
 
     broker
@@ -760,6 +767,100 @@ async fn exclusive_queue_and_bindings_are_restored_after_reconnection() {
         .expect("publish unbound");
     assert_eq!(next_body(&mut stream).await, "after");
     assert!(broker.pending(&queue).await.expect("pending").is_empty());
+    broker
+        .delete_exchange(&exchange)
+        .await
+        .expect("delete exchange");
+}
+
+/// A long-running service makes many operations, some of them refused:
+/// every one gets its own answer. (A channel per operation wrapped lapin's
+/// channel ids at 2,047, and lapin fails a reused id with the error of the
+/// channel the broker closed under it: answers went to the wrong calls, then
+/// every call failed. Declarations now share one channel, and a connection
+/// whose channels the broker closed is replaced before its ids wrap.)
+#[tokio::test]
+async fn twenty_thousand_mixed_operations_answer_correctly() {
+    const OPERATIONS: usize = 20_000;
+    const TASKS: usize = 4;
+    let broker = connect_named(&unique("many-operations")).await;
+    let exchange = unique("many-ops-exchange");
+    broker
+        .declare_exchange(&exchange, ExchangeOptions::default())
+        .await
+        .expect("declare exchange");
+    let queue = broker
+        .declare_queue(&unique("many-ops-queue"), transient_queue())
+        .await
+        .expect("declare queue");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (broker, exchange, queue) = (broker.clone(), exchange.clone(), queue.clone());
+            tokio::spawn(async move {
+                let missing_exchange = unique("missing-exchange");
+                let missing_queue = unique("missing-queue");
+                for n in (task..OPERATIONS).step_by(TASKS) {
+                    let outcome = match n % 5 {
+                        0 => broker
+                            .declare_exchange(&exchange, ExchangeOptions::default())
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        1 => broker
+                            .declare_exchange(
+                                &missing_exchange,
+                                ExchangeOptions {
+                                    passive: true,
+                                    durable: false,
+                                },
+                            )
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        2 => broker
+                            .bind_queue(&queue, &exchange, "never.#")
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        3 => broker
+                            .publish(&missing_exchange, "k", message("lost"))
+                            .await
+                            .map(|()| "ok".to_owned()),
+                        _ => broker
+                            .delete_queue(&missing_queue)
+                            .await
+                            .map(|()| "ok".to_owned()),
+                    };
+                    let expected = match n % 5 {
+                        0 | 2 => Ok("ok".to_owned()),
+                        1 | 3 => Err(format!("ExchangeNotFound(\"{missing_exchange}\")")),
+                        _ => Err(format!("QueueNotFound(\"{missing_queue}\")")),
+                    };
+                    assert_eq!(
+                        outcome.map_err(|error| format!("{error:?}")),
+                        expected,
+                        "operation {n}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("operations task");
+    }
+    println!(
+        "{OPERATIONS} operations in {:.1?}; connections replaced before their channel ids wrapped: {} main, {} publishing",
+        started.elapsed(),
+        broker.recoveries(),
+        broker.publisher_recoveries()
+    );
+    // Each refused operation costs a channel; a connection is replaced only
+    // before its 2,047 channel ids wrap.
+    let refused = (OPERATIONS * 3 / 5) as u64;
+    assert!(broker.recoveries() <= refused / 1500, "{broker:?}");
+    assert!(
+        broker.publisher_recoveries() <= refused / 1500,
+        "{broker:?}"
+    );
+    broker.delete_queue(&queue).await.expect("delete queue");
     broker
         .delete_exchange(&exchange)
         .await

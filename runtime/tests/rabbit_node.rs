@@ -51,6 +51,10 @@ fn own_rabbitmq_node_cases() {
         memory_alarm_is_raised_and_cleared,
         sigstop_freezes_the_node_and_sigcont_thaws_it,
         stop_app_closes_the_listeners_and_start_app_reopens_them,
+        a_memory_alarm_does_not_stall_consuming,
+        a_publish_blocked_by_an_alarm_is_unconfirmed_then_delivered_once,
+        a_publish_while_the_broker_is_down_is_unreachable,
+        poison_messages_are_set_aside_over_tls,
     ];
     let only = std::env::var("TCX_NODE_CASES").ok();
     let selected: Vec<&(&str, Case)> = cases
@@ -178,12 +182,14 @@ async fn amqps_publishes_and_consumes_with_a_private_ca(node: Arc<RabbitNode>) {
         .iter()
         .filter(|line| line.contains(&connection_name))
         .collect();
-    assert_eq!(ours.len(), 1, "{connections:?}");
-    assert!(
-        ours[0].contains("\ttrue\t") && ours[0].contains("tlsv1."),
-        "not TLS: {}",
-        ours[0]
-    );
+    // Two connections: the main one and the publishing one.
+    assert_eq!(ours.len(), 2, "{connections:?}");
+    for line in ours {
+        assert!(
+            line.contains("\ttrue\t") && line.contains("tlsv1."),
+            "not TLS: {line}"
+        );
+    }
     broker.close().await;
 }
 
@@ -295,4 +301,212 @@ async fn stop_app_closes_the_listeners_and_start_app_reopens_them(node: Arc<Rabb
         .await
         .close()
         .await;
+}
+
+/// A durable queue of `count` persistent messages, published through `broker`.
+async fn filled_queue(broker: &AmqpBroker, prefix: &str, count: usize) -> String {
+    let queue = unique(prefix);
+    let durable = QueueOptions {
+        durable: true,
+        ..QueueOptions::default()
+    };
+    broker
+        .declare_queue(&queue, durable)
+        .await
+        .expect("declare");
+    for n in 0..count {
+        broker
+            .publish("", &queue, json_message(&format!("{{\"n\":{n}}}")))
+            .await
+            .expect("publish before the alarm");
+    }
+    queue
+}
+
+/// During a memory alarm RabbitMQ blocks a connection once it publishes, and
+/// a blocked connection sends nothing, acks included. One broker handle both
+/// publishing and consuming must still consume: publishes have a connection
+/// of their own. (Before: 20 messages handled in 20 s.)
+async fn a_memory_alarm_does_not_stall_consuming(node: Arc<RabbitNode>) {
+    let name = unique("tcx-alarm");
+    let broker = connect(config(&node.amqp_url(), &name)).await;
+    let queue = filled_queue(&broker, "alarm-queue", 300).await;
+    blocking(&node, |node| node.set_memory_alarm(true)).await;
+    // A publish during the alarm gets the publishing connection blocked.
+    let blocked = {
+        let (broker, queue) = (broker.clone(), queue.clone());
+        tokio::spawn(async move {
+            broker
+                .publish("", &queue, json_message("{\"late\":true}"))
+                .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !blocking(&node, {
+        let watched = name.clone();
+        move |node| {
+            node.list_connections(&["client_properties", "state"])
+                .iter()
+                .any(|line| line.contains(&watched) && line.ends_with("\tblocked"))
+        }
+    })
+    .await
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the publishing connection was never blocked"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = broker.consume(&queue, 10).await.expect("consume");
+    let started = Instant::now();
+    for handled in 0..300 {
+        let delivery = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("consuming stalled after {handled} messages"))
+            .expect("stream open")
+            .expect("delivery");
+        delivery.ack().await.expect("ack during the alarm");
+    }
+    eprintln!(
+        "  300 consumed and acked during the alarm in {:.1?}",
+        started.elapsed()
+    );
+    assert!(
+        !blocked.is_finished(),
+        "the publish went through during the alarm"
+    );
+    blocking(&node, |node| node.set_memory_alarm(false)).await;
+    blocked
+        .await
+        .expect("publish task")
+        .expect("the blocked publish is confirmed once the alarm clears");
+    drop(stream);
+    broker.delete_queue(&queue).await.expect("delete");
+    broker.close().await;
+}
+
+/// A publish the alarm holds up says "sent but not confirmed, may be
+/// delivered" and names the block; retrying it sends no second copy; once
+/// the alarm clears it is delivered exactly once, under its message id.
+async fn a_publish_blocked_by_an_alarm_is_unconfirmed_then_delivered_once(node: Arc<RabbitNode>) {
+    let broker = connect(
+        config(&node.amqp_url(), &unique("tcx-unconfirmed"))
+            .with_operation_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let queue = filled_queue(&broker, "unconfirmed-queue", 0).await;
+    blocking(&node, |node| node.set_memory_alarm(true)).await;
+    let message = exchange_runtime::broker::OutgoingMessage {
+        message_id: Some("job-42".to_owned()),
+        ..json_message("{\"once\":true}")
+    };
+    for attempt in 0..3 {
+        match broker.publish("", &queue, message.clone()).await {
+            Err(BrokerError::Unconfirmed(publish)) => {
+                assert_eq!(publish.message_id, "job-42");
+                assert!(
+                    publish.reason.contains("blocked"),
+                    "attempt {attempt}: {}",
+                    publish.reason
+                );
+            }
+            other => panic!("attempt {attempt}: expected Unconfirmed, got {other:?}"),
+        }
+    }
+    blocking(&node, |node| node.set_memory_alarm(false)).await;
+    broker
+        .publish("", &queue, message.clone())
+        .await
+        .expect("confirmed once the alarm clears");
+    let mut stream = broker.consume(&queue, 10).await.expect("consume");
+    let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the message is delivered")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(first.message_id.as_deref(), Some("job-42"));
+    first.ack().await.expect("ack");
+    let again = tokio::time::timeout(Duration::from_millis(700), stream.next()).await;
+    assert!(again.is_err(), "a second copy was delivered: {again:?}");
+    drop(stream);
+    broker.delete_queue(&queue).await.expect("delete");
+    broker.close().await;
+}
+
+/// With the broker down, a publish says it was never sent and for how long
+/// the broker was unreachable — not "no confirmation".
+async fn a_publish_while_the_broker_is_down_is_unreachable(node: Arc<RabbitNode>) {
+    let broker = connect(
+        config(&node.amqp_url(), &unique("tcx-unreachable"))
+            .with_operation_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    blocking(&node, RabbitNode::stop_app).await;
+    let result = broker.publish("", "any-queue", json_message("{}")).await;
+    blocking(&node, RabbitNode::start_app).await;
+    match result {
+        Err(BrokerError::Unreachable(publish)) => {
+            assert!(publish.waited >= Duration::from_millis(1500), "{publish:?}");
+            let text = BrokerError::Unreachable(publish).to_string();
+            assert!(
+                text.contains("not sent, the broker was unreachable for"),
+                "{text}"
+            );
+        }
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
+    broker.close().await;
+}
+
+/// The set-aside path connects as lapin does: over TLS with the private CA.
+async fn poison_messages_are_set_aside_over_tls(node: Arc<RabbitNode>) {
+    use exchange_runtime::broker::amqp::raw::{POISON_REASON_HEADER, RawConnection, RawMessage};
+    let config = tls_config(&node, &unique("tcx-poison-tls"));
+    let broker = connect(config.clone()).await;
+    let queue = filled_queue(&broker, "poison-tls", 0).await;
+    let dead = format!("{queue}.dead");
+    let mut raw = RawConnection::connect(&config)
+        .await
+        .expect("raw TLS connection");
+    let mut poison = RawMessage {
+        routing_key: queue.clone().into_bytes(),
+        body: b"poison".to_vec(),
+        ..RawMessage::default()
+    };
+    poison
+        .properties
+        .insert("message-id".into(), vec![0xff, 0xfe]);
+    raw.publish(&poison).await.expect("raw publish");
+    let valid = RawMessage {
+        body: b"valid".to_vec(),
+        ..poison.clone()
+    };
+    let valid = RawMessage {
+        properties: Default::default(),
+        ..valid
+    };
+    raw.publish(&valid).await.expect("raw publish");
+    raw.close().await;
+    let mut stream = broker.consume(&queue, 5).await.expect("consume");
+    let delivery = tokio::time::timeout(Duration::from_secs(15), stream.next())
+        .await
+        .expect("the valid message is handled")
+        .expect("stream open")
+        .expect("delivery");
+    assert_eq!(delivery.body, b"valid");
+    delivery.ack().await.expect("ack");
+    drop(stream);
+    let dead_lettered = broker.get(&dead).await.expect("get").expect("the poison");
+    assert!(
+        dead_lettered
+            .headers
+            .get(POISON_REASON_HEADER)
+            .is_some_and(|r| r.starts_with("message-id")),
+        "{dead_lettered:?}"
+    );
+    dead_lettered.ack().await.expect("ack");
+    broker.delete_queue(&queue).await.expect("delete");
+    broker.delete_queue(&dead).await.expect("delete");
+    broker.close().await;
 }

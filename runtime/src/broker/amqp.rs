@@ -55,10 +55,10 @@ mod link;
 pub mod raw;
 mod wire;
 
-use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -77,7 +77,7 @@ use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use convert::{MAX_TTL_MS, Target, short};
-use link::{Link, LinkState, Readers, SupervisorHandles, Topology};
+use link::{Lane, Link, LinkState, Readers, Role, Topology};
 pub use raw::PoisonEvent;
 pub use wire::{InvalidField, WireError};
 
@@ -94,18 +94,57 @@ pub struct AmqpBroker {
 
 struct Shared {
     config: AmqpConfig,
-    state: Arc<watch::Sender<LinkState>>,
-    topology: Arc<std::sync::Mutex<Topology>>,
-    recoveries: Arc<AtomicU64>,
+    /// Declarations, consumers, gets and acks.
+    main: Lane,
+    /// Publishes only: a connection RabbitMQ blocks in an alarm must not hold up acks.
+    publishing: Lane,
     readers: Arc<Readers>,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
+    /// Copies sent and not yet confirmed, with their connection's generation.
+    unconfirmed: std::sync::Mutex<HashMap<CopyKey, (u64, CopyWatch)>>,
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // Ends the supervisor, which drops (and so closes) the connection.
-        self.state.send_replace(LinkState::Closed);
+/// Where one sent copy's outcome appears.
+type CopyWatch = watch::Receiver<Option<CopyOutcome>>;
+
+/// Identifies one message for "at most one unconfirmed copy": its id plus a
+/// fingerprint of what is sent (a job re-sent with a new attempt count is another message).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CopyKey {
+    message_id: String,
+    fingerprint: u64,
+}
+
+impl CopyKey {
+    fn new(exchange: &str, routing_key: &str, message: &OutgoingMessage) -> Self {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            exchange,
+            routing_key,
+            &message.body,
+            &message.headers,
+            &message.cc,
+        )
+            .hash(&mut hasher);
+        (&message.content_type, message.persistent).hash(&mut hasher);
+        CopyKey {
+            message_id: message.message_id.clone().unwrap_or_default(),
+            fingerprint: hasher.finish(),
+        }
     }
+}
+
+/// What became of one sent copy.
+#[derive(Debug, Clone)]
+enum CopyOutcome {
+    Acked,
+    /// Returned as unroutable (mandatory), with the broker's reply text.
+    Returned(String),
+    Nacked,
+    NotRequested,
+    Failed(lapin::Error),
+    /// Its connection died first: it may or may not have reached the broker.
+    Lost,
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -132,6 +171,7 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
         && matches!(amqp.kind(), AMQPErrorKind::Soft(_))
     {
+        link.note_channel_closed_by_broker();
         return Failure::Soft(amqp.clone());
     }
     if link.is_up() {
@@ -148,6 +188,9 @@ const CHANNEL_RETRIES: u32 = 5;
 /// How deep into a queue listed by `pending` a poison message is looked for.
 const PENDING_SWEEP_DEPTH: u32 = 10_000;
 
+/// How long a confirmed copy is remembered, so a retry of it sends nothing.
+const CONFIRMED_KEPT: Duration = Duration::from_secs(60);
+
 /// How many [`PoisonEvent`]s a slow receiver may fall behind.
 const POISON_EVENTS_KEPT: usize = 64;
 
@@ -155,29 +198,20 @@ impl AmqpBroker {
     /// Connects to RabbitMQ (one attempt: fails at once if it is unreachable)
     /// and starts the supervisor that recovers the connection later.
     pub async fn connect(config: AmqpConfig) -> Result<Self, BrokerError> {
-        let (link, events) = link::open(&config, 1).await?;
-        let state = Arc::new(watch::Sender::new(LinkState::Up(link.clone())));
-        let topology = Arc::new(std::sync::Mutex::new(Topology::default()));
-        let recoveries = Arc::new(AtomicU64::new(0));
         let readers = Arc::new(Readers::default());
         let (poison, _) = tokio::sync::broadcast::channel(POISON_EVENTS_KEPT);
-        let handles = SupervisorHandles {
-            config: config.clone(),
-            state: Arc::downgrade(&state),
-            topology: Arc::downgrade(&topology),
-            recoveries: recoveries.clone(),
-            readers: readers.clone(),
-            poison: poison.clone(),
-        };
-        tokio::spawn(link::supervise(handles, link, events));
+        let main = Lane::start(&config, Role::Main, readers.clone(), poison.clone()).await?;
+        // Publishes read nothing: no queue to sweep after a parse failure there.
+        let publishing =
+            Lane::start(&config, Role::Publish, Arc::default(), poison.clone()).await?;
         Ok(AmqpBroker {
             shared: Arc::new(Shared {
                 config,
-                state,
-                topology,
-                recoveries,
+                main,
+                publishing,
                 readers,
                 poison,
+                unconfirmed: std::sync::Mutex::default(),
             }),
         })
     }
@@ -192,14 +226,22 @@ impl AmqpBroker {
         &self.shared.config
     }
 
-    /// Whether the connection is up right now.
+    /// Whether both connections (the main one and the publishing one) are up right now.
     pub fn is_connected(&self) -> bool {
-        matches!(&*self.shared.state.borrow(), LinkState::Up(link) if link.is_up())
+        [&self.shared.main, &self.shared.publishing]
+            .iter()
+            .all(|lane| matches!(&*lane.state.borrow(), LinkState::Up(link) if link.is_up()))
     }
 
-    /// How many times the connection was lost and re-established.
+    /// How many times the main connection (declarations, consumers, gets)
+    /// was lost and re-established.
     pub fn recoveries(&self) -> u64 {
-        self.shared.recoveries.load(Ordering::SeqCst)
+        self.shared.main.recoveries.load(Ordering::SeqCst)
+    }
+
+    /// How many times the publishing connection was lost and re-established.
+    pub fn publisher_recoveries(&self) -> u64 {
+        self.shared.publishing.recoveries.load(Ordering::SeqCst)
     }
 
     /// Reports of messages the AMQP client could not parse: each one set
@@ -210,18 +252,19 @@ impl AmqpBroker {
         self.shared.poison.subscribe()
     }
 
-    /// Closes the connection. Operations afterwards fail with
+    /// Closes the connections. Operations afterwards fail with
     /// [`BrokerError::Closed`]; consumers' streams end.
     pub async fn close(&self) {
-        let previous = self.shared.state.send_replace(LinkState::Closed);
-        if let LinkState::Up(link) = previous
-            && link.is_up()
-        {
-            // Best effort: the server cleans up after a dropped connection as well.
-            let _ = link
-                .connection
-                .close(200, "closed by application".into())
-                .await;
+        for lane in [&self.shared.main, &self.shared.publishing] {
+            if let Some(link) = lane.close()
+                && link.is_up()
+            {
+                // Best effort: the server cleans up after a dropped connection as well.
+                let _ = link
+                    .connection
+                    .close(200, "closed by application".into())
+                    .await;
+            }
         }
     }
 
@@ -233,10 +276,12 @@ impl AmqpBroker {
         self.run("delete exchange", &Target::exchange(name), |link| {
             let exchange = exchange.clone();
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .exchange_delete(exchange, ExchangeDeleteOptions::default())
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .exchange_delete(exchange, ExchangeDeleteOptions::default())
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -250,6 +295,7 @@ impl AmqpBroker {
 
     fn topology(&self) -> std::sync::MutexGuard<'_, Topology> {
         self.shared
+            .main
             .topology
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -259,9 +305,14 @@ impl AmqpBroker {
         crate::deadline::after(self.shared.config.operation_timeout())
     }
 
-    /// The current link, waiting for recovery until `deadline`.
+    /// The current main link, waiting for recovery until `deadline`.
     async fn link(&self, deadline: Instant) -> Result<Arc<Link>, BrokerError> {
-        let mut watcher = self.shared.state.subscribe();
+        self.lane_link(&self.shared.main, deadline).await
+    }
+
+    /// `lane`'s current link, waiting for recovery until `deadline`.
+    async fn lane_link(&self, lane: &Lane, deadline: Instant) -> Result<Arc<Link>, BrokerError> {
+        let mut watcher = lane.state.subscribe();
         loop {
             let last_failure = match &*watcher.borrow_and_update() {
                 LinkState::Up(link) if link.is_up() => return Ok(link.clone()),
@@ -346,9 +397,15 @@ impl AmqpBroker {
         }
     }
 
-    /// Publishes on the shared confirm channel; see [`Broker::publish`].
-    /// `mandatory`: an unroutable message is [`BrokerError::QueueNotFound`]
-    /// (for messages sent straight to a queue that must exist).
+    /// Publishes on the publishing connection's confirm channel; see
+    /// [`Broker::publish`]. `mandatory`: an unroutable message is
+    /// [`BrokerError::QueueNotFound`] (for messages sent straight to a queue
+    /// that must exist).
+    ///
+    /// At most one copy of a message is unconfirmed at a time: a call for a
+    /// message whose earlier copy still waits for its confirm on the live
+    /// connection waits for that copy instead of sending another. A copy
+    /// whose connection died is sent again on the next one (its fate is unknown).
     async fn publish_confirmed(
         &self,
         exchange: &str,
@@ -364,72 +421,131 @@ impl AmqpBroker {
             immediate: false,
         };
         let target = Target::exchange(exchange);
-        let not_confirmed = |reason: String| BrokerError::NotConfirmed {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.to_owned(),
-            reason,
+        let copy_key = CopyKey::new(exchange, routing_key, message);
+        let started = Instant::now();
+        let attempt = |reason: String| {
+            Box::new(super::PublishAttempt {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                message_id: copy_key.message_id.clone(),
+                waited: started.elapsed(),
+                reason,
+            })
         };
         let deadline = self.deadline();
+        let timeout = self.shared.config.operation_timeout();
         let mut channel_failures = 0;
+        // Whether a copy went out during this call: then its fate may be unknown.
+        let mut sent = false;
         loop {
-            let link = self.link(deadline).await?;
-            let attempt = async {
-                let channel = link.publisher().await?;
-                let confirm = channel
-                    .basic_publish(
-                        exchange_name.clone(),
-                        key.clone(),
-                        options,
-                        &message.body,
-                        properties.clone(),
-                    )
-                    .await?;
-                confirm.await
+            let link = match self.lane_link(&self.shared.publishing, deadline).await {
+                Ok(link) => link,
+                Err(BrokerError::Connection(reason)) if sent => {
+                    return Err(BrokerError::Unconfirmed(attempt(format!(
+                        "the connection was lost after sending, and not back in time: {reason}"
+                    ))));
+                }
+                Err(BrokerError::Connection(reason)) => {
+                    return Err(BrokerError::Unreachable(attempt(reason)));
+                }
+                Err(error) => return Err(error),
             };
-            let attempt = async {
-                tokio::select! {
-                    result = attempt => Some(result),
-                    () = link.died() => None,
+            let mut outcome = match self.unconfirmed_copy(&copy_key, &link) {
+                Some(outcome) => outcome,
+                None => {
+                    sent = true;
+                    let send = {
+                        let (link, exchange_name, key, properties, body) = (
+                            link.clone(),
+                            exchange_name.clone(),
+                            key.clone(),
+                            properties.clone(),
+                            message.body.clone(),
+                        );
+                        async move {
+                            let channel = link.publisher().await?;
+                            let sent = async {
+                                channel
+                                    .basic_publish(exchange_name, key, options, &body, properties)
+                                    .await?
+                                    .await
+                            };
+                            let result = sent.await;
+                            if result.is_err() {
+                                // It may still be closing: the next publish opens another.
+                                link.discard_publisher(channel.id()).await;
+                            }
+                            result
+                        }
+                    };
+                    self.send_copy(copy_key.clone(), link.clone(), send)
                 }
             };
-            let failure = match tokio::time::timeout_at(deadline, attempt).await {
-                Ok(None) => Failure::ConnectionLost("connection lost".to_owned()),
+            let settled = async {
+                match outcome.wait_for(Option::is_some).await {
+                    Ok(result) => result.clone().unwrap_or(CopyOutcome::Lost),
+                    Err(_) => CopyOutcome::Lost,
+                }
+            };
+            let result = match tokio::time::timeout_at(deadline, settled).await {
+                Ok(result) => result,
                 Err(_) => {
-                    return Err(not_confirmed(format!(
-                        "no confirm within {:?}",
-                        self.shared.config.operation_timeout()
-                    )));
+                    let reason = match link.blocked() {
+                        Some((since, why)) => format!(
+                            "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
+                             the copy waits in the client and goes out when it is unblocked",
+                            since.elapsed()
+                        ),
+                        None => format!("no confirm within {timeout:?}"),
+                    };
+                    return Err(BrokerError::Unconfirmed(attempt(reason)));
                 }
-                Ok(Some(Ok(Confirmation::Ack(None)))) => return Ok(()),
-                Ok(Some(Ok(Confirmation::Ack(Some(returned))))) => {
+            };
+            let failure = match result {
+                CopyOutcome::Acked => return Ok(()),
+                CopyOutcome::Returned(reply_text) => {
                     return Err(if exchange == DEFAULT_EXCHANGE {
                         BrokerError::QueueNotFound(routing_key.to_owned())
                     } else {
-                        not_confirmed(format!("returned as unroutable: {}", returned.reply_text))
+                        BrokerError::NotConfirmed {
+                            exchange: exchange.to_owned(),
+                            routing_key: routing_key.to_owned(),
+                            reason: format!("returned as unroutable: {reply_text}"),
+                        }
                     });
                 }
                 // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
-                Ok(Some(Ok(Confirmation::Nack(_)))) => {
+                CopyOutcome::Nacked => {
                     let full = self
                         .find_full_queue(exchange, routing_key, &message.cc)
                         .await;
                     return Err(BrokerError::QueueFull(full));
                 }
-                Ok(Some(Ok(Confirmation::NotRequested))) => {
-                    return Err(not_confirmed("channel not in confirm mode".to_owned()));
+                CopyOutcome::NotRequested => {
+                    return Err(BrokerError::NotConfirmed {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                        reason: "channel not in confirm mode".to_owned(),
+                    });
                 }
-                Ok(Some(Err(error))) => classify(&error, &link),
+                CopyOutcome::Failed(error) => classify(&error, &link),
+                CopyOutcome::Lost => Failure::ConnectionLost("connection lost".to_owned()),
+            };
+            let not_confirmed = |reason: String| BrokerError::NotConfirmed {
+                exchange: exchange.to_owned(),
+                routing_key: routing_key.to_owned(),
+                reason,
             };
             match failure {
                 // The shared channel also fails for other publishers' errors: only ours are final.
                 Failure::Soft(error) if target.mentioned_in(&error) => {
                     return Err(target.soft_error("publish to exchange", &error));
                 }
+                // Another publish's error closed the channel before the broker took
+                // this one: resent on a fresh channel (each round one publish gets
+                // through), until the operation deadline.
                 Failure::Soft(error) => {
-                    channel_failures += 1;
-                    if channel_failures > CHANNEL_RETRIES {
-                        return Err(not_confirmed(error.get_message().to_string()));
-                    }
+                    tracing::debug!(reason = %error.get_message(), "publish: channel closed by another publish; resending");
                 }
                 Failure::ChannelLost(reason) => {
                     channel_failures += 1;
@@ -442,6 +558,70 @@ impl AmqpBroker {
                 }
             }
         }
+    }
+
+    /// The outcome of a copy of this message still unconfirmed on `link`, or
+    /// confirmed moments ago (a retry racing the confirm sends nothing new).
+    fn unconfirmed_copy(&self, key: &CopyKey, link: &Link) -> Option<CopyWatch> {
+        let copies = self
+            .shared
+            .unconfirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        copies
+            .get(key)
+            .filter(|(generation, outcome)| {
+                *generation == link.generation
+                    || matches!(*outcome.borrow(), Some(CopyOutcome::Acked))
+            })
+            .map(|(_, outcome)| outcome.clone())
+    }
+
+    /// Sends one copy in a task of its own, which records its outcome (or
+    /// the connection's death) even after the caller gave up waiting.
+    fn send_copy(
+        &self,
+        key: CopyKey,
+        link: Arc<Link>,
+        send: impl Future<Output = Result<Confirmation, lapin::Error>> + Send + 'static,
+    ) -> CopyWatch {
+        let (record, outcome) = watch::channel(None);
+        let copies = Arc::downgrade(&self.shared);
+        self.shared
+            .unconfirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), (link.generation, outcome.clone()));
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                result = send => match result {
+                    Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
+                    Ok(Confirmation::Ack(Some(returned))) => {
+                        CopyOutcome::Returned(returned.reply_text.to_string())
+                    }
+                    Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
+                    Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
+                    Err(error) => CopyOutcome::Failed(error),
+                },
+                () = link.died() => CopyOutcome::Lost,
+            };
+            let acked = matches!(result, CopyOutcome::Acked);
+            record.send_replace(Some(result));
+            if acked {
+                // Remembered a while: a caller that gave up retries, and must not send it twice.
+                tokio::time::sleep(CONFIRMED_KEPT).await;
+            }
+            if let Some(shared) = copies.upgrade() {
+                let mut copies = shared.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
+                if copies
+                    .get(&key)
+                    .is_some_and(|(_, outcome)| outcome.same_channel(&record.subscribe()))
+                {
+                    copies.remove(&key);
+                }
+            }
+        });
+        outcome
     }
 
     /// Names the full queue that made the broker nack a publish: a bounded
@@ -486,14 +666,16 @@ impl AmqpBroker {
                 .run("check queue", &Target::queue(queue), |link| {
                     let name = name.clone();
                     async move {
-                        let channel = link.channel().await?;
-                        let passive = QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        };
-                        channel
-                            .queue_declare(name, passive, FieldTable::default())
-                            .await
+                        link.on_operations(|channel| async move {
+                            let passive = QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            };
+                            channel
+                                .queue_declare(name, passive, FieldTable::default())
+                                .await
+                        })
+                        .await
                     }
                 })
                 .await;
@@ -636,19 +818,21 @@ impl Broker for AmqpBroker {
         self.run(what, &target, |link| {
             let exchange = exchange.clone();
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .exchange_declare(
-                        exchange,
-                        ExchangeKind::Topic,
-                        ExchangeDeclareOptions {
-                            passive: options.passive,
-                            durable: options.durable,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .exchange_declare(
+                            exchange,
+                            ExchangeKind::Topic,
+                            ExchangeDeclareOptions {
+                                passive: options.passive,
+                                durable: options.durable,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -690,10 +874,12 @@ impl Broker for AmqpBroker {
             .run("declare queue", &Target::queue(&name), |link| {
                 let (queue, arguments) = (queue.clone(), arguments.clone());
                 async move {
-                    let channel = link.channel().await?;
-                    channel
-                        .queue_declare(queue, declare_options, arguments)
-                        .await
+                    link.on_operations(|channel| async move {
+                        channel
+                            .queue_declare(queue, declare_options, arguments)
+                            .await
+                    })
+                    .await
                 }
             })
             .await;
@@ -717,17 +903,19 @@ impl Broker for AmqpBroker {
         self.run("delete queue", &target, |link| {
             let queue = queue.clone();
             async move {
-                let channel = link.channel().await?;
-                let passive = QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                channel
-                    .queue_declare(queue.clone(), passive, FieldTable::default())
-                    .await?;
-                channel
-                    .queue_delete(queue, QueueDeleteOptions::default())
-                    .await
+                link.on_operations(|channel| async move {
+                    let passive = QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    };
+                    channel
+                        .queue_declare(queue.clone(), passive, FieldTable::default())
+                        .await?;
+                    channel
+                        .queue_delete(queue, QueueDeleteOptions::default())
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -750,16 +938,18 @@ impl Broker for AmqpBroker {
             let (queue_name, exchange_name, key) =
                 (queue_name.clone(), exchange_name.clone(), key.clone());
             async move {
-                let channel = link.channel().await?;
-                channel
-                    .queue_bind(
-                        queue_name,
-                        exchange_name,
-                        key,
-                        QueueBindOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    channel
+                        .queue_bind(
+                            queue_name,
+                            exchange_name,
+                            key,
+                            QueueBindOptions::default(),
+                            FieldTable::default(),
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;
@@ -779,6 +969,7 @@ impl Broker for AmqpBroker {
     ) -> Result<(), BrokerError> {
         // Straight to a queue: a missing queue is reported, not a silent drop.
         let mandatory = exchange == DEFAULT_EXCHANGE;
+        let message = message.with_message_id();
         self.publish_confirmed(exchange, routing_key, &message, mandatory)
             .await
     }
@@ -789,6 +980,7 @@ impl Broker for AmqpBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
+        let message = message.with_message_id();
         let delay_ms = convert::delay_ms(delay);
         if delay_ms == 0 {
             // Mandatory: a missing queue is an error here, not a silent drop.
@@ -829,28 +1021,30 @@ impl Broker for AmqpBroker {
                 arguments.clone(),
             );
             async move {
-                let channel = link.channel().await?;
-                // The target must exist now: a message dead-lettered to a missing queue vanishes.
-                channel
-                    .queue_declare(
-                        target_queue,
-                        QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                channel
-                    .queue_declare(
-                        delay_queue_name,
-                        QueueDeclareOptions {
-                            durable: true,
-                            ..Default::default()
-                        },
-                        arguments,
-                    )
-                    .await
+                link.on_operations(|channel| async move {
+                    // The target must exist now: a message dead-lettered to a missing queue vanishes.
+                    channel
+                        .queue_declare(
+                            target_queue,
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await?;
+                    channel
+                        .queue_declare(
+                            delay_queue_name,
+                            QueueDeclareOptions {
+                                durable: true,
+                                ..Default::default()
+                            },
+                            arguments,
+                        )
+                        .await
+                })
+                .await
             }
         })
         .await?;

@@ -229,6 +229,7 @@ impl Broker for MemoryBroker {
         routing_key: &str,
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
+        let message = message.with_message_id();
         self.with_state(|state, _| state.publish(exchange, routing_key, message))
     }
 
@@ -246,6 +247,7 @@ impl Broker for MemoryBroker {
         message: OutgoingMessage,
         delay: Duration,
     ) -> Result<(), BrokerError> {
+        let message = message.with_message_id();
         if delay.is_zero() {
             // As the RabbitMQ broker puts it: published to the default
             // exchange, so CC keys naming queues put it there too.

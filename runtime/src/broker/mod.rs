@@ -96,7 +96,9 @@ pub struct OutgoingMessage {
     pub body: Vec<u8>,
     /// MIME type of the body (`application/json`).
     pub content_type: Option<String>,
-    /// Stable identifier of the message (job id), if any.
+    /// Stable identifier of the message (job id); brokers give a message
+    /// without one a fresh id (a UUID) when it is published. Keep it across
+    /// retries so consumers can deduplicate.
     pub message_id: Option<String>,
     /// Written to disk by the broker (delivery mode 2).
     pub persistent: bool,
@@ -108,6 +110,14 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
+    /// The message with an id: its own, or a fresh UUID.
+    pub fn with_message_id(mut self) -> Self {
+        if self.message_id.is_none() {
+            self.message_id = Some(uuid::Uuid::new_v4().to_string());
+        }
+        self
+    }
+
     /// Checks the application headers: `x-` names belong to the broker
     /// (RabbitMQ 3.13+ drops client-set ones, so a counter kept there would
     /// silently reset) and `CC`/`BCC` are set from [`cc`](Self::cc). Both
@@ -202,6 +212,22 @@ impl DeliveryStream {
     }
 }
 
+/// A publish whose outcome is unknown or that never left: see
+/// [`BrokerError::Unreachable`] and [`BrokerError::Unconfirmed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishAttempt {
+    /// Exchange published to.
+    pub exchange: String,
+    /// Routing key published with.
+    pub routing_key: String,
+    /// The message's id.
+    pub message_id: String,
+    /// How long the call tried.
+    pub waited: Duration,
+    /// The last failure, or why no confirm came.
+    pub reason: String,
+}
+
 /// A broker failure.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -222,7 +248,9 @@ pub enum BrokerError {
         /// What differs.
         detail: String,
     },
-    /// The broker did not confirm a publish (nack, or no confirm by the deadline).
+    /// The broker did not take the message: refused it (nack), returned it as
+    /// unroutable, or the channel could not confirm. It was not delivered;
+    /// retrying may help when the cause is passing.
     #[error("publish to exchange `{exchange}` with key `{routing_key}` not confirmed: {reason}")]
     NotConfirmed {
         /// Exchange published to.
@@ -232,6 +260,23 @@ pub enum BrokerError {
         /// Why.
         reason: String,
     },
+    /// The message was never sent: no connection to the broker for
+    /// [`waited`](PublishAttempt::waited). Retrying later is safe.
+    #[error(
+        "publish to exchange `{}` with key `{}`: not sent, the broker was unreachable for {:?}: {}",
+        .0.exchange, .0.routing_key, .0.waited, .0.reason
+    )]
+    Unreachable(Box<PublishAttempt>),
+    /// The message was sent but its confirm did not come (connection lost,
+    /// or blocked by a resource alarm): it **may be delivered**. Retry with
+    /// the same message (same message id): a copy still waiting for its
+    /// confirm is waited for, not sent again; consumers deduplicate by
+    /// message id what a lost connection made the broker receive twice.
+    #[error(
+        "publish to exchange `{}` with key `{}` (message id `{}`): sent but not confirmed after {:?}, it may be delivered: {}",
+        .0.exchange, .0.routing_key, .0.message_id, .0.waited, .0.reason
+    )]
+    Unconfirmed(Box<PublishAttempt>),
     /// The delivery was already settled, or its channel is gone.
     #[error("delivery can no longer be acknowledged: {0}")]
     AckFailed(String),

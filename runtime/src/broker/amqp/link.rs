@@ -2,7 +2,7 @@
 //! and the supervisor task that reconnects with backoff.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -27,8 +27,20 @@ pub(crate) struct Link {
     pub(crate) connection: Connection,
     /// Confirm-mode channel shared by concurrent publishes; reopened when closed.
     publisher: Mutex<Option<Channel>>,
+    /// The channel declarations, bindings and deletions take turns on;
+    /// reopened after an error closed it. (A channel per operation exhausted
+    /// the connection's channel ids on a long-running service.)
+    operations: Mutex<Option<Channel>>,
     /// Woken by operations that saw the connection fail, so the supervisor reacts at once.
     pub(crate) broken: Notify,
+    /// Channels opened on this connection.
+    channels_opened: AtomicU32,
+    /// Channels the broker closed with an error (their ids are poisoned in lapin).
+    channels_closed_by_broker: AtomicU32,
+    /// Set once the connection is to be replaced before its channel ids wrap.
+    retiring: AtomicBool,
+    /// Since when and why the broker blocks this connection (resource alarm), if it does.
+    blocked: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
     /// Set by the supervisor once it saw the connection die: some lapin
     /// futures (`basic.get` after a parse failure) never resolve, so
     /// operations wait on this too.
@@ -38,6 +50,19 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
+    }
+
+    /// Since when and why the broker blocks this connection, if it does.
+    pub(crate) fn blocked(&self) -> Option<(tokio::time::Instant, String)> {
+        self.blocked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_blocked(&self, reason: Option<String>) {
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        *blocked = reason.map(|reason| (tokio::time::Instant::now(), reason));
     }
 
     /// Turns true once the supervisor has seen this connection die.
@@ -50,9 +75,75 @@ impl Link {
         until_dead(&mut self.dead.subscribe()).await;
     }
 
-    /// A fresh channel, for operations whose failure closes their channel.
-    pub(crate) async fn channel(&self) -> Result<Channel, lapin::Error> {
+    /// Opens a channel. lapin 4.12 remembers the error of every channel the
+    /// broker closed under its id and fails whatever later channel reuses
+    /// that id with it (its channel ids wrap at the negotiated maximum,
+    /// 2,047 on RabbitMQ): stale errors for other calls, then no channel at
+    /// all. So a connection on which the broker closed channels is replaced
+    /// before its ids wrap, as after a connection loss.
+    async fn open_channel(&self) -> Result<Channel, lapin::Error> {
+        let opened = self.channels_opened.fetch_add(1, Ordering::SeqCst) + 1;
+        let max = u32::from(self.connection.configuration().channel_max()).max(1);
+        if opened >= max.saturating_sub(CHANNEL_ID_MARGIN).max(1)
+            && self.channels_closed_by_broker.load(Ordering::SeqCst) > 0
+            && !self.retiring.swap(true, Ordering::SeqCst)
+        {
+            tracing::info!(
+                generation = self.generation,
+                opened,
+                "AMQP channel ids about to wrap; replacing the connection"
+            );
+            self.broken.notify_one();
+        }
         self.connection.create_channel().await
+    }
+
+    /// Counts a channel the broker closed (a channel-level error).
+    pub(crate) fn note_channel_closed_by_broker(&self) {
+        self.channels_closed_by_broker
+            .fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether this connection is to be replaced (see [`open_channel`](Self::open_channel)).
+    pub(crate) fn retiring(&self) -> bool {
+        self.retiring.load(Ordering::SeqCst)
+    }
+
+    /// A fresh channel, for a consumer or a `get` (closed when they end).
+    pub(crate) async fn channel(&self) -> Result<Channel, lapin::Error> {
+        self.open_channel().await
+    }
+
+    /// Runs `operation` on the operations channel, alone: an error one
+    /// operation causes closes the channel under no other. A failed
+    /// operation's channel is never reused (it may still be closing).
+    pub(crate) async fn on_operations<T, F, Fut>(&self, operation: F) -> Result<T, lapin::Error>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: Future<Output = Result<T, lapin::Error>>,
+    {
+        let mut slot = self.operations.lock().await;
+        let channel = match slot.as_ref() {
+            Some(channel) if channel.status().connected() => channel.clone(),
+            _ => {
+                let channel = self.open_channel().await?;
+                *slot = Some(channel.clone());
+                channel
+            }
+        };
+        let result = operation(channel).await;
+        if result.is_err() {
+            *slot = None;
+        }
+        result
+    }
+
+    /// Forgets the publisher channel `id` (failed: it may be closing), unless already replaced.
+    pub(crate) async fn discard_publisher(&self, id: u16) {
+        let mut slot = self.publisher.lock().await;
+        if slot.as_ref().is_some_and(|channel| channel.id() == id) {
+            *slot = None;
+        }
     }
 
     /// The shared publisher channel, in confirm mode.
@@ -63,7 +154,7 @@ impl Link {
         {
             return Ok(channel.clone());
         }
-        let channel = self.connection.create_channel().await?;
+        let channel = self.open_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
@@ -104,10 +195,14 @@ pub(crate) type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event
 /// anything can fail, so no error event is missed).
 pub(crate) async fn open(
     config: &AmqpConfig,
+    role: Role,
     generation: u64,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
-    let properties =
-        ConnectionProperties::default().with_connection_name(config.connection_name().into());
+    let name = match role {
+        Role::Main => config.connection_name().to_owned(),
+        Role::Publish => format!("{} (publish)", config.connection_name()),
+    };
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime().map_err(|error| {
         BrokerError::Connection(format!(
             "cannot connect to {}: no async runtime: {error}",
@@ -152,10 +247,77 @@ pub(crate) async fn open(
         generation,
         connection,
         publisher: Mutex::new(None),
+        operations: Mutex::new(None),
+        channels_opened: AtomicU32::new(0),
+        channels_closed_by_broker: AtomicU32::new(0),
+        retiring: AtomicBool::new(false),
         broken: Notify::new(),
         dead: watch::Sender::new(false),
+        blocked: std::sync::Mutex::new(None),
     });
     Ok((link, events))
+}
+
+/// What a connection is for. RabbitMQ blocks a connection that publishes
+/// during a resource alarm, and a blocked connection sends nothing — acks
+/// included — so publishes get a connection of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// Declarations, consumers, gets and their acks.
+    Main,
+    /// `basic.publish` only.
+    Publish,
+}
+
+/// One supervised connection: the state operations wait on, and what its
+/// supervisor restores after a loss.
+pub(crate) struct Lane {
+    pub(crate) state: Arc<watch::Sender<LinkState>>,
+    pub(crate) topology: Arc<std::sync::Mutex<Topology>>,
+    pub(crate) recoveries: Arc<AtomicU64>,
+}
+
+impl Lane {
+    /// Connects (one attempt) and starts the supervisor.
+    pub(crate) async fn start(
+        config: &AmqpConfig,
+        role: Role,
+        readers: Arc<Readers>,
+        poison: broadcast::Sender<PoisonEvent>,
+    ) -> Result<Lane, BrokerError> {
+        let (link, events) = open(config, role, 1).await?;
+        let lane = Lane {
+            state: Arc::new(watch::Sender::new(LinkState::Up(link.clone()))),
+            topology: Arc::default(),
+            recoveries: Arc::default(),
+        };
+        let handles = SupervisorHandles {
+            config: config.clone(),
+            role,
+            state: Arc::downgrade(&lane.state),
+            topology: Arc::downgrade(&lane.topology),
+            recoveries: lane.recoveries.clone(),
+            readers,
+            poison,
+        };
+        tokio::spawn(supervise(handles, link, events));
+        Ok(lane)
+    }
+
+    /// Marks the lane closed (ending its supervisor) and returns the link that was up.
+    pub(crate) fn close(&self) -> Option<Arc<Link>> {
+        match self.state.send_replace(LinkState::Closed) {
+            LinkState::Up(link) => Some(link),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        // Ends the supervisor, which drops (and so closes) the connection.
+        self.state.send_replace(LinkState::Closed);
+    }
 }
 
 /// Why a replay stopped.
@@ -281,6 +443,9 @@ where
     }
 }
 
+/// How many channel ids before the wrap a connection with broker-closed channels is replaced.
+const CHANNEL_ID_MARGIN: u32 = 64;
+
 /// Queues being read (consumed or fetched) through the broker, each with how
 /// many messages from its head its readers may hold: where a message that
 /// broke the connection can be.
@@ -339,6 +504,7 @@ impl Drop for ReadGuard {
 /// every broker handle ends it.
 pub(crate) struct SupervisorHandles {
     pub(crate) config: AmqpConfig,
+    pub(crate) role: Role,
     pub(crate) state: Weak<watch::Sender<LinkState>>,
     pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
     pub(crate) recoveries: Arc<AtomicU64>,
@@ -460,6 +626,7 @@ async fn sweep_poison(
 pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, mut events: Events) {
     let SupervisorHandles {
         config,
+        role,
         state,
         topology,
         recoveries,
@@ -487,6 +654,14 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                         parse_failure = is_parse_error(&error);
                         break error.to_string();
                     }
+                    Some(Event::ConnectionBlocked(reason)) => {
+                        tracing::warn!(endpoint = %config.endpoint(), ?role, %reason, "RabbitMQ blocks the AMQP connection");
+                        link.set_blocked(Some(reason));
+                    }
+                    Some(Event::ConnectionUnblocked) => {
+                        tracing::info!(endpoint = %config.endpoint(), ?role, "RabbitMQ unblocked the AMQP connection");
+                        link.set_blocked(None);
+                    }
                     None if !link.is_up() => break "connection ended".to_owned(),
                     Some(_) => {}
                     None => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -498,6 +673,14 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
             if !link.is_up() {
                 parse_failure = died_parsing(&mut events).await;
                 break "connection closed".to_owned();
+            }
+            if link.retiring() {
+                // Operations on it fail and wait for the next connection, as after a loss.
+                let _ = link
+                    .connection
+                    .close(200, "replaced before channel ids wrap".into())
+                    .await;
+                break "replaced before its channel ids wrap".to_owned();
             }
         };
         link.dead.send_replace(true);
@@ -539,7 +722,7 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 _ = closed.wait_for(|state| matches!(state, LinkState::Closed)) => return,
             }
             attempt = attempt.saturating_add(1);
-            let (candidate, candidate_events) = match open(&config, generation).await {
+            let (candidate, candidate_events) = match open(&config, role, generation).await {
                 Ok(opened) => opened,
                 Err(error) => {
                     tracing::warn!(%error, attempt, "AMQP reconnect failed");
