@@ -298,9 +298,10 @@ fn message(rng: &mut Rng, names: &Names, exchange: Exchange, body: String) -> Ou
     message
 }
 
-/// The operations of one sequence: declaring its exchanges and queues, then
-/// [`OPERATIONS`] random ones.
-fn sequence(seed: u64, names: &Names) -> Vec<Op> {
+/// The operations of one sequence, each with the connection (0 or 1) it
+/// runs on: declaring its exchanges and queues, then [`OPERATIONS`] random
+/// ones, a fifth of them on the second connection.
+fn sequence(seed: u64, names: &Names) -> Vec<(usize, Op)> {
     let mut rng = Rng::new(seed);
     // Each queue mostly redeclared alike, so it lives long enough to be used.
     let usual: Vec<QueueOptions> = (0..QUEUES)
@@ -324,9 +325,11 @@ fn sequence(seed: u64, names: &Names) -> Vec<Op> {
                 options: options.clone(),
             }),
     );
+    let mut ops: Vec<(usize, Op)> = ops.into_iter().map(|op| (0, op)).collect();
     ops.extend((0..OPERATIONS).map(|n| {
         let queue = rng.below(QUEUES);
-        match rng.below(100) {
+        let connection = usize::from(rng.chance(20));
+        let op = match rng.below(100) {
             0..5 => Op::DeclareExchange {
                 exchange: *rng.pick(&EXCHANGES),
                 options: ExchangeOptions {
@@ -383,7 +386,8 @@ fn sequence(seed: u64, names: &Names) -> Vec<Op> {
                 pick: rng.below(1 << 16),
                 how: *rng.pick(&[Settle::Ack, Settle::Ack, Settle::Requeue, Settle::Reject]),
             },
-        }
+        };
+        (connection, op)
     }));
     ops
 }
@@ -455,7 +459,8 @@ struct Held {
 
 /// One broker's side of a sequence.
 struct Side<B: Broker> {
-    broker: B,
+    /// Two connections to the broker (exclusive queues belong to one).
+    brokers: [B; 2],
     /// Consumers, in the order they were started, with their queue; `None` once ended.
     streams: Vec<Option<(usize, DeliveryStream)>>,
     held: Vec<Held>,
@@ -475,17 +480,17 @@ async fn next_within(
 }
 
 impl<B: Broker> Side<B> {
-    fn new(broker: B) -> Self {
+    fn new(brokers: [B; 2]) -> Self {
         Side {
-            broker,
+            brokers,
             streams: Vec::new(),
             held: Vec::new(),
         }
     }
 
-    /// Runs `op`; returns its outcome.
-    async fn run(&mut self, op: &Op, names: &Names, model: &Model) -> String {
-        let broker = &self.broker;
+    /// Runs `op` on connection `connection`; returns its outcome.
+    async fn run(&mut self, connection: usize, op: &Op, names: &Names, model: &Model) -> String {
+        let broker = &self.brokers[connection];
         match op {
             Op::DeclareExchange { exchange, options } => outcome(
                 broker
@@ -567,9 +572,10 @@ impl<B: Broker> Side<B> {
                     Settle::Reject => held.delivery.acker.nack(false).await,
                 };
                 // RabbitMQ does not answer a settlement: a redeclaration goes
-                // through the queue after it (the same on both brokers).
-                if let Some(options) = &model.queues[held.queue] {
-                    self.broker
+                // through the queue after it (the same on both brokers), by
+                // the connection that declared it (it may be exclusive).
+                if let Some((options, owner)) = &model.queues[held.queue] {
+                    self.brokers[*owner]
                         .declare_queue(&names.queues[held.queue], options.clone())
                         .await
                         .unwrap_or_else(|error| panic!("redeclaring after settling: {error}"));
@@ -653,8 +659,8 @@ impl<B: Broker> Side<B> {
 /// What the sequence knows of the brokers' state (from their agreed results).
 #[derive(Default)]
 struct Model {
-    /// The options each queue was created with, while it exists.
-    queues: Vec<Option<QueueOptions>>,
+    /// The options each queue was created with, and by which connection, while it exists.
+    queues: Vec<Option<(QueueOptions, usize)>>,
     /// Bodies of messages RabbitMQ's listing marked redelivered.
     listed: BTreeSet<String>,
 }
@@ -678,10 +684,11 @@ fn counts(deliveries: &[String]) -> Vec<usize> {
 
 /// Runs one sequence in lockstep; returns how many operations and
 /// deliveries (to consumers and by `get`) were compared.
-async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
-    let names = Names::new(rabbitmq, seed);
+async fn run_sequence(rabbitmq: &[AmqpBroker; 2], seed: u64) -> (usize, usize) {
+    let names = Names::new(&rabbitmq[0], seed);
     let ops = sequence(seed, &names);
-    let mut memory = Side::new(MemoryBroker::new());
+    let embedded = MemoryBroker::new();
+    let mut memory = Side::new([embedded.clone(), embedded.connect()]);
     let mut rabbit = Side::new(rabbitmq.clone());
     let mut model = Model {
         queues: vec![None; QUEUES],
@@ -689,19 +696,21 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
     };
     let mut delivered = 0;
     let mut history = Vec::new();
-    for (step, op) in ops.iter().enumerate() {
+    for (step, (connection, op)) in ops.iter().enumerate() {
         let op = &match op {
             Op::Settle { pick, .. } if memory.held.is_empty() => Op::Get {
                 queue: pick % QUEUES,
             },
             other => other.clone(),
         };
-        let expected = memory.run(op, &names, &model).await;
-        let actual = rabbit.run(op, &names, &model).await;
-        history.push(format!("{step}: {op:?} -> {expected}"));
+        let expected = memory.run(*connection, op, &names, &model).await;
+        let actual = rabbit.run(*connection, op, &names, &model).await;
+        history.push(format!(
+            "{step}: connection {connection}: {op:?} -> {expected}"
+        ));
         let context = || {
             format!(
-                "seed {seed:#x}, step {step}: {op:?}\nhistory:\n{}",
+                "seed {seed:#x}, step {step}, connection {connection}: {op:?}\nhistory:\n{}",
                 history.join("\n")
             )
         };
@@ -723,7 +732,7 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
         history.extend(memory_deliveries.iter().map(|d| format!("    {d}")));
         match op {
             Op::DeclareQueue { queue, options } if expected.starts_with("Ok") => {
-                model.queues[*queue].get_or_insert_with(|| options.clone());
+                model.queues[*queue].get_or_insert_with(|| (options.clone(), *connection));
             }
             Op::DeleteQueue { queue } if expected.starts_with("Ok") => {
                 model.queues[*queue] = None;
@@ -750,8 +759,8 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
     assert!(late.is_empty(), "seed {seed:#x}: late deliveries {late:?}");
     // The queues hold the same messages.
     for (queue, name) in names.queues.iter().enumerate() {
-        let expected = outcome(memory.broker.pending(name).await, bodies);
-        let actual = outcome(rabbitmq.pending(name).await, bodies);
+        let expected = outcome(memory.brokers[0].pending(name).await, bodies);
+        let actual = outcome(rabbitmq[0].pending(name).await, bodies);
         assert_eq!(expected, actual, "seed {seed:#x}: queue {queue} at the end");
     }
     drop(memory);
@@ -759,15 +768,18 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
     drop(held);
     drop(streams);
     for name in &names.queues {
-        // Gone already, or auto-deleted with its consumers: either is fine.
-        let _ = rabbitmq.delete_queue(name).await;
+        // Gone already, auto-deleted with its consumers, or exclusive to
+        // the other connection: whichever.
+        for connection in rabbitmq {
+            let _ = connection.delete_queue(name).await;
+        }
         // The RabbitMQ broker's delay queue, if a message was parked.
-        let _ = rabbitmq
+        let _ = rabbitmq[0]
             .delete_queue(&format!("{name}.delay.{}", PARKED.as_millis()))
             .await;
     }
     for name in &names.own {
-        rabbitmq
+        rabbitmq[0]
             .delete_exchange(name)
             .await
             .unwrap_or_else(|error| panic!("deleting exchange `{name}`: {error}"));
@@ -777,7 +789,10 @@ async fn run_sequence(rabbitmq: &AmqpBroker, seed: u64) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_rabbitmq_run_operations_alike() {
-    let rabbitmq = differential_support::rabbitmq("exchange-runtime-broker-differential").await;
+    let rabbitmq = [
+        differential_support::rabbitmq("exchange-runtime-broker-differential").await,
+        differential_support::rabbitmq("exchange-runtime-broker-differential-2").await,
+    ];
     let start = Instant::now();
     let (mut operations, mut delivered) = (0, 0);
     for seed in SEEDS {

@@ -1048,7 +1048,14 @@ impl Broker for AmqpBroker {
             }
         })
         .await?;
-        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &message, true)
+        // Checked as sent, but parked without CC keys: they would route
+        // copies straight to the queues they name, undelayed.
+        convert::properties(&message)?;
+        let parked = OutgoingMessage {
+            cc: Vec::new(),
+            ..message
+        };
+        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &parked, true)
             .await
     }
 

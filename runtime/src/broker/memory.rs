@@ -235,8 +235,8 @@ impl Broker for MemoryBroker {
 
     /// The message enters the queue when the delay (clamped to
     /// [`MAX_DELAY`](super::MAX_DELAY), as on RabbitMQ) has passed, as if
-    /// put then into the queue (its CC keys are not used, as the RabbitMQ
-    /// broker's delay queue drops them); if the queue is gone or full by then,
+    /// put then into the queue, without its CC keys (as the RabbitMQ broker's
+    /// delay queue drops them); if the queue is gone or full by then,
     /// it is dropped (logged). Without a delay it is published to the default
     /// exchange at once, CC keys and all, as the RabbitMQ broker does. The
     /// delay is exact (RabbitMQ's broker rounds it up to a tier, which can
@@ -253,11 +253,14 @@ impl Broker for MemoryBroker {
             // exchange, so CC keys naming queues put it there too.
             return self.with_state(|state, _| state.publish(DEFAULT_EXCHANGE, queue, message));
         }
-        self.with_state(|state, _| state.check_put_later(queue, &message))?;
+        self.with_state(|state, connection| state.check_put_later(queue, &message, connection))?;
         let content = Arc::new(Content {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),
-            message,
+            message: OutgoingMessage {
+                cc: Vec::new(),
+                ..message
+            },
             expired_from: Vec::new(),
         });
         let delay = delay.min(super::MAX_DELAY);

@@ -352,6 +352,10 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Puts a message into a queue directly, visible only after `delay`
     /// (zero: at once). Returns once the broker holds the message.
     ///
+    /// With a delay, the message goes to `queue` only and arrives without its
+    /// CC keys; without one, it is published to the default exchange, so CC
+    /// keys naming queues put it into those too.
+    ///
     /// A delay longer than [`MAX_DELAY`] (RabbitMQ's TTL limit, about 49.7
     /// days) is clamped to it: accepted, and the message waits [`MAX_DELAY`].
     ///

@@ -90,6 +90,7 @@ macro_rules! conformance_tests {
             consumers_at_their_limit_rejoin_at_the_back,
             long_fields_are_refused_in_order,
             delays_are_never_early_but_may_reorder,
+            delayed_put_goes_to_its_queue_only,
         );
     };
     (@pairs $make_broker:path, $connect_again:path; $($behaviour:ident),* $(,)?) => {
@@ -1595,4 +1596,40 @@ pub async fn full_queue_is_named_across_connections<B: Broker>(broker: &B, other
     );
     assert_pending(broker, &queue, &["m0"]).await;
     delete_queues(broker, &[&queue]).await;
+}
+
+/// With a delay, a put goes to its queue only, after the delay, without its
+/// CC keys; without a delay, its CC keys naming queues put it there too.
+pub async fn delayed_put_goes_to_its_queue_only<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "put-cc", QueueOptions::default()).await;
+    let other = new_queue(broker, "put-cc-other", QueueOptions::default()).await;
+    let delay = Duration::from_millis(100);
+    let with_cc = |body: &str| OutgoingMessage {
+        cc: vec![other.clone()],
+        ..message(body)
+    };
+    let start = Instant::now();
+    broker
+        .publish_delayed(&queue, with_cc("later"), delay)
+        .await
+        .expect("a delayed put");
+    broker
+        .publish_delayed(&queue, with_cc("now"), Duration::ZERO)
+        .await
+        .expect("a put");
+    let mut stream = consume(broker, &queue, 2).await;
+    let now = next_delivery(&mut stream, "the undelayed put").await;
+    assert_eq!(body(&now), "now");
+    assert_eq!(now.cc, std::slice::from_ref(&other));
+    let later = next_delivery(&mut stream, "the delayed put").await;
+    assert!(start.elapsed() >= delay, "after {:?}", start.elapsed());
+    assert_eq!(body(&later), "later");
+    assert!(later.cc.is_empty(), "{:?}", later.cc);
+    assert_eq!(later.routing_key, queue);
+    assert_pending(broker, &other, &["now"]).await;
+    for delivery in [now, later] {
+        ack(delivery).await;
+    }
+    drop(stream);
+    delete_queues(broker, &[&queue, &other]).await;
 }

@@ -590,23 +590,37 @@ impl State {
             exchange.bindings.route(keys)
         };
         let mut full = None;
+        let mut entered = Vec::new();
         for target in targets {
             if content.expired_from.contains(&target) {
                 continue;
             }
-            if let Err(error) = self.enqueue(&target, Arc::clone(&content)) {
-                full.get_or_insert(error);
+            match self.push(&target, Arc::clone(&content)) {
+                Ok(()) => entered.push(target),
+                Err(error) => {
+                    full.get_or_insert(error);
+                }
             }
+        }
+        // Only once the message is in every queue it goes to: what arriving
+        // sets off (a dead-letter of it comes after it, as on RabbitMQ).
+        for target in entered {
+            self.arrived(&target);
         }
         full.map_or(Ok(()), Err)
     }
 
+    /// Puts a message at the back of a queue, unless the queue is full, and
+    /// hands it on ([`arrived`](Self::arrived)).
+    pub(super) fn enqueue(&mut self, name: &str, content: Arc<Content>) -> Result<(), BrokerError> {
+        self.push(name, content)?;
+        self.arrived(name);
+        Ok(())
+    }
+
     /// Puts a message at the back of a queue, unless the queue is full (as
     /// RabbitMQ counts: ready messages, even expired ones not dropped yet).
-    /// A consumer with room gets it before its TTL can expire it, so with a
-    /// TTL of zero it is delivered if a consumer can take it at once, and
-    /// dead-lettered otherwise (as RabbitMQ does).
-    pub(super) fn enqueue(&mut self, name: &str, content: Arc<Content>) -> Result<(), BrokerError> {
+    fn push(&mut self, name: &str, content: Arc<Content>) -> Result<(), BrokerError> {
         let Some(queue) = self.queues.get_mut(name) else {
             return Err(BrokerError::QueueNotFound(name.to_owned()));
         };
@@ -636,32 +650,31 @@ impl State {
         if let Some(expiry) = &queue.expiry {
             expiry.notify_one();
         }
-        self.dispatch_from(name, false);
-        // Not taken: a message already due (TTL zero) expires now, as on RabbitMQ.
-        self.expire(name);
         Ok(())
     }
 
+    /// After a message was pushed: a consumer with room gets it before its
+    /// TTL can expire it, so with a TTL of zero it is delivered if a consumer
+    /// can take it at once, and dead-lettered otherwise (as RabbitMQ does).
+    fn arrived(&mut self, name: &str) {
+        self.dispatch_from(name, false);
+        // Not taken: a message already due (TTL zero) expires now, as on RabbitMQ.
+        self.expire(name);
+    }
+
     /// Checks a message put into a queue after a delay, in the RabbitMQ
-    /// broker's order: the queue name, that the queue exists (its delay
-    /// queue is declared before the message is sent), the message's fields.
+    /// broker's order: the queue name, that the queue exists and this
+    /// connection may use it (its delay queue is declared, after a passive
+    /// declaration of the queue, before the message is sent), the message's
+    /// fields.
     pub(super) fn check_put_later(
         &self,
         queue: &str,
         message: &OutgoingMessage,
+        connection: u64,
     ) -> Result<(), BrokerError> {
-        check_len("queue name", queue)?;
-        self.check_exists(queue)?;
+        self.check_queue(queue, connection)?;
         check_message(message)
-    }
-
-    /// Checks that the queue exists.
-    pub(super) fn check_exists(&self, name: &str) -> Result<(), BrokerError> {
-        if self.queues.contains_key(name) {
-            Ok(())
-        } else {
-            Err(BrokerError::QueueNotFound(name.to_owned()))
-        }
     }
 
     /// Checks the name's length, that the queue exists and that this
