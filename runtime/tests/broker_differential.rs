@@ -580,7 +580,9 @@ impl<B: Broker> Side<B> {
                         .await
                         .unwrap_or_else(|error| panic!("redeclaring after settling: {error}"));
                 }
-                outcome(result, |()| String::new())
+                outcome(result, |()| {
+                    String::from_utf8_lossy(&held.delivery.body).into_owned()
+                })
             }
         }
     }

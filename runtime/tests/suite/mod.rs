@@ -1106,14 +1106,27 @@ pub async fn ttl_zero_reaches_a_waiting_consumer<B: Broker>(broker: &B) {
     send(broker, &queue, "no-consumer").await;
     assert_pending(broker, &dead, &["no-consumer"]).await;
     let mut stream = consume(broker, &queue, 1).await;
+    let mut roomy = consume(broker, &queue, 2).await;
     send(broker, &queue, "taken").await;
     let taken = next_delivery(&mut stream, "a TTL-0 message with a consumer waiting").await;
     assert_eq!(body(&taken), "taken");
+    send(broker, &queue, "roomy-1").await;
+    let roomy_1 = next_delivery(&mut roomy, "the next consumer's turn").await;
+    // The first consumer, in turn but at its limit, passes it on to the
+    // second, which has room.
+    send(broker, &queue, "roomy-2").await;
+    let roomy_2 = next_delivery(&mut roomy, "a TTL-0 message, first in turn busy").await;
+    assert_eq!(body(&roomy_2), "roomy-2");
     send(broker, &queue, "consumer-busy").await;
     assert_pending(broker, &dead, &["no-consumer", "consumer-busy"]).await;
     taken.nack(true).await.expect("nack with requeue");
     assert_pending(broker, &dead, &["no-consumer", "consumer-busy", "taken"]).await;
     assert_quiet(&mut stream, "the requeued message expired").await;
+    for delivery in [roomy_1, roomy_2] {
+        ack(delivery).await;
+    }
+    assert_quiet(&mut roomy, "nothing else").await;
+    drop(roomy);
     assert!(get(broker, &queue).await.is_none());
     drop(stream);
     delete_queues(broker, &[&queue, &dead]).await;

@@ -757,16 +757,17 @@ impl State {
     /// Hands ready messages to consumers in turn, as RabbitMQ's classic
     /// queues do: the first consumer in turn order that is not blocked gets
     /// the next message and moves to the back; one found at its prefetch
-    /// limit is blocked instead (until it settles a delivery). Due messages
-    /// are expired before each hand-out, except the first when
-    /// `expire_first` is false (a message just enqueued goes to a consumer
-    /// with room before its TTL is looked at).
-    fn dispatch_from(&mut self, name: &str, mut expire_first: bool) {
+    /// limit is blocked instead (until it settles a delivery) and the next
+    /// one tried. Due messages are expired before each hand-out, except the
+    /// first when `expire_first` is false (a message just enqueued goes to
+    /// any consumer with room before its TTL is looked at).
+    fn dispatch_from(&mut self, name: &str, expire_first: bool) {
+        let mut expire_now = expire_first;
         loop {
-            if expire_first {
+            if expire_now {
                 self.expire(name);
+                expire_now = false;
             }
-            expire_first = true;
             let Some(queue) = self.queues.get_mut(name) else {
                 return;
             };
@@ -781,6 +782,7 @@ impl State {
                 consumer.blocked = true;
                 continue;
             }
+            expire_now = true;
             let Some(message) = queue.ready.pop_front() else {
                 return;
             };
