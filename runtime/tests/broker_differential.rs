@@ -791,16 +791,23 @@ async fn run_sequence(rabbitmq: &[AmqpBroker; 2], seed: u64) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_rabbitmq_run_operations_alike() {
-    let rabbitmq = [
-        differential_support::rabbitmq("exchange-runtime-broker-differential").await,
-        differential_support::rabbitmq("exchange-runtime-broker-differential-2").await,
-    ];
     let start = Instant::now();
     let (mut operations, mut delivered) = (0, 0);
     for seed in SEEDS {
+        // Fresh connections per sequence: a long-lived one would open
+        // thousands of channels, and the RabbitMQ broker replaces a
+        // connection before lapin's channel ids wrap, redelivering what its
+        // consumers held (at-least-once), which the embedded broker has no
+        // reason to do.
+        let rabbitmq = [
+            differential_support::rabbitmq("exchange-runtime-broker-differential").await,
+            differential_support::rabbitmq("exchange-runtime-broker-differential-2").await,
+        ];
         let (ops, deliveries) = run_sequence(&rabbitmq, seed).await;
         operations += ops;
         delivered += deliveries;
+        // Dropped: they close in the background.
+        drop(rabbitmq);
     }
     eprintln!(
         "{} sequences, {operations} operations, {delivered} deliveries compared in {:?}",
