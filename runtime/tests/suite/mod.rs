@@ -66,6 +66,7 @@ macro_rules! conformance_tests {
             expired_messages_are_dead_lettered,
             delayed_publish_is_not_visible_early,
             delayed_publish_past_the_limit_is_clamped,
+            delayed_publish_keeps_its_cc_keys_and_routes_by_them_nowhere,
             get_and_pending,
             cancelled_consumer_requeues_its_deliveries,
             dropped_delivery_is_requeued,
@@ -764,6 +765,39 @@ pub async fn delayed_publish_is_not_visible_early<B: Broker>(broker: &B) {
     ack(delivery).await;
     drop(stream);
     delete_queues(broker, &[&queue]).await;
+}
+
+/// A delayed message goes to its queue only, after the delay, with its CC
+/// keys: a queue named like a CC key gets no copy (RabbitMQ would route one
+/// at once by a `CC` header through the default exchange).
+pub async fn delayed_publish_keeps_its_cc_keys_and_routes_by_them_nowhere<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "delayed-cc", QueueOptions::default()).await;
+    let bystander = new_queue(broker, "delayed-cc-bystander", QueueOptions::default()).await;
+    for delay in [Duration::from_millis(150), Duration::ZERO] {
+        let cc_message = OutgoingMessage {
+            cc: vec![bystander.clone(), "route.a.b".to_owned()],
+            ..message("with cc")
+        };
+        broker
+            .publish_delayed(&queue, cc_message, delay)
+            .await
+            .expect("publishing with a delay and CC keys");
+        let mut stream = consume(broker, &queue, 1).await;
+        let delivery = next_delivery(&mut stream, "the delayed message").await;
+        assert_eq!(
+            delivery.cc,
+            [bystander.clone(), "route.a.b".to_owned()],
+            "{delay:?}"
+        );
+        assert!(delivery.headers.is_empty(), "{:?}", delivery.headers);
+        ack(delivery).await;
+        drop(stream);
+        assert!(
+            pending_bodies(broker, &bystander).await.is_empty(),
+            "a CC-named queue got a copy ({delay:?})"
+        );
+    }
+    delete_queues(broker, &[&queue, &bystander]).await;
 }
 
 /// A delay past [`MAX_DELAY`] is accepted, clamped to it: the message waits
