@@ -23,9 +23,30 @@ pub fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The v19 reference bundle beside the repository.
-pub fn v19_bundle() -> PathBuf {
-    workspace_root().join("../shared/corpus/taskcluster-v19/references.json")
+/// The environment variable naming a reference bundle (a JSON array of
+/// `{filename, content}`) for the opt-in bundle tests.
+pub const BUNDLE_ENV: &str = "TC_REFERENCES_BUNDLE";
+
+/// The reference bundle named by [`BUNDLE_ENV`]. When it is unset, prints why
+/// `test` is skipped (past the test harness's output capture) and returns
+/// `None`; when it names no file, the test fails naming the path.
+pub fn references_bundle(test: &str) -> Option<PathBuf> {
+    use std::io::Write as _;
+    let Some(path) = std::env::var_os(BUNDLE_ENV) else {
+        // Written to the process's stderr directly: `eprintln!` would be captured.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped {test}: set {BUNDLE_ENV} to a reference bundle (see README)"
+        );
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{BUNDLE_ENV}={}: no such file",
+        path.display()
+    );
+    Some(path)
 }
 
 /// Every file below `dir`, by `/`-separated path relative to it.
