@@ -561,10 +561,17 @@ fn type_def_tokens(
                 }
             });
             let additional = additional.as_ref().map(|(field, ty)| {
+                let doc = docs(if *ty == TypeRef::Value {
+                    "Properties beyond the declared ones, which the schema allows \
+                     (`additionalProperties` absent, `true` or `{}`): kept on decode and \
+                     written back on encode, so a round trip loses nothing."
+                } else {
+                    "Properties beyond the declared ones (`additionalProperties`)."
+                });
                 let field = ident(field);
                 let ty = type_tokens(service, ty);
                 quote! {
-                    /// Properties beyond the declared ones (`additionalProperties`).
+                    #doc
                     #[serde(flatten)]
                     pub #field: ::std::collections::BTreeMap<::std::string::String, #ty>,
                 }

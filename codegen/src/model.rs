@@ -128,7 +128,10 @@ pub enum TypeKind {
     Struct {
         /// Fields sorted by JSON name.
         fields: Vec<FieldDef>,
-        /// Typed `additionalProperties`, kept in a flattened map.
+        /// The properties beyond the declared ones, kept in a flattened map
+        /// (field name, value type): `Value` when the schema allows any
+        /// (`additionalProperties` absent, `true` or `{}`), the mapped type when
+        /// it gives a schema, `None` when it forbids them (`false`).
         additional: Option<(String, TypeRef)>,
     },
     /// A string enum with a catch-all variant for values unknown at generation time.
@@ -213,6 +216,9 @@ pub enum TypeRef {
     /// A named type of the same service.
     Named(SchemaLoc),
 }
+
+/// The field of a struct that keeps the properties beyond the declared ones.
+pub const ADDITIONAL_FIELD: &str = "additional_properties";
 
 /// Keywords the generator understands (mapped to types or documented).
 const SUPPORTED_KEYWORDS: &[&str] = &[
@@ -782,18 +788,29 @@ impl<'a> ServiceBuilder<'a> {
                 doc,
             });
         }
+        // Properties beyond the declared ones are kept in a flattened map unless
+        // the schema forbids them: `additionalProperties` absent (JSON Schema's
+        // default), `true` or `{}` allow any value; a schema types them.
         let additional = match schema.get("additionalProperties") {
-            Some(Value::Object(o)) if !o.is_empty() => {
-                let name = "additional_properties".to_owned();
-                if rust_names.contains_key(&name) {
+            Some(Value::Bool(false)) => None,
+            None | Some(Value::Bool(true)) => Some(TypeRef::Value),
+            Some(Value::Object(o)) if o.is_empty() => Some(TypeRef::Value),
+            Some(_) => Some(self.type_of(&loc.child("additionalProperties"))?),
+        };
+        let additional = match additional {
+            None => None,
+            Some(ty) => {
+                let name = ADDITIONAL_FIELD.to_owned();
+                if let Some(json_name) = rust_names.get(&name) {
                     return Err(Error::NameCollision {
-                        at: self.location(&loc.child("additionalProperties")),
-                        reason: "field `additional_properties` (for typed additionalProperties) is also a property".into(),
+                        at: self.location(&loc.child("properties").child(json_name)),
+                        reason: format!(
+                            "property {json_name:?} maps to field `{name}`, which keeps the properties beyond the declared ones"
+                        ),
                     });
                 }
-                Some((name, self.type_of(&loc.child("additionalProperties"))?))
+                Some((name, ty))
             }
-            _ => None,
         };
         Ok(TypeKind::Struct { fields, additional })
     }
@@ -2050,6 +2067,52 @@ mod tests {
         assert_eq!(names["content-type"], "content_type");
         assert_eq!(names["3d"], "_3d");
         assert_eq!(names["self"], "self_");
+    }
+
+    #[test]
+    fn properties_beyond_the_declared_ones_are_kept_unless_forbidden() {
+        fn additional(schema: Value) -> Option<TypeRef> {
+            let mut schema = schema;
+            schema["type"] = json!("object");
+            schema["title"] = json!("Thing");
+            schema["properties"] = json!({"id": {"type": "string"}});
+            let model = model_of(&[("thing.json", schema)]).unwrap();
+            match &find(&model, "ThingMessage").kind {
+                TypeKind::Struct { additional, .. } => additional.as_ref().map(|(name, ty)| {
+                    assert_eq!(name, ADDITIONAL_FIELD);
+                    ty.clone()
+                }),
+                other => panic!("not a struct: {other:?}"),
+            }
+        }
+        // Absent means any value is allowed (JSON Schema's default).
+        assert_eq!(additional(json!({})), Some(TypeRef::Value));
+        assert_eq!(
+            additional(json!({"additionalProperties": true})),
+            Some(TypeRef::Value)
+        );
+        assert_eq!(
+            additional(json!({"additionalProperties": {}})),
+            Some(TypeRef::Value)
+        );
+        assert_eq!(
+            additional(json!({"additionalProperties": {"type": "integer"}})),
+            Some(TypeRef::Integer)
+        );
+        assert_eq!(additional(json!({"additionalProperties": false})), None);
+
+        // A property that would take the map's field is an error naming it.
+        let err = model_of(&[(
+            "x.json",
+            json!({"type": "object", "properties": {"additionalProperties": {"type": "string"}}}),
+        )])
+        .unwrap_err();
+        assert!(matches!(err, Error::NameCollision { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .contains("#/properties/additionalProperties"),
+            "{err}"
+        );
     }
 
     #[test]

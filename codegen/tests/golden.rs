@@ -58,10 +58,11 @@ fn generation_is_deterministic() {
 
 #[test]
 fn fixture_message_schemas_compile() {
-    // thingCreated, thingUpdated/thingRemoved (shared), ircPosted, treeGrown, oddNames, tiny.
+    // thingCreated, thingUpdated/thingRemoved (shared), ircPosted, treeGrown, oddNames,
+    // hookFired, tiny.
     assert_eq!(
         assert_message_schemas_compile(&fixture_sources("constructs")),
-        6
+        7
     );
 }
 
