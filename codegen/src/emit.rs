@@ -3,7 +3,7 @@
 //! so schema types named `Option` or `String` cannot shadow anything, then
 //! formatted by `prettyplease`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
@@ -11,10 +11,11 @@ use quote::quote;
 
 use crate::error::Error;
 use crate::model::{
-    ExchangeModel, Model, ServiceModel, TypeDef, TypeKind, TypeRef, code_span, strip_option,
+    ExchangeModel, Model, ServiceModel, TypeDef, TypeKind, TypeRef, code_span, kind_types,
+    strip_option,
 };
 use crate::naming::serde_camel_case;
-use crate::resolve::SchemaSet;
+use crate::resolve::{SchemaLoc, SchemaSet};
 use crate::standalone::{canonical_json, self_contained};
 
 /// How the generated crate's `Cargo.toml` depends on its dependencies.
@@ -277,11 +278,15 @@ fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, E
         .map(|exchange| binding_tokens(service, exchange))
         .collect::<Vec<_>>();
     let message_enum = message_enum_tokens(service);
-    let mut types: Vec<&TypeDef> = service.types.values().collect();
-    types.sort_by(|a, b| a.name.cmp(&b.name));
+    let users = exchanges_using(service);
+    let mut types: Vec<(&SchemaLoc, &TypeDef)> = service.types.iter().collect();
+    types.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name));
     let type_tokens = types
         .iter()
-        .map(|def| type_def_tokens(service, def, schemas))
+        .map(|(loc, def)| {
+            let used_by = users.get(*loc).map(Vec::as_slice).unwrap_or_default();
+            type_def_tokens(service, def, used_by, schemas)
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     let tokens = quote! {
         #module_docs
@@ -290,6 +295,57 @@ fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, E
         #( #type_tokens )*
     };
     format_file(&file, tokens, &service.reference_file)
+}
+
+/// For every named type, the binding structs of the exchanges whose messages
+/// contain it (directly or through other types), in reference order.
+fn exchanges_using(service: &ServiceModel) -> BTreeMap<&SchemaLoc, Vec<&str>> {
+    let mut users: BTreeMap<&SchemaLoc, Vec<&str>> = BTreeMap::new();
+    for exchange in &service.exchanges {
+        let mut seen = BTreeSet::new();
+        let mut pending = vec![&exchange.message];
+        while let Some(loc) = pending.pop() {
+            if !seen.insert(loc) {
+                continue;
+            }
+            users.entry(loc).or_default().push(&exchange.binding);
+            let Some(def) = service.types.get(loc) else {
+                continue;
+            };
+            for ty in kind_types(&def.kind) {
+                named_in(ty, &mut pending);
+            }
+        }
+    }
+    users
+}
+
+/// The named types a type use mentions (inside `Vec`, map, `Option`, `Box`).
+fn named_in<'a>(ty: &'a TypeRef, out: &mut Vec<&'a SchemaLoc>) {
+    match ty {
+        TypeRef::Named(loc) => out.push(loc),
+        TypeRef::Array(inner)
+        | TypeRef::Map(inner)
+        | TypeRef::Option(inner)
+        | TypeRef::Boxed(inner) => named_in(inner, out),
+        TypeRef::String
+        | TypeRef::Integer
+        | TypeRef::Number
+        | TypeRef::Boolean
+        | TypeRef::DateTime
+        | TypeRef::Value
+        | TypeRef::FreeObject => {}
+    }
+}
+
+/// `[`A`]`, `[`A`] and [`B`]`, `[`A`], [`B`] and [`C`]`.
+fn link_list(names: &[&str]) -> String {
+    let links: Vec<String> = names.iter().map(|name| format!("[`{name}`]")).collect();
+    match links.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
 }
 
 fn message_type_name<'a>(service: &'a ServiceModel, exchange: &ExchangeModel) -> &'a str {
@@ -303,10 +359,16 @@ fn binding_tokens(service: &ServiceModel, exchange: &ExchangeModel) -> TokenStre
         &exchange.title,
         &exchange.description,
         &format!(
-            "Exchange {}, entry {}; messages are [`{}`].",
+            "Exchange {}, entry {}; messages are [`{}`] (schema {}).",
             code_span(&exchange.exchange),
             code_span(&exchange.entry),
-            message
+            message,
+            code_span(
+                service.types[&exchange.message]
+                    .message
+                    .as_ref()
+                    .map_or("", |info| info.schema_id.as_str())
+            ),
         ),
     ]));
     let fields = exchange.words.iter().filter_map(|word| {
@@ -509,18 +571,26 @@ fn type_tokens(service: &ServiceModel, ty: &TypeRef) -> TokenStream {
     }
 }
 
+/// A named type; `used_by` are the binding structs of the exchanges whose
+/// messages contain it.
 fn type_def_tokens(
     service: &ServiceModel,
     def: &TypeDef,
+    used_by: &[&str],
     schemas: &SchemaSet,
 ) -> Result<TokenStream, Error> {
     let name = ident(&def.name);
     let mut doc_text = def.doc.clone();
     if let Some(info) = &def.message {
-        let exchanges: Vec<String> = info.exchanges.iter().map(|b| format!("[`{b}`]")).collect();
+        let exchanges: Vec<&str> = info.exchanges.iter().map(String::as_str).collect();
         doc_text = paragraphs(&[
             &doc_text,
-            &format!("Published on {}.", exchanges.join(" and ")),
+            &format!("Published on {}.", link_list(&exchanges)),
+        ]);
+    } else if !used_by.is_empty() {
+        doc_text = paragraphs(&[
+            &doc_text,
+            &format!("Part of the messages of {}.", link_list(used_by)),
         ]);
     }
     let doc = docs(&doc_text);

@@ -1450,7 +1450,8 @@ fn box_recursion(types: &mut BTreeMap<SchemaLoc, TypeDef>) {
     }
 }
 
-fn kind_types(kind: &TypeKind) -> Vec<&TypeRef> {
+/// The types a type's fields, map values, alternatives or wrapped value use.
+pub fn kind_types(kind: &TypeKind) -> Vec<&TypeRef> {
     match kind {
         TypeKind::Struct { fields, additional } => fields
             .iter()

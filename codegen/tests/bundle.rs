@@ -11,7 +11,9 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::{assert_message_schemas_compile, cargo, references_bundle, write_scratch_crate};
+use common::{
+    assert_message_schemas_compile, cargo, cargo_doc, references_bundle, write_scratch_crate,
+};
 use exchange_codegen::{Sources, generate, load, naming};
 
 fn bundle_sources(bundle: &Path) -> Sources {
@@ -120,8 +122,8 @@ fn every_message_schema_is_self_contained_and_compiles() {
     assert_eq!(checked, distinct.len());
 }
 
-/// The generated crate passes `clippy -D warnings` with every feature, and
-/// builds with a single feature and with none.
+/// The generated crate passes `clippy -D warnings` with every feature, builds
+/// with a single feature and with none, and documents without a warning.
 #[test]
 #[ignore = "builds the generated crate with cargo (1-3 minutes on 2 cores)"]
 fn bundle_crate_compiles_with_any_features() {
@@ -156,4 +158,5 @@ fn bundle_crate_compiles_with_any_features() {
         );
     }
     cargo(&dir, &["check", "--no-default-features", "--quiet"]);
+    cargo_doc(&dir);
 }

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{
-    assert_message_schemas_compile, cargo, fixture_dir, fixture_sources, read_tree,
+    assert_message_schemas_compile, cargo, cargo_doc, fixture_dir, fixture_sources, read_tree,
     write_scratch_crate,
 };
 use exchange_codegen::generate;
@@ -67,7 +67,8 @@ fn fixture_message_schemas_compile() {
 }
 
 /// The fixture's generated crate passes clippy and its behaviour tests
-/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct).
+/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct),
+/// and its documentation builds without a warning.
 #[test]
 #[ignore = "builds a scratch crate with cargo (about a minute on 2 cores)"]
 fn constructs_fixture_compiles_and_behaves() {
@@ -91,4 +92,5 @@ fn constructs_fixture_compiles_and_behaves() {
         ],
     );
     cargo(&dir, &["test", "--quiet"]);
+    cargo_doc(&dir);
 }

@@ -115,10 +115,26 @@ pub fn write_scratch_crate(name: &str, sources: &Sources, extra: &[(&str, String
 
 /// Runs `cargo <args>` in `dir` with a target directory shared by the scratch crates.
 pub fn cargo(dir: &Path, args: &[&str]) {
+    cargo_with_env(dir, args, &[]);
+}
+
+/// Documents the crate in `dir` with every feature; any rustdoc warning
+/// (a broken intra-doc link, say) fails.
+pub fn cargo_doc(dir: &Path) {
+    cargo_with_env(
+        dir,
+        &["doc", "--no-deps", "--all-features", "--quiet"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    );
+}
+
+/// [`cargo`] with extra environment variables.
+pub fn cargo_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scratch-target");
     let status = Command::new(cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", target)
         .status()
