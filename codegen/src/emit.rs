@@ -16,7 +16,7 @@ use crate::model::{
 };
 use crate::naming::serde_camel_case;
 use crate::resolve::{SchemaLoc, SchemaSet};
-use crate::standalone::{canonical_json, self_contained};
+use crate::schema_files::{self, SchemaFiles};
 
 /// How the generated crate's `Cargo.toml` depends on its dependencies.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -33,16 +33,23 @@ pub enum Manifest {
 }
 
 /// Every generated file by path relative to the crate root (`src/queue.rs`):
-/// `Cargo.toml`, `src/lib.rs`, one `src/<module>.rs` per service and
-/// `src/rustfmt.toml` (which keeps `cargo fmt` off the generated code).
+/// `Cargo.toml`, `src/lib.rs`, one `src/<module>.rs` per service,
+/// `src/schemas.rs` and one `schemas/<service>/v1/<name>.json` per schema
+/// document the messages need, and `src/rustfmt.toml` (which keeps
+/// `cargo fmt` off the generated code).
 pub fn emit(
     model: &Model,
     schemas: &SchemaSet,
     manifest: &Manifest,
 ) -> Result<BTreeMap<String, String>, Error> {
+    let schema_files = schema_files::collect(model, schemas)?;
     let mut files = BTreeMap::new();
     files.insert("Cargo.toml".to_owned(), cargo_toml(model, manifest));
     files.insert("src/lib.rs".to_owned(), lib_file(model)?);
+    files.insert("src/schemas.rs".to_owned(), schemas_file(&schema_files)?);
+    for file in schema_files.files.values() {
+        files.insert(file.path.clone(), file.contents.clone());
+    }
     files.insert(
         "src/rustfmt.toml".to_owned(),
         format!(
@@ -54,7 +61,7 @@ pub fn emit(
     for service in &model.services {
         files.insert(
             format!("src/{}.rs", service.module),
-            service_file(service, schemas)?,
+            service_file(service, &schema_files)?,
         );
     }
     Ok(files)
@@ -169,6 +176,47 @@ fn doc_lint_allows() -> TokenStream {
     }
 }
 
+/// `src/schemas.rs`: one constant per schema file, each behind the features
+/// of the services that need it.
+fn schemas_file(schema_files: &SchemaFiles) -> Result<String, Error> {
+    let constants = schema_files.files.values().map(|file| {
+        let constant = ident(&file.constant);
+        let features = file.modules.iter();
+        let cfg = if file.modules.len() == 1 {
+            quote! { #[cfg( #( feature = #features )* )] }
+        } else {
+            quote! { #[cfg(any( #( feature = #features ),* ))] }
+        };
+        let include = format!("../{}", file.path);
+        let id = format!("{}#", file.id);
+        let doc = docs(&format!(
+            "The schema document {} ({}).",
+            code_span(&id),
+            code_span(&file.path)
+        ));
+        quote! {
+            #doc
+            #cfg
+            pub const #constant: ::exchange_runtime::SchemaDocument = ::exchange_runtime::SchemaDocument {
+                id: #id,
+                text: include_str!(#include),
+            };
+        }
+    });
+    let module_doc = inner_docs(
+        "The JSON Schemas of the messages, as published upstream (`$ref`s kept): one\n\
+         constant (`$id` and text) per file under `schemas/`, each present with the features\n\
+         of the services whose messages need it. A message's [`exchange_runtime::Message::SCHEMA`] is its\n\
+         document and [`exchange_runtime::Message::SCHEMA_DEPENDENCIES`] the documents its\n\
+         `$ref`s lead to; the runtime validates through a registry of them, offline.",
+    );
+    let tokens = quote! {
+        #module_doc
+        #( #constants )*
+    };
+    format_file("src/schemas.rs", tokens, "references/")
+}
+
 fn lib_file(model: &Model) -> Result<String, Error> {
     let mut list = String::new();
     for service in &model.services {
@@ -185,8 +233,8 @@ fn lib_file(model: &Model) -> Result<String, Error> {
          {list}\n\
          For each exchange a module has a binding struct (one optional value per routing-key\n\
          word; implements [`exchange_runtime::Binding`], which builds binding patterns and\n\
-         routing keys) and a message type (implements [`exchange_runtime::Message`], carrying\n\
-         its self-contained JSON Schema). Each module also has an enum of all its messages\n\
+         routing keys) and a message type (implements [`exchange_runtime::Message`], naming\n\
+         its JSON Schema in [`schemas`]). Each module also has an enum of all its messages\n\
          implementing [`exchange_runtime::Decode`], which picks the variant by exchange name."
     );
     let crate_docs = inner_docs(&crate_doc);
@@ -206,6 +254,8 @@ fn lib_file(model: &Model) -> Result<String, Error> {
 
         /// The runtime the bindings implement (re-exported for convenience).
         pub use exchange_runtime;
+
+        pub mod schemas;
 
         #( #modules )*
     };
@@ -259,7 +309,7 @@ fn toml_string(text: &str) -> String {
     format!("\"{escaped}\"")
 }
 
-fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, Error> {
+fn service_file(service: &ServiceModel, schema_files: &SchemaFiles) -> Result<String, Error> {
     let file = format!("src/{}.rs", service.module);
     let module_doc = paragraphs(&[
         &service.title,
@@ -285,7 +335,7 @@ fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, E
         .iter()
         .map(|(loc, def)| {
             let used_by = users.get(*loc).map(Vec::as_slice).unwrap_or_default();
-            type_def_tokens(service, def, used_by, schemas)
+            type_def_tokens(service, loc, def, used_by, schema_files)
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let tokens = quote! {
@@ -575,12 +625,24 @@ fn type_tokens(service: &ServiceModel, ty: &TypeRef) -> TokenStream {
 /// messages contain it.
 fn type_def_tokens(
     service: &ServiceModel,
+    loc: &SchemaLoc,
     def: &TypeDef,
     used_by: &[&str],
-    schemas: &SchemaSet,
+    schema_files: &SchemaFiles,
 ) -> Result<TokenStream, Error> {
     let name = ident(&def.name);
-    let mut doc_text = def.doc.clone();
+    let file = schema_files.file_of(loc).ok_or_else(|| Error::Internal {
+        file: format!("src/{}.rs", service.module),
+        reason: format!("no schema file for {loc}"),
+    })?;
+    let mut doc_text = paragraphs(&[
+        &def.doc,
+        &format!(
+            "Schema file: [`schemas::{constant}`](crate::schemas::{constant}) ({}).",
+            code_span(&file.path),
+            constant = file.constant
+        ),
+    ]);
     if let Some(info) = &def.message {
         let exchanges: Vec<&str> = info.exchanges.iter().map(String::as_str).collect();
         doc_text = paragraphs(&[
@@ -736,13 +798,26 @@ fn type_def_tokens(
     let message_impl = match &def.message {
         None => quote! {},
         Some(info) => {
-            let schema = canonical_json(&self_contained(schemas, &info.schema)?);
-            let schema = raw_string(&schema);
             let schema_id = &info.schema_id;
+            let constant = ident(&file.constant);
+            let dependencies = schema_files
+                .dependencies
+                .get(&info.schema)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|id| schema_files.files.get(id))
+                .map(|file| {
+                    let constant = ident(&file.constant);
+                    quote! { crate::schemas::#constant, }
+                });
             quote! {
                 impl ::exchange_runtime::Message for #name {
                     const SCHEMA_ID: &'static str = #schema_id;
-                    const SCHEMA: &'static str = #schema;
+                    const SCHEMA: &'static str = crate::schemas::#constant.text;
+                    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+                        #( #dependencies )*
+                    ];
                 }
             }
         }
@@ -751,16 +826,4 @@ fn type_def_tokens(
         #declaration
         #message_impl
     })
-}
-
-/// A raw string literal (`r#"…"#`) holding `text`, with enough `#`s.
-fn raw_string(text: &str) -> Literal {
-    let mut hashes = 1;
-    while text.contains(&format!("\"{}", "#".repeat(hashes))) {
-        hashes += 1;
-    }
-    let fence = "#".repeat(hashes);
-    format!("r{fence}\"{text}\"{fence}")
-        .parse()
-        .unwrap_or_else(|_| Literal::string(text))
 }

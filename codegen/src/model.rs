@@ -115,7 +115,7 @@ pub struct TypeDef {
 pub struct MessageInfo {
     /// `SCHEMA_ID` (`/schemas/queue/v1/task-completed-message.json#`).
     pub schema_id: String,
-    /// The entry-level schema location the self-contained schema is built from.
+    /// The entry-level schema location (`SCHEMA_ID` names it; its document is `SCHEMA`).
     pub schema: SchemaLoc,
     /// Entries (binding names) publishing it, in reference order.
     pub exchanges: Vec<String>,
@@ -260,12 +260,25 @@ const SUPPORTED_KEYWORDS: &[&str] = &[
     "deprecated",
 ];
 
+/// Names of the generated crate's own items beside the service modules
+/// (`schemas`, and the re-exported runtime).
+pub const RESERVED_MODULES: &[&str] = &["exchange_runtime", "schemas"];
+
 /// Builds the model of every reference.
 pub fn build(loaded: &Loaded) -> Result<Model, Error> {
     let mut services = Vec::new();
     let mut modules: BTreeMap<String, String> = BTreeMap::new();
     for reference in &loaded.references {
         let service = build_service(&loaded.schemas, reference)?;
+        if RESERVED_MODULES.contains(&service.module.as_str()) {
+            return Err(Error::NameCollision {
+                at: Location::new(&reference.file, "/serviceName"),
+                reason: format!(
+                    "module `{}` is a module of the generated crate itself",
+                    service.module
+                ),
+            });
+        }
         if let Some(other) = modules.insert(service.module.clone(), reference.file.clone()) {
             return Err(Error::NameCollision {
                 at: Location::new(&reference.file, "/serviceName"),

@@ -39,7 +39,7 @@ fn generates_every_service_and_exchange() {
     let modules: BTreeSet<String> = files
         .keys()
         .filter_map(|path| path.strip_prefix("src/")?.strip_suffix(".rs"))
-        .filter(|module| *module != "lib")
+        .filter(|module| !["lib", "schemas"].contains(module))
         .map(str::to_owned)
         .collect();
     assert_eq!(modules, expected);
@@ -99,9 +99,8 @@ fn output_is_deterministic_and_independent_of_layout() {
 }
 
 #[test]
-fn every_message_schema_is_self_contained_and_compiles() {
-    let Some(bundle) = references_bundle("every_message_schema_is_self_contained_and_compiles")
-    else {
+fn every_message_schema_compiles_offline() {
+    let Some(bundle) = references_bundle("every_message_schema_compiles_offline") else {
         return;
     };
     let sources = bundle_sources(&bundle);

@@ -1215,6 +1215,8 @@ impl ::exchange_runtime::Decode for QueueMessage {
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#/properties/artifact`
 ///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
+///
 /// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1242,6 +1244,8 @@ pub struct Artifact {
 /// Message reporting a new artifact has been created for a given task.
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
 ///
 /// Published on [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -1278,275 +1282,19 @@ pub struct ArtifactCreatedMessage {
 
 impl ::exchange_runtime::Message for ArtifactCreatedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/artifact-created-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting a new artifact has been created for a given task.",
-  "properties": {
-    "artifact": {
-      "additionalProperties": false,
-      "description": "Information about the artifact that was created",
-      "properties": {
-        "contentType": {
-          "description": "Mimetype for the artifact that was created.",
-          "maxLength": 255,
-          "type": "string"
-        },
-        "expires": {
-          "description": "Date and time after which the artifact created will be automatically\ndeleted by the queue.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "name": {
-          "description": "Name of the artifact that was created, this is useful if you want to\nattempt to fetch the artifact. But keep in mind that just because an\nartifact is created doesn't mean that it's immediately available.",
-          "maxLength": 1024,
-          "type": "string"
-        },
-        "storageType": {
-          "description": "This is the `storageType` for the request that was used to create the\nartifact.",
-          "enum": [
-            "blob",
-            "reference",
-            "error"
-          ],
-          "type": "string"
-        }
-      },
-      "required": [
-        "contentType",
-        "expires",
-        "name",
-        "storageType"
-      ],
-      "title": "Artifact",
-      "type": "object"
-    },
-    "runId": {
-      "description": "Id of the run on which artifact was created.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which the run with the created\nartifacted is running.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker within which the run with the created artifact\nis running.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "artifact",
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Artifact Created Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// This is the `storageType` for the request that was used to create the
 /// artifact.
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#/properties/artifact/properties/storageType`
+///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
 ///
 /// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
@@ -1584,6 +1332,8 @@ impl ArtifactStorageType {
 /// JSON object with information about a run
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -1650,6 +1400,8 @@ pub struct RunInformation {
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonCreated`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
 #[non_exhaustive]
@@ -1697,6 +1449,8 @@ impl RunInformationReasonCreated {
 /// `claim-expired`, will trigger an automatic retry of the task.
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonResolved`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
@@ -1765,6 +1519,8 @@ impl RunInformationReasonResolved {
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/state`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
 #[non_exhaustive]
@@ -1810,6 +1566,8 @@ impl RunInformationState {
 ///
 /// Schema: `/schemas/queue/v1/task-completed-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE) (`schemas/queue/v1/task-completed-message.json`).
+///
 /// Published on [`TaskCompleted`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1847,253 +1605,12 @@ pub struct TaskCompletedMessage {
 
 impl ::exchange_runtime::Message for TaskCompletedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-completed-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task has complete successfully.",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that completed the task",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run ran.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker that executed this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Completed Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Defined Message
@@ -2101,6 +1618,8 @@ impl ::exchange_runtime::Message for TaskCompletedMessage {
 /// Message reporting that a task has been defined. The task may or may not be _scheduled_ too.
 ///
 /// Schema: `/schemas/queue/v1/task-defined-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_DEFINED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE) (`schemas/queue/v1/task-defined-message.json`).
 ///
 /// Published on [`TaskDefined`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -2121,230 +1640,12 @@ pub struct TaskDefinedMessage {
 
 impl ::exchange_runtime::Message for TaskDefinedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-defined-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task has been defined. The task may or may not be _scheduled_ too.",
-  "properties": {
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "status",
-    "version"
-  ],
-  "title": "Task Defined Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Exception Message
@@ -2352,6 +1653,8 @@ impl ::exchange_runtime::Message for TaskDefinedMessage {
 /// Message reporting that Taskcluster have failed to run a task.
 ///
 /// Schema: `/schemas/queue/v1/task-exception-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE`](crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE) (`schemas/queue/v1/task-exception-message.json`).
 ///
 /// Published on [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -2397,250 +1700,12 @@ pub struct TaskExceptionMessage {
 
 impl ::exchange_runtime::Message for TaskExceptionMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-exception-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that Taskcluster have failed to run a task.",
-  "properties": {
-    "runId": {
-      "description": "Id of the last run for the task, not provided if `deadline`\nwas exceeded before a run was started.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which the last attempt of the task\nran. Not provided, if `deadline` was exceeded before a run was started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the last worker that failed to report, causing the task\nto fail. Not provided, if `deadline` was exceeded before a run\nwas started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "status",
-    "version"
-  ],
-  "title": "Task Exception Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Failed Message
@@ -2648,6 +1713,8 @@ impl ::exchange_runtime::Message for TaskExceptionMessage {
 /// Message reporting that a task failed to complete successfully.
 ///
 /// Schema: `/schemas/queue/v1/task-failed-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_FAILED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE) (`schemas/queue/v1/task-failed-message.json`).
 ///
 /// Published on [`TaskFailed`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -2686,253 +1753,12 @@ pub struct TaskFailedMessage {
 
 impl ::exchange_runtime::Message for TaskFailedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-failed-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task failed to complete successfully.",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that failed.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run ran.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker that executed this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Failed Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Group Resolved Message
@@ -2940,6 +1766,8 @@ impl ::exchange_runtime::Message for TaskFailedMessage {
 /// Message written once a task group has no tasks to be run. It is possible for a task group to later have another task added, in which case this message will be sent again once it finishes.
 ///
 /// Schema: `/schemas/queue/v1/task-group-resolved-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE) (`schemas/queue/v1/task-group-resolved-message.json`).
 ///
 /// Published on [`TaskGroupResolved`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -2964,38 +1792,9 @@ pub struct TaskGroupResolvedMessage {
 
 impl ::exchange_runtime::Message for TaskGroupResolvedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-group-resolved-message.json#";
-    const SCHEMA: &'static str = r#"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "description": "Message written once a task group has no tasks to be run. It is possible for a task group to later have another task added, in which case this message will be sent again once it finishes.",
-  "properties": {
-    "schedulerId": {
-      "description": "Identifier for the scheduler that created this task-group.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "taskGroupId": {
-      "description": "Identifier for the task-group being listed.",
-      "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-      "type": "string"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "schedulerId",
-    "taskGroupId"
-  ],
-  "title": "Task Group Resolved Message",
-  "type": "object"
-}"#;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE
+        .text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[];
 }
 
 /// Task Pending Message
@@ -3003,6 +1802,8 @@ impl ::exchange_runtime::Message for TaskGroupResolvedMessage {
 /// Message reporting that a task is now pending
 ///
 /// Schema: `/schemas/queue/v1/task-pending-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE) (`schemas/queue/v1/task-pending-message.json`).
 ///
 /// Published on [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -3026,234 +1827,11 @@ pub struct TaskPendingMessage {
 
 impl ::exchange_runtime::Message for TaskPendingMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-pending-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task is now pending",
-  "properties": {
-    "runId": {
-      "description": "Id of run that became pending, `run-id`s always starts from 0",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset",
-      "type": "object"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version"
-  ],
-  "title": "Task Pending Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Running Message
@@ -3261,6 +1839,8 @@ impl ::exchange_runtime::Message for TaskPendingMessage {
 /// Message reporting that a given run of a task have started
 ///
 /// Schema: `/schemas/queue/v1/task-running-message.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUNNING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE) (`schemas/queue/v1/task-running-message.json`).
 ///
 /// Published on [`TaskRunning`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -3296,236 +1876,11 @@ pub struct TaskRunningMessage {
 
 impl ::exchange_runtime::Message for TaskRunningMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-running-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a given run of a task have started",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that just started, always starts from 0",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "takenUntil": {
-      "description": "Time at which the run expires and is resolved as `failed`, if the run\nisn't reclaimed.",
-      "format": "date-time",
-      "type": "string"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker executing this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "takenUntil",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Running Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Status Structure
@@ -3533,6 +1888,8 @@ impl ::exchange_runtime::Message for TaskRunningMessage {
 /// A representation of **task status** as known by the queue
 ///
 /// Schema: `/schemas/queue/v1/task-status.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_STATUS`](crate::schemas::QUEUE_V1_TASK_STATUS) (`schemas/queue/v1/task-status.json`).
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
@@ -3603,6 +1960,8 @@ pub struct TaskStatusStructure {
 ///
 /// Schema: `/schemas/queue/v1/task-status.json#/properties/state`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_STATUS`](crate::schemas::QUEUE_V1_TASK_STATUS) (`schemas/queue/v1/task-status.json`).
+///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
 #[non_exhaustive]
@@ -3652,6 +2011,8 @@ impl TaskStatusStructureState {
 ///
 /// Schema: `/schemas/queue/v1/task-pending-message.json#/properties/task`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE) (`schemas/queue/v1/task-pending-message.json`).
+///
 /// Part of the messages of [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
 pub struct TaskSubset {
@@ -3675,6 +2036,8 @@ pub struct TaskSubset {
 /// definition.
 ///
 /// Schema: `/schemas/queue/v1/task-pulse-definition.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PULSE_DEFINITION`](crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION) (`schemas/queue/v1/task-pulse-definition.json`).
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
