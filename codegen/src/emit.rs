@@ -235,7 +235,9 @@ fn lib_file(model: &Model) -> Result<String, Error> {
          word; implements [`exchange_runtime::Binding`], which builds binding patterns and\n\
          routing keys) and a message type (implements [`exchange_runtime::Message`], naming\n\
          its JSON Schema in [`schemas`]). Each module also has an enum of all its messages\n\
-         implementing [`exchange_runtime::Decode`], which picks the variant by exchange name."
+         implementing [`exchange_runtime::Decode`], which picks the variant by exchange name.\n\n\
+         With the feature `schemars`, every message type and every type it is made of derives\n\
+         `schemars::JsonSchema` (binding structs and message enums are not JSON and do not)."
     );
     let crate_docs = inner_docs(&crate_doc);
     let allows = doc_lint_allows();
@@ -283,10 +285,14 @@ fn cargo_toml(model: &Model, manifest: &Manifest) -> String {
     for feature in &features {
         out.push_str(&format!("{feature} = []\n"));
     }
+    out.push_str(&format!(
+        "## Derives `schemars::JsonSchema` for every message type and its parts.\n{SCHEMARS_FEATURE} = [\"dep:schemars\"]\n"
+    ));
     out.push_str("\n[dependencies]\n");
     match manifest {
         Manifest::Workspace => out.push_str(
             "exchange-runtime.workspace = true\nserde.workspace = true\nserde_json.workspace = true\nchrono.workspace = true\n\
+             schemars = { version = \"1\", optional = true, features = [\"chrono04\"] }\n\
              \n[dev-dependencies]\njsonschema = { version = \"0.61\", default-features = false }\n",
         ),
         Manifest::Standalone { runtime_path } => {
@@ -297,12 +303,17 @@ fn cargo_toml(model: &Model, manifest: &Manifest) -> String {
             out.push_str(
                 "serde = { version = \"1\", features = [\"derive\"] }\nserde_json = \"1\"\n\
                  chrono = { version = \"0.4\", default-features = false, features = [\"serde\", \"std\"] }\n\
+                 schemars = { version = \"1\", optional = true, features = [\"chrono04\"] }\n\
+                 \n[dev-dependencies]\njsonschema = { version = \"0.61\", default-features = false }\n\
                  \n# Not part of any enclosing workspace.\n[workspace]\n",
             );
         }
     }
     out
 }
+
+/// The cargo feature that derives `schemars::JsonSchema`.
+pub const SCHEMARS_FEATURE: &str = "schemars";
 
 fn toml_string(text: &str) -> String {
     let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
@@ -711,6 +722,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #container
                 pub struct #name {
                     #( #field_tokens )*
@@ -741,6 +753,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[non_exhaustive]
                 pub enum #name {
                     #( #variant_tokens )*
@@ -776,6 +789,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[serde(untagged)]
                 pub enum #name {
                     #( #variant_tokens )*
@@ -787,6 +801,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[serde(transparent)]
                 pub struct #name(
                     /// The message's value.

@@ -260,9 +260,9 @@ const SUPPORTED_KEYWORDS: &[&str] = &[
     "deprecated",
 ];
 
-/// Names of the generated crate's own items beside the service modules
-/// (`schemas`, and the re-exported runtime).
-pub const RESERVED_MODULES: &[&str] = &["exchange_runtime", "schemas"];
+/// Names of the generated crate's own items and features beside the service
+/// modules (`schemas`, the re-exported runtime, the `schemars` feature).
+pub const RESERVED_MODULES: &[&str] = &["exchange_runtime", "schemars", "schemas"];
 
 /// Builds the model of every reference.
 pub fn build(loaded: &Loaded) -> Result<Model, Error> {

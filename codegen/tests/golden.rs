@@ -67,7 +67,8 @@ fn fixture_message_schemas_compile() {
 }
 
 /// The fixture's generated crate passes clippy and its behaviour tests
-/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct),
+/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct;
+/// with the `schemars` feature, derived schemas against the source schemas),
 /// and its documentation builds without a warning.
 #[test]
 #[ignore = "builds a scratch crate with cargo (about a minute on 2 cores)"]
@@ -92,5 +93,6 @@ fn constructs_fixture_compiles_and_behaves() {
         ],
     );
     cargo(&dir, &["test", "--quiet"]);
+    cargo(&dir, &["test", "--all-features", "--quiet"]);
     cargo_doc(&dir);
 }

@@ -13,6 +13,9 @@
 //! routing keys) and a message type (implements [`exchange_runtime::Message`], naming
 //! its JSON Schema in [`schemas`]). Each module also has an enum of all its messages
 //! implementing [`exchange_runtime::Decode`], which picks the variant by exchange name.
+//!
+//! With the feature `schemars`, every message type and every type it is made of derives
+//! `schemars::JsonSchema` (binding structs and message enums are not JSON and do not).
 
 #![deny(missing_docs)]
 

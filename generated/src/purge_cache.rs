@@ -116,6 +116,7 @@ impl ::exchange_runtime::Decode for AnyPurgeCacheMessage {
 ///
 /// Published on [`PurgeCache`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PurgeCacheMessage {
     /// Name of cache to purge. Notice that if a `workerType` have multiple kinds

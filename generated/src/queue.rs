@@ -1219,6 +1219,7 @@ impl ::exchange_runtime::Decode for QueueMessage {
 ///
 /// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Artifact {
     /// Mimetype for the artifact that was created.
@@ -1249,6 +1250,7 @@ pub struct Artifact {
 ///
 /// Published on [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ArtifactCreatedMessage {
     /// Information about the artifact that was created
@@ -1298,6 +1300,7 @@ impl ::exchange_runtime::Message for ArtifactCreatedMessage {
 ///
 /// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum ArtifactStorageType {
     /// `"blob"`
@@ -1337,6 +1340,7 @@ impl ArtifactStorageType {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunInformation {
     /// Reason for the creation of this run,
@@ -1404,6 +1408,7 @@ pub struct RunInformation {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationReasonCreated {
     /// `"scheduled"`
@@ -1454,6 +1459,7 @@ impl RunInformationReasonCreated {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationReasonResolved {
     /// `"completed"`
@@ -1523,6 +1529,7 @@ impl RunInformationReasonResolved {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationState {
     /// `"pending"`
@@ -1570,6 +1577,7 @@ impl RunInformationState {
 ///
 /// Published on [`TaskCompleted`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCompletedMessage {
     /// Id of the run that completed the task
@@ -1623,6 +1631,7 @@ impl ::exchange_runtime::Message for TaskCompletedMessage {
 ///
 /// Published on [`TaskDefined`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskDefinedMessage {
     /// A representation of **task status** as known by the queue
     pub status: TaskStatusStructure,
@@ -1658,6 +1667,7 @@ impl ::exchange_runtime::Message for TaskDefinedMessage {
 ///
 /// Published on [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskExceptionMessage {
     /// Id of the last run for the task, not provided if `deadline`
@@ -1718,6 +1728,7 @@ impl ::exchange_runtime::Message for TaskExceptionMessage {
 ///
 /// Published on [`TaskFailed`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskFailedMessage {
     /// Id of the run that failed.
@@ -1771,6 +1782,7 @@ impl ::exchange_runtime::Message for TaskFailedMessage {
 ///
 /// Published on [`TaskGroupResolved`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskGroupResolvedMessage {
     /// Identifier for the scheduler that created this task-group.
@@ -1807,6 +1819,7 @@ impl ::exchange_runtime::Message for TaskGroupResolvedMessage {
 ///
 /// Published on [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskPendingMessage {
     /// Id of run that became pending, `run-id`s always starts from 0
@@ -1844,6 +1857,7 @@ impl ::exchange_runtime::Message for TaskPendingMessage {
 ///
 /// Published on [`TaskRunning`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRunningMessage {
     /// Id of the run that just started, always starts from 0
@@ -1893,6 +1907,7 @@ impl ::exchange_runtime::Message for TaskRunningMessage {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatusStructure {
     /// Deadline of the task, `pending` and `running` runs are
@@ -1964,6 +1979,7 @@ pub struct TaskStatusStructure {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum TaskStatusStructureState {
     /// `"unscheduled"`
@@ -2015,6 +2031,7 @@ impl TaskStatusStructureState {
 ///
 /// Part of the messages of [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskSubset {
     /// Arbitrary key-value tags (only strings limited to 4k). These can be used
     /// to attach informal metadata to a task. Use this for informal tags that
@@ -2041,6 +2058,7 @@ pub struct TaskSubset {
 ///
 /// Part of the messages of [`TaskDefined`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskSubsetForPulseMessages {
     /// Arbitrary key-value tags (only strings limited to 4k). These can be used
     /// to attach informal metadata to a task. Use this for informal tags that

@@ -154,6 +154,7 @@ impl ::exchange_runtime::Decode for WorkerManagerMessage {
 ///
 /// Published on [`WorkerPoolCreated`] and [`WorkerPoolUpdated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerPoolMessage {
     /// If this is defined, it was the provider that handled this worker pool in the

@@ -3,6 +3,9 @@
 //! validation against `Message::SCHEMA` (with its dependencies, offline), and
 //! decoding by exchange.
 
+mod corpus;
+
+use corpus::{message, task_completed};
 use exchange_runtime::validate::validate_document;
 use exchange_runtime::{Decode, DecodeErrorKind, Exchange, Message};
 use serde_json::{Value, json};
@@ -15,43 +18,6 @@ use taskcluster_exchanges::queue::{
 use taskcluster_exchanges::worker_manager::{
     WorkerManagerMessage, WorkerPoolCreated, WorkerPoolMessage, WorkerPoolUpdated,
 };
-
-fn status() -> Value {
-    json!({
-        "taskId": "fN1SbArXTPSVFNUvaOlinQ",
-        "provisionerId": "aws-provisioner",
-        "workerType": "gaia",
-        "schedulerId": "-",
-        "taskGroupId": "dSlITZ4yQgmvxxAi4A8fHQ",
-        "deadline": "2019-10-07T12:00:00.000Z",
-        "expires": "2020-10-07T12:00:00.000Z",
-        "retriesLeft": 5,
-        "state": "completed",
-        "runs": [{
-            "runId": 0,
-            "state": "completed",
-            "reasonCreated": "scheduled",
-            "reasonResolved": "completed",
-            "workerGroup": "us-east-1",
-            "workerId": "i-0123456789abcdef",
-            "takenUntil": "2019-10-07T11:20:00.000Z",
-            "scheduled": "2019-10-07T11:00:00.000Z",
-            "started": "2019-10-07T11:00:05.123Z",
-            "resolved": "2019-10-07T11:10:00.456Z"
-        }]
-    })
-}
-
-fn task_completed() -> Value {
-    json!({
-        "version": 1,
-        "runId": 0,
-        "workerGroup": "us-east-1",
-        "workerId": "i-0123456789abcdef",
-        "status": status(),
-        "task": {"tags": {"purpose": "build"}}
-    })
-}
 
 /// Decodes, re-encodes and decodes again: the typed values are equal, and so
 /// is the JSON (compared as values; timestamps as instants).
@@ -87,45 +53,26 @@ fn task_completed_round_trips() {
 
 #[test]
 fn other_queue_messages_round_trip() {
-    let defined: TaskDefinedMessage = round_trip(json!({"version": 1, "status": status()}));
+    let defined: TaskDefinedMessage = round_trip(message("taskDefined"));
     assert!(defined.task.is_none());
-    let pending: TaskPendingMessage = round_trip(json!({
-        "version": 1, "runId": 1, "status": status(), "task": {"tags": {}}
-    }));
+    let pending: TaskPendingMessage = round_trip(message("taskPending"));
     assert_eq!(pending.run_id, 1);
-    let running: TaskRunningMessage = round_trip(json!({
-        "version": 1, "runId": 0, "workerGroup": "wg", "workerId": "wi",
-        "takenUntil": "2019-10-07T11:20:00.000Z", "status": status()
-    }));
+    let running: TaskRunningMessage = round_trip(message("taskRunning"));
     assert_eq!(
         running.taken_until.to_rfc3339(),
         "2019-10-07T11:20:00+00:00"
     );
-    let artifact: ArtifactCreatedMessage = round_trip(json!({
-        "version": 1, "runId": 0, "workerGroup": "wg", "workerId": "wi", "status": status(),
-        "artifact": {
-            "storageType": "blob", "name": "public/logs/live.log",
-            "expires": "2020-10-07T12:00:00.000Z", "contentType": "text/plain"
-        }
-    }));
+    let artifact: ArtifactCreatedMessage = round_trip(message("artifactCreated"));
     assert_eq!(artifact.artifact.storage_type, ArtifactStorageType::Blob);
-    let resolved: TaskGroupResolvedMessage = round_trip(json!({
-        "taskGroupId": "dSlITZ4yQgmvxxAi4A8fHQ", "schedulerId": "-"
-    }));
+    let resolved: TaskGroupResolvedMessage = round_trip(message("taskGroupResolved"));
     assert_eq!(resolved.version, None);
 }
 
 #[test]
 fn purge_cache_and_worker_pool_messages_round_trip() {
-    let purge: PurgeCacheMessage = round_trip(json!({
-        "version": 1, "provisionerId": "aws-provisioner", "workerType": "gaia",
-        "cacheName": "level-3-checkouts"
-    }));
+    let purge: PurgeCacheMessage = round_trip(message("purgeCache"));
     assert_eq!(purge.cache_name, "level-3-checkouts");
-    let pool: WorkerPoolMessage = round_trip(json!({
-        "workerPoolId": "aws-provisioner/gaia", "providerId": "aws",
-        "previousProviderId": "null-provider"
-    }));
+    let pool: WorkerPoolMessage = round_trip(message("workerPoolCreated"));
     assert_eq!(pool.previous_provider_id.as_deref(), Some("null-provider"));
     assert_eq!(
         serde_json::to_value(&pool).unwrap(),
