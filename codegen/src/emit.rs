@@ -336,7 +336,7 @@ fn service_file(service: &ServiceModel, schema_files: &SchemaFiles) -> Result<St
     let bindings = service
         .exchanges
         .iter()
-        .map(|exchange| binding_tokens(service, exchange))
+        .map(|exchange| binding_tokens(service, exchange, schema_files))
         .collect::<Vec<_>>();
     let message_enum = message_enum_tokens(service);
     let users = exchanges_using(service);
@@ -413,14 +413,18 @@ fn message_type_name<'a>(service: &'a ServiceModel, exchange: &ExchangeModel) ->
     &service.types[&exchange.message].name
 }
 
-fn binding_tokens(service: &ServiceModel, exchange: &ExchangeModel) -> TokenStream {
+fn binding_tokens(
+    service: &ServiceModel,
+    exchange: &ExchangeModel,
+    schema_files: &SchemaFiles,
+) -> TokenStream {
     let name = ident(&exchange.binding);
     let message = ident(message_type_name(service, exchange));
     let doc = docs(&paragraphs(&[
         &exchange.title,
         &exchange.description,
         &format!(
-            "Exchange {}, entry {}; messages are [`{}`] (schema {}).",
+            "Exchange {}, entry {}; messages are [`{}`] (schema {}{}).",
             code_span(&exchange.exchange),
             code_span(&exchange.entry),
             message,
@@ -430,6 +434,13 @@ fn binding_tokens(service: &ServiceModel, exchange: &ExchangeModel) -> TokenStre
                     .as_ref()
                     .map_or("", |info| info.schema_id.as_str())
             ),
+            schema_files
+                .file_of(&exchange.message)
+                .map(|file| format!(
+                    ", in [`schemas::{constant}`](crate::schemas::{constant})",
+                    constant = file.constant
+                ))
+                .unwrap_or_default(),
         ),
     ]));
     let fields = exchange.words.iter().filter_map(|word| {

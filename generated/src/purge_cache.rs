@@ -12,7 +12,7 @@
 ///
 /// When a cache purge is requested a message will be posted on this exchange with designated `provisionerId` and `workerType` in the routing-key and the name of the `cacheFolder` as payload
 ///
-/// Exchange `exchange/taskcluster-purge-cache/v1/purge-cache`, entry `purgeCache`; messages are [`PurgeCacheMessage`] (schema `/schemas/purge-cache/v1/purge-cache-message.json#`).
+/// Exchange `exchange/taskcluster-purge-cache/v1/purge-cache`, entry `purgeCache`; messages are [`PurgeCacheMessage`] (schema `/schemas/purge-cache/v1/purge-cache-message.json#`, in [`schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE`](crate::schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PurgeCache {
     /// `provisionerId` of the workers that should purge the cache.

@@ -32,7 +32,7 @@
 ///
 /// This message exchange is mainly useful when tasks are scheduled by a scheduler that uses `defineTask` as this does not make the task `pending`. Thus, no `taskPending` message is published. Please, note that messages are also published on this exchange if defined using `createTask`.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-defined`, entry `taskDefined`; messages are [`TaskDefinedMessage`] (schema `/schemas/queue/v1/task-defined-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-defined`, entry `taskDefined`; messages are [`TaskDefinedMessage`] (schema `/schemas/queue/v1/task-defined-message.json#`, in [`schemas::QUEUE_V1_TASK_DEFINED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskDefined {
     /// `taskId` of the task this message is about.
@@ -174,7 +174,7 @@ impl ::exchange_runtime::Binding for TaskDefined {
 ///
 /// This is useful for workers who doesn't want to constantly poll the queue for new tasks. The queue will also be authority for task states and claims. But using this exchange workers should be able to distribute work efficiently and they would be able to reduce their polling interval significantly without affecting general responsiveness.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-pending`, entry `taskPending`; messages are [`TaskPendingMessage`] (schema `/schemas/queue/v1/task-pending-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-pending`, entry `taskPending`; messages are [`TaskPendingMessage`] (schema `/schemas/queue/v1/task-pending-message.json#`, in [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskPending {
     /// `taskId` of the task this message is about.
@@ -314,7 +314,7 @@ impl ::exchange_runtime::Binding for TaskPending {
 ///
 /// Whenever a task is claimed by a worker, a run is started on the worker, and a message is posted on this exchange.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-running`, entry `taskRunning`; messages are [`TaskRunningMessage`] (schema `/schemas/queue/v1/task-running-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-running`, entry `taskRunning`; messages are [`TaskRunningMessage`] (schema `/schemas/queue/v1/task-running-message.json#`, in [`schemas::QUEUE_V1_TASK_RUNNING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskRunning {
     /// `taskId` of the task this message is about.
@@ -458,7 +458,7 @@ impl ::exchange_runtime::Binding for TaskRunning {
 ///
 /// However, in most cases (especially for small artifacts) it's very reasonable assume the artifact will be available within a few minutes. This property means that this exchange is mostly useful for tools monitoring task evaluation. One could also use it count number of artifacts per task, or _index_ artifacts though in most cases it'll be smarter to index artifacts after the task in question have completed successfully.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/artifact-created`, entry `artifactCreated`; messages are [`ArtifactCreatedMessage`] (schema `/schemas/queue/v1/artifact-created-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/artifact-created`, entry `artifactCreated`; messages are [`ArtifactCreatedMessage`] (schema `/schemas/queue/v1/artifact-created-message.json#`, in [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArtifactCreated {
     /// `taskId` of the task this message is about.
@@ -598,7 +598,7 @@ impl ::exchange_runtime::Binding for ArtifactCreated {
 ///
 /// When a task is successfully completed by a worker a message is posted this exchange. This message is routed using the `runId`, `workerGroup` and `workerId` that completed the task. But information about additional runs is also available from the task status structure.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-completed`, entry `taskCompleted`; messages are [`TaskCompletedMessage`] (schema `/schemas/queue/v1/task-completed-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-completed`, entry `taskCompleted`; messages are [`TaskCompletedMessage`] (schema `/schemas/queue/v1/task-completed-message.json#`, in [`schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskCompleted {
     /// `taskId` of the task this message is about.
@@ -738,7 +738,7 @@ impl ::exchange_runtime::Binding for TaskCompleted {
 ///
 /// When a task ran, but failed to complete successfully a message is posted to this exchange. This is same as worker ran task-specific code, but the task specific code exited non-zero.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-failed`, entry `taskFailed`; messages are [`TaskFailedMessage`] (schema `/schemas/queue/v1/task-failed-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-failed`, entry `taskFailed`; messages are [`TaskFailedMessage`] (schema `/schemas/queue/v1/task-failed-message.json#`, in [`schemas::QUEUE_V1_TASK_FAILED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskFailed {
     /// `taskId` of the task this message is about.
@@ -880,7 +880,7 @@ impl ::exchange_runtime::Binding for TaskFailed {
 ///
 /// The specific _reason_ is evident from that task status structure, refer to the `reasonResolved` property for the last run.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-exception`, entry `taskException`; messages are [`TaskExceptionMessage`] (schema `/schemas/queue/v1/task-exception-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-exception`, entry `taskException`; messages are [`TaskExceptionMessage`] (schema `/schemas/queue/v1/task-exception-message.json#`, in [`schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE`](crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskException {
     /// `taskId` of the task this message is about.
@@ -1020,7 +1020,7 @@ impl ::exchange_runtime::Binding for TaskException {
 ///
 /// A message is published on task-group-resolved whenever all submitted tasks (whether scheduled or unscheduled) for a given task group have been resolved, regardless of whether they resolved as successful or not. A task group may be resolved multiple times, since new tasks may be submitted against an already resolved task group.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-group-resolved`, entry `taskGroupResolved`; messages are [`TaskGroupResolvedMessage`] (schema `/schemas/queue/v1/task-group-resolved-message.json#`).
+/// Exchange `exchange/taskcluster-queue/v1/task-group-resolved`, entry `taskGroupResolved`; messages are [`TaskGroupResolvedMessage`] (schema `/schemas/queue/v1/task-group-resolved-message.json#`, in [`schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskGroupResolved {
     /// `taskGroupId` of the task group that was resolved.

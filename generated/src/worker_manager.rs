@@ -10,7 +10,7 @@
 ///
 /// Whenever the api receives a request to create aworker pool, a message is posted to this exchange anda provider can act upon it.
 ///
-/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-created`, entry `workerPoolCreated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`).
+/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-created`, entry `workerPoolCreated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`, in [`schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE`](crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerPoolCreated {
     /// Reserved for routing-key words added in later versions. Optional and multi-word: always match it with `#` (client tooling does so when it is left unset).
@@ -55,7 +55,7 @@ impl ::exchange_runtime::Binding for WorkerPoolCreated {
 ///
 /// Whenever the api receives a request to update aworker pool, a message is posted to this exchange anda provider can act upon it.
 ///
-/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-updated`, entry `workerPoolUpdated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`).
+/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-updated`, entry `workerPoolUpdated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`, in [`schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE`](crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerPoolUpdated {
     /// Reserved for routing-key words added in later versions. Optional and multi-word: always match it with `#` (client tooling does so when it is left unset).
