@@ -5,6 +5,7 @@
 #![cfg(feature = "amqp")]
 
 mod client_support;
+mod local_services;
 mod suite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,10 +20,8 @@ use client_support::{
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use exchange_runtime::broker::{Broker, BrokerError, ExchangeOptions, QueueOptions};
 
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 fn url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    local_services::rabbitmq_url()
 }
 
 fn config(connection_name: &str) -> AmqpConfig {

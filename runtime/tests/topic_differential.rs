@@ -5,6 +5,8 @@
 //! and fails, never skips, when it is unreachable.
 #![cfg(feature = "amqp")]
 
+mod local_services;
+
 use std::time::Duration;
 
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
@@ -150,8 +152,7 @@ async fn deliveries<B: Broker>(broker: &B, round: &Round, seed: u64) -> (Vec<Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_rabbitmq_route_alike() {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = local_services::rabbitmq_url();
     let config = AmqpConfig::from_url(&url)
         .expect("AMQP_URL must be a valid amqp:// URL")
         .with_connection_name("exchange-runtime-topic-differential")
