@@ -1,18 +1,19 @@
-//! The generator on the whole v19 reference bundle
-//! (`../shared/corpus/taskcluster-v19/references.json`): parsing the bundle,
+//! The generator on a whole reference bundle (`TC_REFERENCES_BUNDLE`, e.g.
+//! the Taskcluster v19 one): parsing the bundle,
 //! the load+model stages, and the full generation to formatted source.
 //!
-//! Run with `cargo bench -p exchange-codegen --bench generate`.
+//! Run with `TC_REFERENCES_BUNDLE=PATH cargo bench -p exchange-codegen --bench generate`.
 
 use std::hint::black_box;
-use std::path::Path;
+use std::path::PathBuf;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use exchange_codegen::{Sources, generate, load, model};
 
 fn bundle_text() -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/corpus/taskcluster-v19/references.json");
+    let Some(path) = std::env::var_os("TC_REFERENCES_BUNDLE").map(PathBuf::from) else {
+        panic!("set TC_REFERENCES_BUNDLE to a reference bundle (see README)");
+    };
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

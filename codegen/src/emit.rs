@@ -3,7 +3,7 @@
 //! so schema types named `Option` or `String` cannot shadow anything, then
 //! formatted by `prettyplease`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use proc_macro2::{Ident, Literal, Span, TokenStream};
@@ -11,11 +11,12 @@ use quote::quote;
 
 use crate::error::Error;
 use crate::model::{
-    ExchangeModel, Model, ServiceModel, TypeDef, TypeKind, TypeRef, code_span, strip_option,
+    ExchangeModel, Model, ServiceModel, TypeDef, TypeKind, TypeRef, code_span, kind_types,
+    strip_option,
 };
 use crate::naming::serde_camel_case;
-use crate::resolve::SchemaSet;
-use crate::standalone::{canonical_json, self_contained};
+use crate::resolve::{SchemaLoc, SchemaSet};
+use crate::schema_files::{self, SchemaFiles};
 
 /// How the generated crate's `Cargo.toml` depends on its dependencies.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -32,16 +33,23 @@ pub enum Manifest {
 }
 
 /// Every generated file by path relative to the crate root (`src/queue.rs`):
-/// `Cargo.toml`, `src/lib.rs`, one `src/<module>.rs` per service and
-/// `src/rustfmt.toml` (which keeps `cargo fmt` off the generated code).
+/// `Cargo.toml`, `src/lib.rs`, one `src/<module>.rs` per service,
+/// `src/schemas.rs` and one `schemas/<service>/v1/<name>.json` per schema
+/// document the messages need, and `src/rustfmt.toml` (which keeps
+/// `cargo fmt` off the generated code).
 pub fn emit(
     model: &Model,
     schemas: &SchemaSet,
     manifest: &Manifest,
 ) -> Result<BTreeMap<String, String>, Error> {
+    let schema_files = schema_files::collect(model, schemas)?;
     let mut files = BTreeMap::new();
     files.insert("Cargo.toml".to_owned(), cargo_toml(model, manifest));
     files.insert("src/lib.rs".to_owned(), lib_file(model)?);
+    files.insert("src/schemas.rs".to_owned(), schemas_file(&schema_files)?);
+    for file in schema_files.files.values() {
+        files.insert(file.path.clone(), file.contents.clone());
+    }
     files.insert(
         "src/rustfmt.toml".to_owned(),
         format!(
@@ -53,7 +61,7 @@ pub fn emit(
     for service in &model.services {
         files.insert(
             format!("src/{}.rs", service.module),
-            service_file(service, schemas)?,
+            service_file(service, &schema_files)?,
         );
     }
     Ok(files)
@@ -168,6 +176,47 @@ fn doc_lint_allows() -> TokenStream {
     }
 }
 
+/// `src/schemas.rs`: one constant per schema file, each behind the features
+/// of the services that need it.
+fn schemas_file(schema_files: &SchemaFiles) -> Result<String, Error> {
+    let constants = schema_files.files.values().map(|file| {
+        let constant = ident(&file.constant);
+        let features = file.modules.iter();
+        let cfg = if file.modules.len() == 1 {
+            quote! { #[cfg( #( feature = #features )* )] }
+        } else {
+            quote! { #[cfg(any( #( feature = #features ),* ))] }
+        };
+        let include = format!("../{}", file.path);
+        let id = format!("{}#", file.id);
+        let doc = docs(&format!(
+            "The schema document {} ({}).",
+            code_span(&id),
+            code_span(&file.path)
+        ));
+        quote! {
+            #doc
+            #cfg
+            pub const #constant: ::exchange_runtime::SchemaDocument = ::exchange_runtime::SchemaDocument {
+                id: #id,
+                text: include_str!(#include),
+            };
+        }
+    });
+    let module_doc = inner_docs(
+        "The JSON Schemas of the messages, as published upstream (`$ref`s kept): one\n\
+         constant (`$id` and text) per file under `schemas/`, each present with the features\n\
+         of the services whose messages need it. A message's [`exchange_runtime::Message::SCHEMA`] is its\n\
+         document and [`exchange_runtime::Message::SCHEMA_DEPENDENCIES`] the documents its\n\
+         `$ref`s lead to; the runtime validates through a registry of them, offline.",
+    );
+    let tokens = quote! {
+        #module_doc
+        #( #constants )*
+    };
+    format_file("src/schemas.rs", tokens, "references/")
+}
+
 fn lib_file(model: &Model) -> Result<String, Error> {
     let mut list = String::new();
     for service in &model.services {
@@ -184,9 +233,11 @@ fn lib_file(model: &Model) -> Result<String, Error> {
          {list}\n\
          For each exchange a module has a binding struct (one optional value per routing-key\n\
          word; implements [`exchange_runtime::Binding`], which builds binding patterns and\n\
-         routing keys) and a message type (implements [`exchange_runtime::Message`], carrying\n\
-         its self-contained JSON Schema). Each module also has an enum of all its messages\n\
-         implementing [`exchange_runtime::Decode`], which picks the variant by exchange name."
+         routing keys) and a message type (implements [`exchange_runtime::Message`], naming\n\
+         its JSON Schema in [`schemas`]). Each module also has an enum of all its messages\n\
+         implementing [`exchange_runtime::Decode`], which picks the variant by exchange name.\n\n\
+         With the feature `schemars`, every message type and every type it is made of derives\n\
+         `schemars::JsonSchema` (binding structs and message enums are not JSON and do not)."
     );
     let crate_docs = inner_docs(&crate_doc);
     let allows = doc_lint_allows();
@@ -205,6 +256,8 @@ fn lib_file(model: &Model) -> Result<String, Error> {
 
         /// The runtime the bindings implement (re-exported for convenience).
         pub use exchange_runtime;
+
+        pub mod schemas;
 
         #( #modules )*
     };
@@ -232,10 +285,14 @@ fn cargo_toml(model: &Model, manifest: &Manifest) -> String {
     for feature in &features {
         out.push_str(&format!("{feature} = []\n"));
     }
+    out.push_str(&format!(
+        "## Derives `schemars::JsonSchema` for every message type and its parts.\n{SCHEMARS_FEATURE} = [\"dep:schemars\"]\n"
+    ));
     out.push_str("\n[dependencies]\n");
     match manifest {
         Manifest::Workspace => out.push_str(
             "exchange-runtime.workspace = true\nserde.workspace = true\nserde_json.workspace = true\nchrono.workspace = true\n\
+             schemars = { version = \"1\", optional = true, features = [\"chrono04\"] }\n\
              \n[dev-dependencies]\njsonschema = { version = \"0.61\", default-features = false }\n",
         ),
         Manifest::Standalone { runtime_path } => {
@@ -246,6 +303,8 @@ fn cargo_toml(model: &Model, manifest: &Manifest) -> String {
             out.push_str(
                 "serde = { version = \"1\", features = [\"derive\"] }\nserde_json = \"1\"\n\
                  chrono = { version = \"0.4\", default-features = false, features = [\"serde\", \"std\"] }\n\
+                 schemars = { version = \"1\", optional = true, features = [\"chrono04\"] }\n\
+                 \n[dev-dependencies]\njsonschema = { version = \"0.61\", default-features = false }\n\
                  \n# Not part of any enclosing workspace.\n[workspace]\n",
             );
         }
@@ -253,12 +312,15 @@ fn cargo_toml(model: &Model, manifest: &Manifest) -> String {
     out
 }
 
+/// The cargo feature that derives `schemars::JsonSchema`.
+pub const SCHEMARS_FEATURE: &str = "schemars";
+
 fn toml_string(text: &str) -> String {
     let escaped = text.replace('\\', "\\\\").replace('"', "\\\"");
     format!("\"{escaped}\"")
 }
 
-fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, Error> {
+fn service_file(service: &ServiceModel, schema_files: &SchemaFiles) -> Result<String, Error> {
     let file = format!("src/{}.rs", service.module);
     let module_doc = paragraphs(&[
         &service.title,
@@ -274,14 +336,18 @@ fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, E
     let bindings = service
         .exchanges
         .iter()
-        .map(|exchange| binding_tokens(service, exchange))
+        .map(|exchange| binding_tokens(service, exchange, schema_files))
         .collect::<Vec<_>>();
     let message_enum = message_enum_tokens(service);
-    let mut types: Vec<&TypeDef> = service.types.values().collect();
-    types.sort_by(|a, b| a.name.cmp(&b.name));
+    let users = exchanges_using(service);
+    let mut types: Vec<(&SchemaLoc, &TypeDef)> = service.types.iter().collect();
+    types.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name));
     let type_tokens = types
         .iter()
-        .map(|def| type_def_tokens(service, def, schemas))
+        .map(|(loc, def)| {
+            let used_by = users.get(*loc).map(Vec::as_slice).unwrap_or_default();
+            type_def_tokens(service, loc, def, used_by, schema_files)
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     let tokens = quote! {
         #module_docs
@@ -292,21 +358,89 @@ fn service_file(service: &ServiceModel, schemas: &SchemaSet) -> Result<String, E
     format_file(&file, tokens, &service.reference_file)
 }
 
+/// For every named type, the binding structs of the exchanges whose messages
+/// contain it (directly or through other types), in reference order.
+fn exchanges_using(service: &ServiceModel) -> BTreeMap<&SchemaLoc, Vec<&str>> {
+    let mut users: BTreeMap<&SchemaLoc, Vec<&str>> = BTreeMap::new();
+    for exchange in &service.exchanges {
+        let mut seen = BTreeSet::new();
+        let mut pending = vec![&exchange.message];
+        while let Some(loc) = pending.pop() {
+            if !seen.insert(loc) {
+                continue;
+            }
+            users.entry(loc).or_default().push(&exchange.binding);
+            let Some(def) = service.types.get(loc) else {
+                continue;
+            };
+            for ty in kind_types(&def.kind) {
+                named_in(ty, &mut pending);
+            }
+        }
+    }
+    users
+}
+
+/// The named types a type use mentions (inside `Vec`, map, `Option`, `Box`).
+fn named_in<'a>(ty: &'a TypeRef, out: &mut Vec<&'a SchemaLoc>) {
+    match ty {
+        TypeRef::Named(loc) => out.push(loc),
+        TypeRef::Array(inner)
+        | TypeRef::Map(inner)
+        | TypeRef::Option(inner)
+        | TypeRef::Boxed(inner) => named_in(inner, out),
+        TypeRef::String
+        | TypeRef::Integer
+        | TypeRef::Number
+        | TypeRef::Boolean
+        | TypeRef::DateTime
+        | TypeRef::Value
+        | TypeRef::FreeObject => {}
+    }
+}
+
+/// `[`A`]`, `[`A`] and [`B`]`, `[`A`], [`B`] and [`C`]`.
+fn link_list(names: &[&str]) -> String {
+    let links: Vec<String> = names.iter().map(|name| format!("[`{name}`]")).collect();
+    match links.split_last() {
+        None => String::new(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
+
 fn message_type_name<'a>(service: &'a ServiceModel, exchange: &ExchangeModel) -> &'a str {
     &service.types[&exchange.message].name
 }
 
-fn binding_tokens(service: &ServiceModel, exchange: &ExchangeModel) -> TokenStream {
+fn binding_tokens(
+    service: &ServiceModel,
+    exchange: &ExchangeModel,
+    schema_files: &SchemaFiles,
+) -> TokenStream {
     let name = ident(&exchange.binding);
     let message = ident(message_type_name(service, exchange));
     let doc = docs(&paragraphs(&[
         &exchange.title,
         &exchange.description,
         &format!(
-            "Exchange {}, entry {}; messages are [`{}`].",
+            "Exchange {}, entry {}; messages are [`{}`] (schema {}{}).",
             code_span(&exchange.exchange),
             code_span(&exchange.entry),
-            message
+            message,
+            code_span(
+                service.types[&exchange.message]
+                    .message
+                    .as_ref()
+                    .map_or("", |info| info.schema_id.as_str())
+            ),
+            schema_files
+                .file_of(&exchange.message)
+                .map(|file| format!(
+                    ", in [`schemas::{constant}`](crate::schemas::{constant})",
+                    constant = file.constant
+                ))
+                .unwrap_or_default(),
         ),
     ]));
     let fields = exchange.words.iter().filter_map(|word| {
@@ -509,18 +643,38 @@ fn type_tokens(service: &ServiceModel, ty: &TypeRef) -> TokenStream {
     }
 }
 
+/// A named type; `used_by` are the binding structs of the exchanges whose
+/// messages contain it.
 fn type_def_tokens(
     service: &ServiceModel,
+    loc: &SchemaLoc,
     def: &TypeDef,
-    schemas: &SchemaSet,
+    used_by: &[&str],
+    schema_files: &SchemaFiles,
 ) -> Result<TokenStream, Error> {
     let name = ident(&def.name);
-    let mut doc_text = def.doc.clone();
+    let file = schema_files.file_of(loc).ok_or_else(|| Error::Internal {
+        file: format!("src/{}.rs", service.module),
+        reason: format!("no schema file for {loc}"),
+    })?;
+    let mut doc_text = paragraphs(&[
+        &def.doc,
+        &format!(
+            "Schema file: [`schemas::{constant}`](crate::schemas::{constant}) ({}).",
+            code_span(&file.path),
+            constant = file.constant
+        ),
+    ]);
     if let Some(info) = &def.message {
-        let exchanges: Vec<String> = info.exchanges.iter().map(|b| format!("[`{b}`]")).collect();
+        let exchanges: Vec<&str> = info.exchanges.iter().map(String::as_str).collect();
         doc_text = paragraphs(&[
             &doc_text,
-            &format!("Published on {}.", exchanges.join(" and ")),
+            &format!("Published on {}.", link_list(&exchanges)),
+        ]);
+    } else if !used_by.is_empty() {
+        doc_text = paragraphs(&[
+            &doc_text,
+            &format!("Part of the messages of {}.", link_list(used_by)),
         ]);
     }
     let doc = docs(&doc_text);
@@ -561,10 +715,17 @@ fn type_def_tokens(
                 }
             });
             let additional = additional.as_ref().map(|(field, ty)| {
+                let doc = docs(if *ty == TypeRef::Value {
+                    "Properties beyond the declared ones, which the schema allows \
+                     (`additionalProperties` absent, `true` or `{}`): kept on decode and \
+                     written back on encode, so a round trip loses nothing."
+                } else {
+                    "Properties beyond the declared ones (`additionalProperties`)."
+                });
                 let field = ident(field);
                 let ty = type_tokens(service, ty);
                 quote! {
-                    /// Properties beyond the declared ones (`additionalProperties`).
+                    #doc
                     #[serde(flatten)]
                     pub #field: ::std::collections::BTreeMap<::std::string::String, #ty>,
                 }
@@ -572,6 +733,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #container
                 pub struct #name {
                     #( #field_tokens )*
@@ -602,6 +764,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[non_exhaustive]
                 pub enum #name {
                     #( #variant_tokens )*
@@ -637,6 +800,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[serde(untagged)]
                 pub enum #name {
                     #( #variant_tokens )*
@@ -648,6 +812,7 @@ fn type_def_tokens(
             quote! {
                 #doc
                 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+                #[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
                 #[serde(transparent)]
                 pub struct #name(
                     /// The message's value.
@@ -659,13 +824,26 @@ fn type_def_tokens(
     let message_impl = match &def.message {
         None => quote! {},
         Some(info) => {
-            let schema = canonical_json(&self_contained(schemas, &info.schema)?);
-            let schema = raw_string(&schema);
             let schema_id = &info.schema_id;
+            let constant = ident(&file.constant);
+            let dependencies = schema_files
+                .dependencies
+                .get(&info.schema)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|id| schema_files.files.get(id))
+                .map(|file| {
+                    let constant = ident(&file.constant);
+                    quote! { crate::schemas::#constant, }
+                });
             quote! {
                 impl ::exchange_runtime::Message for #name {
                     const SCHEMA_ID: &'static str = #schema_id;
-                    const SCHEMA: &'static str = #schema;
+                    const SCHEMA: &'static str = crate::schemas::#constant.text;
+                    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+                        #( #dependencies )*
+                    ];
                 }
             }
         }
@@ -674,16 +852,4 @@ fn type_def_tokens(
         #declaration
         #message_impl
     })
-}
-
-/// A raw string literal (`r#"…"#`) holding `text`, with enough `#`s.
-fn raw_string(text: &str) -> Literal {
-    let mut hashes = 1;
-    while text.contains(&format!("\"{}", "#".repeat(hashes))) {
-        hashes += 1;
-    }
-    let fence = "#".repeat(hashes);
-    format!("r{fence}\"{text}\"{fence}")
-        .parse()
-        .unwrap_or_else(|_| Literal::string(text))
 }

@@ -7,8 +7,8 @@
 //!    and validate the exchange references;
 //! 2. [`resolve`]: `$ref` resolution across files and JSON-pointer fragments;
 //! 3. [`model`]: the intermediate representation — every Rust type and name;
-//! 4. [`emit`]: Rust source via `quote`, formatted by `prettyplease`
-//!    (with [`standalone`] building each message's self-contained schema).
+//! 4. [`emit`]: Rust source via `quote`, formatted by `prettyplease`, and
+//!    the schema documents as JSON files ([`schema_files`]).
 //!
 //! [`generate`] runs them all in memory: on any error nothing is produced, and
 //! the same input always gives byte-identical output.
@@ -31,7 +31,7 @@ pub mod load;
 pub mod model;
 pub mod naming;
 pub mod resolve;
-pub mod standalone;
+pub mod schema_files;
 
 pub use emit::Manifest;
 pub use error::{Error, Location};

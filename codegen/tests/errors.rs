@@ -192,3 +192,25 @@ fn overly_deep_nesting_is_an_error() {
     );
     assert!(error.to_string().contains("nested more than"), "{error}");
 }
+
+/// A service whose module would be the generated crate's `schemas` module.
+#[test]
+fn service_named_like_a_crate_module_is_an_error() {
+    let mut files = read_tree(&fixture_dir("constructs").join("references"));
+    for name in ["exchanges.json", "text.json"] {
+        let text = files.remove(&format!("tiny/v1/{name}")).unwrap();
+        let text = text
+            .replace("\"serviceName\": \"tiny\"", "\"serviceName\": \"schemas\"")
+            .replace("/schemas/tiny/", "/schemas/schemas/");
+        files.insert(format!("schemas/v1/{name}"), text);
+    }
+    let error = generate(&Sources::from_directory_files("references", files))
+        .expect_err("the service is rejected");
+    assert!(
+        error
+            .to_string()
+            .starts_with("references/schemas/v1/exchanges.json#/serviceName: "),
+        "{error}"
+    );
+    assert!(error.to_string().contains("module `schemas`"), "{error}");
+}

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::{
-    assert_message_schemas_compile, cargo, fixture_dir, fixture_sources, read_tree,
+    assert_message_schemas_compile, cargo, cargo_doc, fixture_dir, fixture_sources, read_tree,
     write_scratch_crate,
 };
 use exchange_codegen::generate;
@@ -58,15 +58,18 @@ fn generation_is_deterministic() {
 
 #[test]
 fn fixture_message_schemas_compile() {
-    // thingCreated, thingUpdated/thingRemoved (shared), ircPosted, treeGrown, oddNames, tiny.
+    // thingCreated, thingUpdated/thingRemoved (shared), ircPosted, treeGrown, oddNames,
+    // hookFired, tiny.
     assert_eq!(
         assert_message_schemas_compile(&fixture_sources("constructs")),
-        6
+        7
     );
 }
 
 /// The fixture's generated crate passes clippy and its behaviour tests
-/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct).
+/// (`tests/fixtures/constructs/behaviour.rs`: serde round trips of every construct;
+/// with the `schemars` feature, derived schemas against the source schemas),
+/// and its documentation builds without a warning.
 #[test]
 #[ignore = "builds a scratch crate with cargo (about a minute on 2 cores)"]
 fn constructs_fixture_compiles_and_behaves() {
@@ -90,4 +93,6 @@ fn constructs_fixture_compiles_and_behaves() {
         ],
     );
     cargo(&dir, &["test", "--quiet"]);
+    cargo(&dir, &["test", "--all-features", "--quiet"]);
+    cargo_doc(&dir);
 }

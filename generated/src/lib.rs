@@ -10,9 +10,12 @@
 //!
 //! For each exchange a module has a binding struct (one optional value per routing-key
 //! word; implements [`exchange_runtime::Binding`], which builds binding patterns and
-//! routing keys) and a message type (implements [`exchange_runtime::Message`], carrying
-//! its self-contained JSON Schema). Each module also has an enum of all its messages
+//! routing keys) and a message type (implements [`exchange_runtime::Message`], naming
+//! its JSON Schema in [`schemas`]). Each module also has an enum of all its messages
 //! implementing [`exchange_runtime::Decode`], which picks the variant by exchange name.
+//!
+//! With the feature `schemars`, every message type and every type it is made of derives
+//! `schemars::JsonSchema` (binding structs and message enums are not JSON and do not).
 
 #![deny(missing_docs)]
 
@@ -29,6 +32,8 @@
 
 /// The runtime the bindings implement (re-exported for convenience).
 pub use exchange_runtime;
+
+pub mod schemas;
 
 #[cfg(feature = "purge_cache")]
 pub mod purge_cache;

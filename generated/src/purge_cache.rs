@@ -12,7 +12,7 @@
 ///
 /// When a cache purge is requested a message will be posted on this exchange with designated `provisionerId` and `workerType` in the routing-key and the name of the `cacheFolder` as payload
 ///
-/// Exchange `exchange/taskcluster-purge-cache/v1/purge-cache`, entry `purgeCache`; messages are [`PurgeCacheMessage`].
+/// Exchange `exchange/taskcluster-purge-cache/v1/purge-cache`, entry `purgeCache`; messages are [`PurgeCacheMessage`] (schema `/schemas/purge-cache/v1/purge-cache-message.json#`, in [`schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE`](crate::schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PurgeCache {
     /// `provisionerId` of the workers that should purge the cache.
@@ -112,8 +112,11 @@ impl ::exchange_runtime::Decode for AnyPurgeCacheMessage {
 ///
 /// Schema: `/schemas/purge-cache/v1/purge-cache-message.json#`
 ///
+/// Schema file: [`schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE`](crate::schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE) (`schemas/purge-cache/v1/purge-cache-message.json`).
+///
 /// Published on [`PurgeCache`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PurgeCacheMessage {
     /// Name of cache to purge. Notice that if a `workerType` have multiple kinds
@@ -140,44 +143,6 @@ pub struct PurgeCacheMessage {
 
 impl ::exchange_runtime::Message for PurgeCacheMessage {
     const SCHEMA_ID: &'static str = "/schemas/purge-cache/v1/purge-cache-message.json#";
-    const SCHEMA: &'static str = r#"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "description": "Message reporting that a specific cache should be purged",
-  "properties": {
-    "cacheName": {
-      "description": "Name of cache to purge. Notice that if a `workerType` have multiple kinds\nof caches (with independent names), it should purge all caches identified\nby `cacheName` regardless of cache type.",
-      "type": "string"
-    },
-    "provisionerId": {
-      "description": "`provisionerId` under which the `workerType` we want to purge for exists.",
-      "maxLength": 22,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerType": {
-      "description": "`workerType` we wish to purge cache for.",
-      "maxLength": 22,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "cacheName",
-    "provisionerId",
-    "version",
-    "workerType"
-  ],
-  "title": "Purge Cache Message",
-  "type": "object"
-}"#;
+    const SCHEMA: &'static str = crate::schemas::PURGE_CACHE_V1_PURGE_CACHE_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[];
 }

@@ -32,7 +32,7 @@
 ///
 /// This message exchange is mainly useful when tasks are scheduled by a scheduler that uses `defineTask` as this does not make the task `pending`. Thus, no `taskPending` message is published. Please, note that messages are also published on this exchange if defined using `createTask`.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-defined`, entry `taskDefined`; messages are [`TaskDefinedMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-defined`, entry `taskDefined`; messages are [`TaskDefinedMessage`] (schema `/schemas/queue/v1/task-defined-message.json#`, in [`schemas::QUEUE_V1_TASK_DEFINED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskDefined {
     /// `taskId` of the task this message is about.
@@ -174,7 +174,7 @@ impl ::exchange_runtime::Binding for TaskDefined {
 ///
 /// This is useful for workers who doesn't want to constantly poll the queue for new tasks. The queue will also be authority for task states and claims. But using this exchange workers should be able to distribute work efficiently and they would be able to reduce their polling interval significantly without affecting general responsiveness.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-pending`, entry `taskPending`; messages are [`TaskPendingMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-pending`, entry `taskPending`; messages are [`TaskPendingMessage`] (schema `/schemas/queue/v1/task-pending-message.json#`, in [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskPending {
     /// `taskId` of the task this message is about.
@@ -314,7 +314,7 @@ impl ::exchange_runtime::Binding for TaskPending {
 ///
 /// Whenever a task is claimed by a worker, a run is started on the worker, and a message is posted on this exchange.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-running`, entry `taskRunning`; messages are [`TaskRunningMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-running`, entry `taskRunning`; messages are [`TaskRunningMessage`] (schema `/schemas/queue/v1/task-running-message.json#`, in [`schemas::QUEUE_V1_TASK_RUNNING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskRunning {
     /// `taskId` of the task this message is about.
@@ -458,7 +458,7 @@ impl ::exchange_runtime::Binding for TaskRunning {
 ///
 /// However, in most cases (especially for small artifacts) it's very reasonable assume the artifact will be available within a few minutes. This property means that this exchange is mostly useful for tools monitoring task evaluation. One could also use it count number of artifacts per task, or _index_ artifacts though in most cases it'll be smarter to index artifacts after the task in question have completed successfully.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/artifact-created`, entry `artifactCreated`; messages are [`ArtifactCreatedMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/artifact-created`, entry `artifactCreated`; messages are [`ArtifactCreatedMessage`] (schema `/schemas/queue/v1/artifact-created-message.json#`, in [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ArtifactCreated {
     /// `taskId` of the task this message is about.
@@ -598,7 +598,7 @@ impl ::exchange_runtime::Binding for ArtifactCreated {
 ///
 /// When a task is successfully completed by a worker a message is posted this exchange. This message is routed using the `runId`, `workerGroup` and `workerId` that completed the task. But information about additional runs is also available from the task status structure.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-completed`, entry `taskCompleted`; messages are [`TaskCompletedMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-completed`, entry `taskCompleted`; messages are [`TaskCompletedMessage`] (schema `/schemas/queue/v1/task-completed-message.json#`, in [`schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskCompleted {
     /// `taskId` of the task this message is about.
@@ -738,7 +738,7 @@ impl ::exchange_runtime::Binding for TaskCompleted {
 ///
 /// When a task ran, but failed to complete successfully a message is posted to this exchange. This is same as worker ran task-specific code, but the task specific code exited non-zero.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-failed`, entry `taskFailed`; messages are [`TaskFailedMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-failed`, entry `taskFailed`; messages are [`TaskFailedMessage`] (schema `/schemas/queue/v1/task-failed-message.json#`, in [`schemas::QUEUE_V1_TASK_FAILED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskFailed {
     /// `taskId` of the task this message is about.
@@ -880,7 +880,7 @@ impl ::exchange_runtime::Binding for TaskFailed {
 ///
 /// The specific _reason_ is evident from that task status structure, refer to the `reasonResolved` property for the last run.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-exception`, entry `taskException`; messages are [`TaskExceptionMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-exception`, entry `taskException`; messages are [`TaskExceptionMessage`] (schema `/schemas/queue/v1/task-exception-message.json#`, in [`schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE`](crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskException {
     /// `taskId` of the task this message is about.
@@ -1020,7 +1020,7 @@ impl ::exchange_runtime::Binding for TaskException {
 ///
 /// A message is published on task-group-resolved whenever all submitted tasks (whether scheduled or unscheduled) for a given task group have been resolved, regardless of whether they resolved as successful or not. A task group may be resolved multiple times, since new tasks may be submitted against an already resolved task group.
 ///
-/// Exchange `exchange/taskcluster-queue/v1/task-group-resolved`, entry `taskGroupResolved`; messages are [`TaskGroupResolvedMessage`].
+/// Exchange `exchange/taskcluster-queue/v1/task-group-resolved`, entry `taskGroupResolved`; messages are [`TaskGroupResolvedMessage`] (schema `/schemas/queue/v1/task-group-resolved-message.json#`, in [`schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskGroupResolved {
     /// `taskGroupId` of the task group that was resolved.
@@ -1214,7 +1214,12 @@ impl ::exchange_runtime::Decode for QueueMessage {
 /// Information about the artifact that was created
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#/properties/artifact`
+///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
+///
+/// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Artifact {
     /// Mimetype for the artifact that was created.
@@ -1241,8 +1246,11 @@ pub struct Artifact {
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
+///
 /// Published on [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct ArtifactCreatedMessage {
     /// Information about the artifact that was created
@@ -1276,276 +1284,23 @@ pub struct ArtifactCreatedMessage {
 
 impl ::exchange_runtime::Message for ArtifactCreatedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/artifact-created-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting a new artifact has been created for a given task.",
-  "properties": {
-    "artifact": {
-      "additionalProperties": false,
-      "description": "Information about the artifact that was created",
-      "properties": {
-        "contentType": {
-          "description": "Mimetype for the artifact that was created.",
-          "maxLength": 255,
-          "type": "string"
-        },
-        "expires": {
-          "description": "Date and time after which the artifact created will be automatically\ndeleted by the queue.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "name": {
-          "description": "Name of the artifact that was created, this is useful if you want to\nattempt to fetch the artifact. But keep in mind that just because an\nartifact is created doesn't mean that it's immediately available.",
-          "maxLength": 1024,
-          "type": "string"
-        },
-        "storageType": {
-          "description": "This is the `storageType` for the request that was used to create the\nartifact.",
-          "enum": [
-            "blob",
-            "reference",
-            "error"
-          ],
-          "type": "string"
-        }
-      },
-      "required": [
-        "contentType",
-        "expires",
-        "name",
-        "storageType"
-      ],
-      "title": "Artifact",
-      "type": "object"
-    },
-    "runId": {
-      "description": "Id of the run on which artifact was created.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which the run with the created\nartifacted is running.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker within which the run with the created artifact\nis running.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "artifact",
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Artifact Created Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// This is the `storageType` for the request that was used to create the
 /// artifact.
 ///
 /// Schema: `/schemas/queue/v1/artifact-created-message.json#/properties/artifact/properties/storageType`
+///
+/// Schema file: [`schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE`](crate::schemas::QUEUE_V1_ARTIFACT_CREATED_MESSAGE) (`schemas/queue/v1/artifact-created-message.json`).
+///
+/// Part of the messages of [`ArtifactCreated`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum ArtifactStorageType {
     /// `"blob"`
@@ -1580,7 +1335,12 @@ impl ArtifactStorageType {
 /// JSON object with information about a run
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RunInformation {
     /// Reason for the creation of this run,
@@ -1643,7 +1403,12 @@ pub struct RunInformation {
 /// **more reasons may be added in the future**.
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonCreated`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationReasonCreated {
     /// `"scheduled"`
@@ -1689,7 +1454,12 @@ impl RunInformationReasonCreated {
 /// `claim-expired`, will trigger an automatic retry of the task.
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/reasonResolved`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationReasonResolved {
     /// `"completed"`
@@ -1754,7 +1524,12 @@ impl RunInformationReasonResolved {
 /// State of this run
 ///
 /// Schema: `/schemas/queue/v1/task-run.json#/properties/state`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUN`](crate::schemas::QUEUE_V1_TASK_RUN) (`schemas/queue/v1/task-run.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum RunInformationState {
     /// `"pending"`
@@ -1798,8 +1573,11 @@ impl RunInformationState {
 ///
 /// Schema: `/schemas/queue/v1/task-completed-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE) (`schemas/queue/v1/task-completed-message.json`).
+///
 /// Published on [`TaskCompleted`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskCompletedMessage {
     /// Id of the run that completed the task
@@ -1835,253 +1613,12 @@ pub struct TaskCompletedMessage {
 
 impl ::exchange_runtime::Message for TaskCompletedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-completed-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task has complete successfully.",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that completed the task",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run ran.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker that executed this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Completed Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_COMPLETED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Defined Message
@@ -2090,8 +1627,11 @@ impl ::exchange_runtime::Message for TaskCompletedMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-defined-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_DEFINED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE) (`schemas/queue/v1/task-defined-message.json`).
+///
 /// Published on [`TaskDefined`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskDefinedMessage {
     /// A representation of **task status** as known by the queue
     pub status: TaskStatusStructure,
@@ -2109,230 +1649,12 @@ pub struct TaskDefinedMessage {
 
 impl ::exchange_runtime::Message for TaskDefinedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-defined-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task has been defined. The task may or may not be _scheduled_ too.",
-  "properties": {
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "status",
-    "version"
-  ],
-  "title": "Task Defined Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_DEFINED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Exception Message
@@ -2341,8 +1663,11 @@ impl ::exchange_runtime::Message for TaskDefinedMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-exception-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE`](crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE) (`schemas/queue/v1/task-exception-message.json`).
+///
 /// Published on [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskExceptionMessage {
     /// Id of the last run for the task, not provided if `deadline`
@@ -2385,250 +1710,12 @@ pub struct TaskExceptionMessage {
 
 impl ::exchange_runtime::Message for TaskExceptionMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-exception-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that Taskcluster have failed to run a task.",
-  "properties": {
-    "runId": {
-      "description": "Id of the last run for the task, not provided if `deadline`\nwas exceeded before a run was started.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which the last attempt of the task\nran. Not provided, if `deadline` was exceeded before a run was started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the last worker that failed to report, causing the task\nto fail. Not provided, if `deadline` was exceeded before a run\nwas started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "status",
-    "version"
-  ],
-  "title": "Task Exception Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_EXCEPTION_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Failed Message
@@ -2637,8 +1724,11 @@ impl ::exchange_runtime::Message for TaskExceptionMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-failed-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_FAILED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE) (`schemas/queue/v1/task-failed-message.json`).
+///
 /// Published on [`TaskFailed`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskFailedMessage {
     /// Id of the run that failed.
@@ -2674,253 +1764,12 @@ pub struct TaskFailedMessage {
 
 impl ::exchange_runtime::Message for TaskFailedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-failed-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-pulse-definition.json": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition containing values that are useful for determining\nwhether a message is interesting to the receiver. Where the full task\ndefinition is required, the receiver should call queue.task to download that\ndefinition.",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset for Pulse Messages",
-      "type": "object"
-    },
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task failed to complete successfully.",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that failed.",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "$ref": "#/definitions/queue.v1.task-pulse-definition.json"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run ran.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker that executed this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Failed Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_FAILED_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION,
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Group Resolved Message
@@ -2929,8 +1778,11 @@ impl ::exchange_runtime::Message for TaskFailedMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-group-resolved-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE`](crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE) (`schemas/queue/v1/task-group-resolved-message.json`).
+///
 /// Published on [`TaskGroupResolved`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskGroupResolvedMessage {
     /// Identifier for the scheduler that created this task-group.
@@ -2952,38 +1804,9 @@ pub struct TaskGroupResolvedMessage {
 
 impl ::exchange_runtime::Message for TaskGroupResolvedMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-group-resolved-message.json#";
-    const SCHEMA: &'static str = r#"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "description": "Message written once a task group has no tasks to be run. It is possible for a task group to later have another task added, in which case this message will be sent again once it finishes.",
-  "properties": {
-    "schedulerId": {
-      "description": "Identifier for the scheduler that created this task-group.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "taskGroupId": {
-      "description": "Identifier for the task-group being listed.",
-      "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-      "type": "string"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "schedulerId",
-    "taskGroupId"
-  ],
-  "title": "Task Group Resolved Message",
-  "type": "object"
-}"#;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_GROUP_RESOLVED_MESSAGE
+        .text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[];
 }
 
 /// Task Pending Message
@@ -2992,8 +1815,11 @@ impl ::exchange_runtime::Message for TaskGroupResolvedMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-pending-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE) (`schemas/queue/v1/task-pending-message.json`).
+///
 /// Published on [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskPendingMessage {
     /// Id of run that became pending, `run-id`s always starts from 0
@@ -3014,234 +1840,11 @@ pub struct TaskPendingMessage {
 
 impl ::exchange_runtime::Message for TaskPendingMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-pending-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a task is now pending",
-  "properties": {
-    "runId": {
-      "description": "Id of run that became pending, `run-id`s always starts from 0",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "task": {
-      "additionalProperties": false,
-      "description": "Subset of a task definition",
-      "properties": {
-        "tags": {
-          "additionalProperties": {
-            "maxLength": 4096,
-            "type": "string"
-          },
-          "default": {},
-          "description": "Arbitrary key-value tags (only strings limited to 4k). These can be used\nto attach informal metadata to a task. Use this for informal tags that\ntasks can be classified by. You can also think of strings here as\ncandidates for formal metadata. Something like\n`purpose: 'build' || 'test'` is a good example.",
-          "type": "object"
-        }
-      },
-      "required": [
-        "tags"
-      ],
-      "title": "Task Subset",
-      "type": "object"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "version"
-  ],
-  "title": "Task Pending Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Running Message
@@ -3250,8 +1853,11 @@ impl ::exchange_runtime::Message for TaskPendingMessage {
 ///
 /// Schema: `/schemas/queue/v1/task-running-message.json#`
 ///
+/// Schema file: [`schemas::QUEUE_V1_TASK_RUNNING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE) (`schemas/queue/v1/task-running-message.json`).
+///
 /// Published on [`TaskRunning`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskRunningMessage {
     /// Id of the run that just started, always starts from 0
@@ -3284,236 +1890,11 @@ pub struct TaskRunningMessage {
 
 impl ::exchange_runtime::Message for TaskRunningMessage {
     const SCHEMA_ID: &'static str = "/schemas/queue/v1/task-running-message.json#";
-    const SCHEMA: &'static str = r##"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "definitions": {
-    "queue.v1.task-run.json": {
-      "additionalProperties": false,
-      "description": "JSON object with information about a run",
-      "properties": {
-        "reasonCreated": {
-          "description": "Reason for the creation of this run,\n**more reasons may be added in the future**.",
-          "enum": [
-            "scheduled",
-            "retry",
-            "task-retry",
-            "rerun",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "reasonResolved": {
-          "description": "Reason that run was resolved, this is mainly\nuseful for runs resolved as `exception`.\nNote, **more reasons may be added in the future**, also this\nproperty is only available after the run is resolved. Some of these\nreasons, notably `intermittent-task`, `worker-shutdown`, and\n`claim-expired`, will trigger an automatic retry of the task.",
-          "enum": [
-            "completed",
-            "failed",
-            "deadline-exceeded",
-            "canceled",
-            "superseded",
-            "claim-expired",
-            "worker-shutdown",
-            "malformed-payload",
-            "resource-unavailable",
-            "internal-error",
-            "intermittent-task"
-          ],
-          "type": "string"
-        },
-        "resolved": {
-          "description": "Date-time at which this run was resolved, ie. when the run changed\nstate from `running` to either `completed`, `failed` or `exception`.\nThis property is only present after the run as been resolved.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "runId": {
-          "description": "Id of this task run, `run-id`s always starts from `0`",
-          "maximum": 1000,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "scheduled": {
-          "description": "Date-time at which this run was scheduled, ie. when the run was\ncreated in state `pending`.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "started": {
-          "description": "Date-time at which this run was claimed, ie. when the run changed\nstate from `pending` to `running`. This property is only present\nafter the run has been claimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this run",
-          "enum": [
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "takenUntil": {
-          "description": "Time at which the run expires and is resolved as `failed`, if the\nrun isn't reclaimed. Note, only present after the run has been\nclaimed.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "workerGroup": {
-          "description": "Identifier for group that worker who executes this run is a part of,\nthis identifier is mainly used for efficient routing.\nNote, this property is only present after the run is claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "workerId": {
-          "description": "Identifier for worker evaluating this run within given\n`workerGroup`. Note, this property is only available after the run\nhas been claimed.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "reasonCreated",
-        "runId",
-        "scheduled",
-        "state"
-      ],
-      "title": "Run Information",
-      "type": "object"
-    },
-    "queue.v1.task-status.json": {
-      "additionalProperties": false,
-      "description": "A representation of **task status** as known by the queue",
-      "properties": {
-        "deadline": {
-          "description": "Deadline of the task, `pending` and `running` runs are\nresolved as **exception** if not resolved by other means\nbefore the deadline. Note, deadline cannot be more than\n5 days into the future",
-          "format": "date-time",
-          "type": "string"
-        },
-        "expires": {
-          "description": "Task expiration, time at which task definition and\nstatus is deleted. Notice that all artifacts for the task\nmust have an expiration that is no later than this.",
-          "format": "date-time",
-          "type": "string"
-        },
-        "provisionerId": {
-          "description": "Unique identifier for a provisioner, that can supply specified\n`workerType`",
-          "pattern": "^[a-zA-Z0-9-_]{1,38}$",
-          "type": "string"
-        },
-        "retriesLeft": {
-          "description": "Number of retries left for the task in case of infrastructure issues",
-          "maximum": 999,
-          "minimum": 0,
-          "type": "integer"
-        },
-        "runs": {
-          "description": "List of runs, ordered so that index `i` has `runId == i`",
-          "items": {
-            "$ref": "#/definitions/queue.v1.task-run.json"
-          },
-          "type": "array"
-        },
-        "schedulerId": {
-          "default": "-",
-          "description": "All tasks in a task group must have the same `schedulerId`. This is used for several purposes:\n\n* it can represent the entity that created the task;\n* it can limit addition of new tasks to a task group: the caller of\n    `createTask` must have a scope related to the `schedulerId` of the task\n    group;\n* it controls who can manipulate tasks, again by requiring\n    `schedulerId`-related scopes; and\n* it appears in the routing key for Pulse messages about the task.",
-          "maxLength": 38,
-          "minLength": 1,
-          "pattern": "^([a-zA-Z0-9-_]*)$",
-          "type": "string"
-        },
-        "state": {
-          "description": "State of this task. This is just an auxiliary property derived from state\nof latests run, or `unscheduled` if none.",
-          "enum": [
-            "unscheduled",
-            "pending",
-            "running",
-            "completed",
-            "failed",
-            "exception"
-          ],
-          "type": "string"
-        },
-        "taskGroupId": {
-          "description": "Identifier for a group of tasks scheduled together with this task.\nGenerally, all tasks related to a single event such as a version-control\npush or a nightly build have the same `taskGroupId`.  This property\ndefaults to `taskId` if it isn't specified.  Tasks with `taskId` equal to\nthe `taskGroupId` are, [by convention](/docs/manual/using/task-graph),\ndecision tasks.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "taskId": {
-          "description": "Unique task identifier, this is UUID encoded as\n[URL-safe base64](http://tools.ietf.org/html/rfc4648#section-5) and\nstripped of `=` padding.",
-          "pattern": "^[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]$",
-          "type": "string"
-        },
-        "workerType": {
-          "description": "Unique identifier for a worker-type within a specific provisioner",
-          "pattern": "^[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-          "type": "string"
-        }
-      },
-      "required": [
-        "deadline",
-        "expires",
-        "provisionerId",
-        "retriesLeft",
-        "runs",
-        "schedulerId",
-        "state",
-        "taskGroupId",
-        "taskId",
-        "workerType"
-      ],
-      "title": "Task Status Structure",
-      "type": "object"
-    }
-  },
-  "description": "Message reporting that a given run of a task have started",
-  "properties": {
-    "runId": {
-      "description": "Id of the run that just started, always starts from 0",
-      "maximum": 1000,
-      "minimum": 0,
-      "type": "integer"
-    },
-    "status": {
-      "$ref": "#/definitions/queue.v1.task-status.json"
-    },
-    "takenUntil": {
-      "description": "Time at which the run expires and is resolved as `failed`, if the run\nisn't reclaimed.",
-      "format": "date-time",
-      "type": "string"
-    },
-    "version": {
-      "description": "Message version",
-      "enum": [
-        1
-      ],
-      "type": "integer"
-    },
-    "workerGroup": {
-      "description": "Identifier for the worker-group within which this run started.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerId": {
-      "description": "Identifier for the worker executing this run.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "runId",
-    "status",
-    "takenUntil",
-    "version",
-    "workerGroup",
-    "workerId"
-  ],
-  "title": "Task Running Message",
-  "type": "object"
-}"##;
+    const SCHEMA: &'static str = crate::schemas::QUEUE_V1_TASK_RUNNING_MESSAGE.text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[
+        crate::schemas::QUEUE_V1_TASK_RUN,
+        crate::schemas::QUEUE_V1_TASK_STATUS,
+    ];
 }
 
 /// Task Status Structure
@@ -3521,7 +1902,12 @@ impl ::exchange_runtime::Message for TaskRunningMessage {
 /// A representation of **task status** as known by the queue
 ///
 /// Schema: `/schemas/queue/v1/task-status.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_STATUS`](crate::schemas::QUEUE_V1_TASK_STATUS) (`schemas/queue/v1/task-status.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct TaskStatusStructure {
     /// Deadline of the task, `pending` and `running` runs are
@@ -3588,7 +1974,12 @@ pub struct TaskStatusStructure {
 /// of latests run, or `unscheduled` if none.
 ///
 /// Schema: `/schemas/queue/v1/task-status.json#/properties/state`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_STATUS`](crate::schemas::QUEUE_V1_TASK_STATUS) (`schemas/queue/v1/task-status.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskPending`], [`TaskRunning`], [`ArtifactCreated`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[non_exhaustive]
 pub enum TaskStatusStructureState {
     /// `"unscheduled"`
@@ -3635,7 +2026,12 @@ impl TaskStatusStructureState {
 /// Subset of a task definition
 ///
 /// Schema: `/schemas/queue/v1/task-pending-message.json#/properties/task`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PENDING_MESSAGE`](crate::schemas::QUEUE_V1_TASK_PENDING_MESSAGE) (`schemas/queue/v1/task-pending-message.json`).
+///
+/// Part of the messages of [`TaskPending`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskSubset {
     /// Arbitrary key-value tags (only strings limited to 4k). These can be used
     /// to attach informal metadata to a task. Use this for informal tags that
@@ -3657,7 +2053,12 @@ pub struct TaskSubset {
 /// definition.
 ///
 /// Schema: `/schemas/queue/v1/task-pulse-definition.json#`
+///
+/// Schema file: [`schemas::QUEUE_V1_TASK_PULSE_DEFINITION`](crate::schemas::QUEUE_V1_TASK_PULSE_DEFINITION) (`schemas/queue/v1/task-pulse-definition.json`).
+///
+/// Part of the messages of [`TaskDefined`], [`TaskCompleted`], [`TaskFailed`] and [`TaskException`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 pub struct TaskSubsetForPulseMessages {
     /// Arbitrary key-value tags (only strings limited to 4k). These can be used
     /// to attach informal metadata to a task. Use this for informal tags that

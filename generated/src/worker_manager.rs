@@ -10,7 +10,7 @@
 ///
 /// Whenever the api receives a request to create aworker pool, a message is posted to this exchange anda provider can act upon it.
 ///
-/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-created`, entry `workerPoolCreated`; messages are [`WorkerPoolMessage`].
+/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-created`, entry `workerPoolCreated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`, in [`schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE`](crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerPoolCreated {
     /// Reserved for routing-key words added in later versions. Optional and multi-word: always match it with `#` (client tooling does so when it is left unset).
@@ -55,7 +55,7 @@ impl ::exchange_runtime::Binding for WorkerPoolCreated {
 ///
 /// Whenever the api receives a request to update aworker pool, a message is posted to this exchange anda provider can act upon it.
 ///
-/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-updated`, entry `workerPoolUpdated`; messages are [`WorkerPoolMessage`].
+/// Exchange `exchange/taskcluster-worker-manager/v1/worker-pool-updated`, entry `workerPoolUpdated`; messages are [`WorkerPoolMessage`] (schema `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`, in [`schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE`](crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE)).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WorkerPoolUpdated {
     /// Reserved for routing-key words added in later versions. Optional and multi-word: always match it with `#` (client tooling does so when it is left unset).
@@ -150,8 +150,11 @@ impl ::exchange_runtime::Decode for WorkerManagerMessage {
 ///
 /// Schema: `/schemas/worker-manager/v1/pulse-worker-pool-message.json#`
 ///
+/// Schema file: [`schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE`](crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE) (`schemas/worker-manager/v1/pulse-worker-pool-message.json`).
+///
 /// Published on [`WorkerPoolCreated`] and [`WorkerPoolUpdated`].
 #[derive(Debug, Clone, PartialEq, ::serde::Serialize, ::serde::Deserialize)]
+#[cfg_attr(feature = "schemars", derive(::schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerPoolMessage {
     /// If this is defined, it was the provider that handled this worker pool in the
@@ -181,36 +184,7 @@ pub struct WorkerPoolMessage {
 
 impl ::exchange_runtime::Message for WorkerPoolMessage {
     const SCHEMA_ID: &'static str = "/schemas/worker-manager/v1/pulse-worker-pool-message.json#";
-    const SCHEMA: &'static str = r#"{
-  "$schema": "http://json-schema.org/draft-06/schema#",
-  "additionalProperties": false,
-  "description": "The message that is emitted when worker pools are created/changed/deleted.",
-  "properties": {
-    "previousProviderId": {
-      "description": "If this is defined, it was the provider that handled this worker pool in the\nconfiguration before the current one. This will be used by providers to clean\nup any resources created for this workerType when they are no longer responsible\nfor it.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "providerId": {
-      "description": "The provider responsible for managing this worker pool.\n\nIf this value is `\"null-provider\"`, then the worker pool is pending deletion\nonce all existing workers have terminated.",
-      "maxLength": 38,
-      "minLength": 1,
-      "pattern": "^([a-zA-Z0-9-_]*)$",
-      "type": "string"
-    },
-    "workerPoolId": {
-      "description": "The ID of this worker pool (of the form `providerId/workerType` for compatibility)",
-      "pattern": "^[a-zA-Z0-9-_]{1,38}/[a-z]([-a-z0-9]{0,36}[a-z0-9])?$",
-      "type": "string"
-    }
-  },
-  "required": [
-    "providerId",
-    "workerPoolId"
-  ],
-  "title": "Worker Pool Message",
-  "type": "object"
-}"#;
+    const SCHEMA: &'static str = crate::schemas::WORKER_MANAGER_V1_PULSE_WORKER_POOL_MESSAGE
+        .text;
+    const SCHEMA_DEPENDENCIES: &'static [::exchange_runtime::SchemaDocument] = &[];
 }

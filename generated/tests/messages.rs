@@ -1,7 +1,12 @@
 //! Hand-written tests of the generated message types: JSON round trips with
 //! the fields the seeds document, tolerance of unknown values and fields,
-//! validation against `Message::SCHEMA`, and decoding by exchange.
+//! validation against `Message::SCHEMA` (with its dependencies, offline), and
+//! decoding by exchange.
 
+mod corpus;
+
+use corpus::{message, task_completed};
+use exchange_runtime::validate::validate_document;
 use exchange_runtime::{Decode, DecodeErrorKind, Exchange, Message};
 use serde_json::{Value, json};
 use taskcluster_exchanges::purge_cache::{AnyPurgeCacheMessage, PurgeCache, PurgeCacheMessage};
@@ -13,43 +18,6 @@ use taskcluster_exchanges::queue::{
 use taskcluster_exchanges::worker_manager::{
     WorkerManagerMessage, WorkerPoolCreated, WorkerPoolMessage, WorkerPoolUpdated,
 };
-
-fn status() -> Value {
-    json!({
-        "taskId": "fN1SbArXTPSVFNUvaOlinQ",
-        "provisionerId": "aws-provisioner",
-        "workerType": "gaia",
-        "schedulerId": "-",
-        "taskGroupId": "dSlITZ4yQgmvxxAi4A8fHQ",
-        "deadline": "2019-10-07T12:00:00.000Z",
-        "expires": "2020-10-07T12:00:00.000Z",
-        "retriesLeft": 5,
-        "state": "completed",
-        "runs": [{
-            "runId": 0,
-            "state": "completed",
-            "reasonCreated": "scheduled",
-            "reasonResolved": "completed",
-            "workerGroup": "us-east-1",
-            "workerId": "i-0123456789abcdef",
-            "takenUntil": "2019-10-07T11:20:00.000Z",
-            "scheduled": "2019-10-07T11:00:00.000Z",
-            "started": "2019-10-07T11:00:05.123Z",
-            "resolved": "2019-10-07T11:10:00.456Z"
-        }]
-    })
-}
-
-fn task_completed() -> Value {
-    json!({
-        "version": 1,
-        "runId": 0,
-        "workerGroup": "us-east-1",
-        "workerId": "i-0123456789abcdef",
-        "status": status(),
-        "task": {"tags": {"purpose": "build"}}
-    })
-}
 
 /// Decodes, re-encodes and decodes again: the typed values are equal, and so
 /// is the JSON (compared as values; timestamps as instants).
@@ -85,45 +53,26 @@ fn task_completed_round_trips() {
 
 #[test]
 fn other_queue_messages_round_trip() {
-    let defined: TaskDefinedMessage = round_trip(json!({"version": 1, "status": status()}));
+    let defined: TaskDefinedMessage = round_trip(message("taskDefined"));
     assert!(defined.task.is_none());
-    let pending: TaskPendingMessage = round_trip(json!({
-        "version": 1, "runId": 1, "status": status(), "task": {"tags": {}}
-    }));
+    let pending: TaskPendingMessage = round_trip(message("taskPending"));
     assert_eq!(pending.run_id, 1);
-    let running: TaskRunningMessage = round_trip(json!({
-        "version": 1, "runId": 0, "workerGroup": "wg", "workerId": "wi",
-        "takenUntil": "2019-10-07T11:20:00.000Z", "status": status()
-    }));
+    let running: TaskRunningMessage = round_trip(message("taskRunning"));
     assert_eq!(
         running.taken_until.to_rfc3339(),
         "2019-10-07T11:20:00+00:00"
     );
-    let artifact: ArtifactCreatedMessage = round_trip(json!({
-        "version": 1, "runId": 0, "workerGroup": "wg", "workerId": "wi", "status": status(),
-        "artifact": {
-            "storageType": "blob", "name": "public/logs/live.log",
-            "expires": "2020-10-07T12:00:00.000Z", "contentType": "text/plain"
-        }
-    }));
+    let artifact: ArtifactCreatedMessage = round_trip(message("artifactCreated"));
     assert_eq!(artifact.artifact.storage_type, ArtifactStorageType::Blob);
-    let resolved: TaskGroupResolvedMessage = round_trip(json!({
-        "taskGroupId": "dSlITZ4yQgmvxxAi4A8fHQ", "schedulerId": "-"
-    }));
+    let resolved: TaskGroupResolvedMessage = round_trip(message("taskGroupResolved"));
     assert_eq!(resolved.version, None);
 }
 
 #[test]
 fn purge_cache_and_worker_pool_messages_round_trip() {
-    let purge: PurgeCacheMessage = round_trip(json!({
-        "version": 1, "provisionerId": "aws-provisioner", "workerType": "gaia",
-        "cacheName": "level-3-checkouts"
-    }));
+    let purge: PurgeCacheMessage = round_trip(message("purgeCache"));
     assert_eq!(purge.cache_name, "level-3-checkouts");
-    let pool: WorkerPoolMessage = round_trip(json!({
-        "workerPoolId": "aws-provisioner/gaia", "providerId": "aws",
-        "previousProviderId": "null-provider"
-    }));
+    let pool: WorkerPoolMessage = round_trip(message("workerPoolCreated"));
     assert_eq!(pool.previous_provider_id.as_deref(), Some("null-provider"));
     assert_eq!(
         serde_json::to_value(&pool).unwrap(),
@@ -167,77 +116,102 @@ fn missing_required_field_is_an_error() {
     assert!(error.to_string().contains("taskId"), "{error}");
 }
 
-fn validator<M: Message>() -> jsonschema::Validator {
-    let schema: Value = serde_json::from_str(M::SCHEMA).expect("SCHEMA is JSON");
-    jsonschema::validator_for(&schema)
-        .unwrap_or_else(|e| panic!("{} compiles offline: {e}", M::SCHEMA_ID))
+/// Whether `value` passes `M`'s schema, validated as the publisher does:
+/// through a registry of the schema documents, offline.
+fn valid<M: Message>(value: &Value) -> bool {
+    match validate_document(M::SCHEMA_ID, M::SCHEMA, M::SCHEMA_DEPENDENCIES, value) {
+        Ok(()) => true,
+        Err(error) if !error.violations().is_empty() => false,
+        Err(error) => panic!("{} does not compile offline: {error}", M::SCHEMA_ID),
+    }
 }
 
 #[test]
 fn schemas_accept_good_and_reject_bad_messages() {
-    let completed = validator::<TaskCompletedMessage>();
-    assert!(completed.is_valid(&task_completed()));
+    assert!(valid::<TaskCompletedMessage>(&task_completed()));
     // An encoded typed message is valid too.
     let typed: TaskCompletedMessage = serde_json::from_value(task_completed()).unwrap();
-    assert!(completed.is_valid(&serde_json::to_value(&typed).unwrap()));
+    assert!(valid::<TaskCompletedMessage>(
+        &serde_json::to_value(&typed).unwrap()
+    ));
 
     let mut bad_task_id = task_completed();
     bad_task_id["status"]["taskId"] = json!("not a slug id");
-    assert!(!completed.is_valid(&bad_task_id));
+    assert!(!valid::<TaskCompletedMessage>(&bad_task_id));
     let mut bad_version = task_completed();
     bad_version["version"] = json!(2);
-    assert!(!completed.is_valid(&bad_version));
+    assert!(!valid::<TaskCompletedMessage>(&bad_version));
     let mut bad_run = task_completed();
     bad_run["runId"] = json!(1001);
-    assert!(!completed.is_valid(&bad_run));
+    assert!(!valid::<TaskCompletedMessage>(&bad_run));
     let mut extra = task_completed();
     extra["unexpected"] = json!(1);
     assert!(
-        !completed.is_valid(&extra),
+        !valid::<TaskCompletedMessage>(&extra),
         "the schema forbids additional properties"
     );
+    // A violation in a document reached through `$ref` (task-status.json → task-run.json).
+    let mut bad_run_state = task_completed();
+    bad_run_state["status"]["runs"][0]["state"] = json!("sleeping");
+    assert!(!valid::<TaskCompletedMessage>(&bad_run_state));
 
-    let purge = validator::<PurgeCacheMessage>();
     let good = json!({"version": 1, "provisionerId": "p", "workerType": "w", "cacheName": "c"});
-    assert!(purge.is_valid(&good));
-    assert!(!purge.is_valid(&json!({"version": 1, "provisionerId": "p", "workerType": "w"})));
+    assert!(valid::<PurgeCacheMessage>(&good));
+    assert!(!valid::<PurgeCacheMessage>(
+        &json!({"version": 1, "provisionerId": "p", "workerType": "w"})
+    ));
     let too_long =
         json!({"version": 1, "provisionerId": "p".repeat(23), "workerType": "w", "cacheName": "c"});
-    assert!(!purge.is_valid(&too_long));
+    assert!(!valid::<PurgeCacheMessage>(&too_long));
 
-    let pool = validator::<WorkerPoolMessage>();
-    assert!(pool.is_valid(&json!({"workerPoolId": "aws/gaia", "providerId": "aws"})));
-    assert!(!pool.is_valid(&json!({"workerPoolId": "no-slash", "providerId": "aws"})));
+    assert!(valid::<WorkerPoolMessage>(
+        &json!({"workerPoolId": "aws/gaia", "providerId": "aws"})
+    ));
+    assert!(!valid::<WorkerPoolMessage>(
+        &json!({"workerPoolId": "no-slash", "providerId": "aws"})
+    ));
 }
 
+/// Each message's schema is its upstream document (`$ref`s kept), its
+/// dependencies are the documents those `$ref`s reach, and together they
+/// compile offline.
 #[test]
 fn every_schema_compiles_offline() {
-    for (id, schema) in [
-        (TaskDefinedMessage::SCHEMA_ID, TaskDefinedMessage::SCHEMA),
-        (TaskPendingMessage::SCHEMA_ID, TaskPendingMessage::SCHEMA),
-        (TaskRunningMessage::SCHEMA_ID, TaskRunningMessage::SCHEMA),
-        (
-            ArtifactCreatedMessage::SCHEMA_ID,
-            ArtifactCreatedMessage::SCHEMA,
-        ),
-        (
-            TaskCompletedMessage::SCHEMA_ID,
-            TaskCompletedMessage::SCHEMA,
-        ),
-        (
-            TaskGroupResolvedMessage::SCHEMA_ID,
-            TaskGroupResolvedMessage::SCHEMA,
-        ),
-        (PurgeCacheMessage::SCHEMA_ID, PurgeCacheMessage::SCHEMA),
-        (WorkerPoolMessage::SCHEMA_ID, WorkerPoolMessage::SCHEMA),
-    ] {
+    fn check<M: Message>() {
+        let id = M::SCHEMA_ID;
         assert!(
             id.starts_with("/schemas/") && id.ends_with(".json#"),
             "{id}"
         );
-        let schema: Value = serde_json::from_str(schema).unwrap();
-        jsonschema::validator_for(&schema).unwrap_or_else(|e| panic!("{id}: {e}"));
+        let schema: Value = serde_json::from_str(M::SCHEMA).unwrap();
+        assert_eq!(schema["$id"], id, "SCHEMA is the document {id}");
+        for dependency in M::SCHEMA_DEPENDENCIES {
+            let document: Value = serde_json::from_str(dependency.text).unwrap();
+            assert_eq!(document["$id"], dependency.id);
+        }
+        // Compiles (an empty object is merely invalid, not an error).
+        valid::<M>(&json!({}));
     }
+    check::<TaskDefinedMessage>();
+    check::<TaskPendingMessage>();
+    check::<TaskRunningMessage>();
+    check::<ArtifactCreatedMessage>();
+    check::<TaskCompletedMessage>();
+    check::<TaskGroupResolvedMessage>();
+    check::<PurgeCacheMessage>();
+    check::<WorkerPoolMessage>();
+    let ids: Vec<&str> = TaskCompletedMessage::SCHEMA_DEPENDENCIES
+        .iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "/schemas/queue/v1/task-pulse-definition.json#",
+            "/schemas/queue/v1/task-run.json#",
+            "/schemas/queue/v1/task-status.json#"
+        ]
+    );
 }
 
 #[test]

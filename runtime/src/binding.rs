@@ -13,11 +13,26 @@ use crate::routing::{self, RoutingKeyError, RoutingKeyWord};
 
 /// A message type published on one or more exchanges, with its JSON Schema.
 pub trait Message: Serialize + DeserializeOwned + fmt::Debug + Send + Sync + 'static {
-    /// The `$id` of the message's schema (`/schemas/queue/v1/task-completed-message.json#`).
+    /// The `$id` of the message's schema (`/schemas/queue/v1/task-completed-message.json#`),
+    /// with a JSON pointer after the `#` when the schema is not its document's root.
     const SCHEMA_ID: &'static str;
-    /// The message's JSON Schema as self-contained JSON text (every `$ref`
-    /// resolvable inside it), used to validate a message before publishing.
+    /// The JSON text of the schema document [`SCHEMA_ID`](Message::SCHEMA_ID)
+    /// names, as published (`$ref`s to other documents kept), used to validate
+    /// a message before publishing.
     const SCHEMA: &'static str;
+    /// Every other schema document a `$ref` of [`SCHEMA`](Message::SCHEMA)
+    /// leads to, directly or not; the validator resolves `$ref`s among these
+    /// documents only, never over the network. Empty for a self-contained schema.
+    const SCHEMA_DEPENDENCIES: &'static [SchemaDocument] = &[];
+}
+
+/// A JSON Schema document by `$id`, for offline `$ref` resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaDocument {
+    /// Its `$id` (`/schemas/queue/v1/task-status.json#`).
+    pub id: &'static str,
+    /// Its JSON text.
+    pub text: &'static str,
 }
 
 /// A topic exchange: its full name, its routing-key reference and the type of

@@ -18,6 +18,8 @@ pub mod routing;
 pub mod topic;
 pub mod validate;
 
-pub use binding::{Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message};
+pub use binding::{
+    Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message, SchemaDocument,
+};
 pub use broker::{Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage};
 pub use routing::{RoutingKeyError, RoutingKeyErrorKind, RoutingKeyWord};

@@ -13,8 +13,8 @@
 //! consumers twice (at-least-once) — with the same
 //! [`message_id`](crate::consumer::DeliveryInfo::message_id), to deduplicate by.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -101,8 +101,9 @@ pub enum PublishError {
 pub struct Publisher<B: Broker> {
     broker: B,
     options: PublisherOptions,
-    /// Exchanges this publisher declared already.
-    declared: Mutex<HashSet<&'static str>>,
+    /// Per exchange, its declaration: done once however many first
+    /// publishes race (they wait for the one declaring; a failed one is tried again).
+    declared: Mutex<HashMap<&'static str, Arc<tokio::sync::OnceCell<()>>>>,
 }
 
 impl<B: Broker> Publisher<B> {
@@ -116,7 +117,7 @@ impl<B: Broker> Publisher<B> {
         Publisher {
             broker,
             options,
-            declared: Mutex::new(HashSet::new()),
+            declared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -171,11 +172,26 @@ impl<B: Broker> Publisher<B> {
         self.send(exchange, &routing_key, outgoing).await
     }
 
-    fn is_declared(&self, exchange: &'static str) -> bool {
-        self.declared
+    /// Declares `exchange` (durable) once for this publisher.
+    async fn declare_once(&self, exchange: &'static str) -> Result<(), BrokerError> {
+        let cell = self
+            .declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .contains(exchange)
+            .entry(exchange)
+            .or_default()
+            .clone();
+        cell.get_or_try_init(|| {
+            self.broker.declare_exchange(
+                exchange,
+                ExchangeOptions {
+                    passive: false,
+                    durable: true,
+                },
+            )
+        })
+        .await
+        .map(|_| ())
     }
 
     async fn send(
@@ -190,17 +206,7 @@ impl<B: Broker> Publisher<B> {
         loop {
             attempts += 1;
             let attempt = async {
-                if !self.is_declared(exchange) {
-                    let options = ExchangeOptions {
-                        passive: false,
-                        durable: true,
-                    };
-                    self.broker.declare_exchange(exchange, options).await?;
-                    self.declared
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .insert(exchange);
-                }
+                self.declare_once(exchange).await?;
                 self.broker
                     .publish(exchange, routing_key, message.clone())
                     .await

@@ -1,17 +1,26 @@
 //! Validation of messages against their JSON Schema ([`Message::SCHEMA`])
 //! before they are published.
 //!
-//! Schemas are compiled once per [`Message::SCHEMA_ID`] and cached for the
-//! life of the process. Remote `$ref`s are never fetched: a schema must be
-//! self-contained, as generated schemas are.
+//! A schema document and the documents its `$ref`s lead to
+//! ([`Message::SCHEMA_DEPENDENCIES`]) go into a `jsonschema` registry, each
+//! under its `$id`; `$ref`s resolve among them and are never fetched. Ids are
+//! root-relative (`/schemas/queue/v1/task.json#`), so they are placed below a
+//! fixed base URI ([`SCHEMA_BASE_URI`]). A document whose `$schema` is not a
+//! known draft (Taskcluster's own metaschema) is read as draft-06, which that
+//! metaschema extends. Validators are compiled once per
+//! [`Message::SCHEMA_ID`] and cached for the life of the process.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use jsonschema::{Draft, Registry};
 use serde_json::Value;
 
-use crate::binding::Message;
+use crate::binding::{Message, SchemaDocument};
+
+/// Where root-relative schema ids are placed for `$ref` resolution (never fetched).
+pub const SCHEMA_BASE_URI: &str = "https://schemas.taskcluster.invalid";
 
 /// One way a message breaks its schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +120,7 @@ fn cache() -> &'static Cache {
 fn validator(
     schema_id: &'static str,
     schema: &'static str,
+    dependencies: &[SchemaDocument],
 ) -> Result<Arc<jsonschema::Validator>, ValidationError> {
     // A poisoned lock only means another thread panicked while inserting;
     // the map itself is still consistent.
@@ -121,30 +131,100 @@ fn validator(
     {
         return Ok(Arc::clone(found));
     }
-    let error = |kind| ValidationError {
-        schema_id: schema_id.to_owned(),
-        kind,
-    };
     // Compile outside the lock: compiling a large schema takes a while.
-    let json: Value = serde_json::from_str(schema)
-        .map_err(|e| error(ValidationErrorKind::SchemaNotJson(e.to_string())))?;
-    let compiled = jsonschema::validator_for(&json)
-        .map_err(|e| error(ValidationErrorKind::SchemaInvalid(e.to_string())))?;
-    let compiled = Arc::new(compiled);
+    let compiled =
+        Arc::new(
+            compile(schema_id, schema, dependencies).map_err(|kind| ValidationError {
+                schema_id: schema_id.to_owned(),
+                kind,
+            })?,
+        );
     let mut map = cache()
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     Ok(Arc::clone(map.entry(schema_id).or_insert(compiled)))
 }
 
-/// Checks a JSON value against a schema given as JSON text, identified by
-/// `schema_id` (the cache key: one id, one schema).
+/// The absolute URI of a schema id (fragment dropped): root-relative and
+/// relative ids go below [`SCHEMA_BASE_URI`]; absolute ones stay.
+fn absolute_uri(id: &str) -> String {
+    let path = id.split('#').next().unwrap_or_default();
+    if path.contains("://") {
+        path.to_owned()
+    } else if path.starts_with('/') {
+        format!("{SCHEMA_BASE_URI}{path}")
+    } else {
+        format!("{SCHEMA_BASE_URI}/{path}")
+    }
+}
+
+/// The draft a document declares, or draft-06 for an unknown `$schema`.
+fn draft_of(document: &Value) -> Draft {
+    match Draft::default().detect(document) {
+        Draft::Unknown => Draft::Draft6,
+        known => known,
+    }
+}
+
+fn parse(id: &str, text: &str) -> Result<Value, ValidationErrorKind> {
+    serde_json::from_str(text)
+        .map_err(|e| ValidationErrorKind::SchemaNotJson(format!("document `{id}`: {e}")))
+}
+
+/// Compiles the schema `schema_id` (a document, or a JSON pointer into one)
+/// with `$ref`s resolved among `schema` and `dependencies` only.
+fn compile(
+    schema_id: &str,
+    schema: &str,
+    dependencies: &[SchemaDocument],
+) -> Result<jsonschema::Validator, ValidationErrorKind> {
+    let root = parse(schema_id, schema)?;
+    let draft = draft_of(&root);
+    let mut resources = vec![(absolute_uri(schema_id), draft.create_resource(root))];
+    for dependency in dependencies {
+        let document = parse(dependency.id, dependency.text)?;
+        resources.push((
+            absolute_uri(dependency.id),
+            draft_of(&document).create_resource(document),
+        ));
+    }
+    let invalid = |e: &dyn fmt::Display| ValidationErrorKind::SchemaInvalid(e.to_string());
+    let registry = Registry::new()
+        // Taskcluster's metaschema is not fetched; the drafts are known.
+        .retrieve_known_draft_meta_schemas(false)
+        .extend(resources)
+        .and_then(|builder| builder.prepare())
+        .map_err(|e| invalid(&e))?;
+    let fragment = schema_id.split_once('#').map_or("", |(_, pointer)| pointer);
+    let entry = serde_json::json!({ "$ref": format!("{}#{fragment}", absolute_uri(schema_id)) });
+    jsonschema::options()
+        .with_draft(draft)
+        .with_registry(&registry)
+        .offline()
+        .build(&entry)
+        .map_err(|e| invalid(&e))
+}
+
+/// Checks a JSON value against a self-contained schema given as JSON text,
+/// identified by `schema_id` (the cache key: one id, one schema).
 pub fn validate_value(
     schema_id: &'static str,
     schema: &'static str,
     value: &Value,
 ) -> Result<(), ValidationError> {
-    let validator = validator(schema_id, schema)?;
+    validate_document(schema_id, schema, &[], value)
+}
+
+/// Checks a JSON value against the schema `schema_id`, whose document is
+/// `schema`, resolving `$ref`s among it and `dependencies` (offline).
+/// `schema_id` is the cache key: one id, one schema.
+pub fn validate_document(
+    schema_id: &'static str,
+    schema: &'static str,
+    dependencies: &[SchemaDocument],
+    value: &Value,
+) -> Result<(), ValidationError> {
+    let validator = validator(schema_id, schema, dependencies)?;
     let violations: Vec<SchemaViolation> = validator
         .iter_errors(value)
         .map(|error| SchemaViolation {
@@ -169,7 +249,7 @@ pub fn validate<M: Message>(message: &M) -> Result<Value, ValidationError> {
         schema_id: M::SCHEMA_ID.to_owned(),
         kind: ValidationErrorKind::Serialize(e.to_string()),
     })?;
-    validate_value(M::SCHEMA_ID, M::SCHEMA, &value)?;
+    validate_document(M::SCHEMA_ID, M::SCHEMA, M::SCHEMA_DEPENDENCIES, &value)?;
     Ok(value)
 }
 
@@ -222,6 +302,69 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(SCHEMA_ID), "{text}");
         assert!(text.contains("/status/taskId"), "{text}");
+    }
+
+    /// Documents by `$id` with `$ref`s between them (relative and
+    /// root-relative) and Taskcluster's own `$schema`, resolved offline.
+    #[test]
+    fn refs_resolve_among_the_dependencies() {
+        const ID: &str = "/schemas/test/v1/outer.json#";
+        const OUTER: &str = r##"{
+            "$schema": "/schemas/common/metaschema.json#",
+            "$id": "/schemas/test/v1/outer.json#",
+            "type": "object",
+            "properties": {"status": {"$ref": "status.json#"}},
+            "required": ["status"]
+        }"##;
+        const DEPENDENCIES: &[SchemaDocument] = &[
+            SchemaDocument {
+                id: "/schemas/test/v1/status.json#",
+                text: r##"{
+                    "$schema": "/schemas/common/metaschema.json#",
+                    "$id": "/schemas/test/v1/status.json#",
+                    "type": "object",
+                    "properties": {"run": {"$ref": "/schemas/test/v1/run.json#/definitions/state"}},
+                    "required": ["run"]
+                }"##,
+            },
+            SchemaDocument {
+                id: "/schemas/test/v1/run.json#",
+                text: r##"{
+                    "$schema": "/schemas/common/metaschema.json#",
+                    "$id": "/schemas/test/v1/run.json#",
+                    "definitions": {"state": {"enum": ["running", "done"]}}
+                }"##,
+            },
+        ];
+        let good = json!({"status": {"run": "done"}});
+        validate_document(ID, OUTER, DEPENDENCIES, &good).unwrap();
+        let bad = json!({"status": {"run": "sleeping"}});
+        let err = validate_document(ID, OUTER, DEPENDENCIES, &bad).unwrap_err();
+        let pointers: Vec<&str> = err
+            .violations()
+            .iter()
+            .map(|v| v.pointer.as_str())
+            .collect();
+        assert_eq!(pointers, ["/status/run"], "{err}");
+
+        // A missing dependency is an error (never a fetch).
+        const ID2: &str = "/schemas/test/v1/outer-alone.json#";
+        let err = validate_document(ID2, OUTER, &DEPENDENCIES[..1], &good).unwrap_err();
+        assert!(
+            matches!(err.kind, ValidationErrorKind::SchemaInvalid(_)),
+            "{err:?}"
+        );
+        // A dependency that is not JSON is named.
+        const ID3: &str = "/schemas/test/v1/outer-broken.json#";
+        let broken = [SchemaDocument {
+            id: "/schemas/test/v1/status.json#",
+            text: "{oops",
+        }];
+        let err = validate_document(ID3, OUTER, &broken, &good).unwrap_err();
+        assert!(
+            err.to_string().contains("/schemas/test/v1/status.json#"),
+            "{err}"
+        );
     }
 
     #[test]

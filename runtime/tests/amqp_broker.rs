@@ -5,6 +5,7 @@
 #![cfg(feature = "amqp")]
 
 mod client_support;
+mod local_services;
 mod suite;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -19,10 +20,8 @@ use client_support::{
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use exchange_runtime::broker::{Broker, BrokerError, ExchangeOptions, QueueOptions};
 
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 fn url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+    local_services::rabbitmq_url()
 }
 
 fn config(connection_name: &str) -> AmqpConfig {
@@ -865,4 +864,59 @@ async fn twenty_thousand_mixed_operations_answer_correctly() {
         .delete_exchange(&exchange)
         .await
         .expect("delete exchange");
+}
+
+/// Publishing is not exclusive: a delayed publish to another connection's
+/// exclusive queue is delivered there (it was refused as a `Conflict`).
+#[tokio::test]
+async fn delayed_publish_reaches_another_connections_exclusive_queue() {
+    let owner = connect_named(&unique("exclusive-owner")).await;
+    let other = connect_named(&unique("exclusive-other")).await;
+    let queue = owner
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declare exclusive queue");
+    let mut stream = owner.consume(&queue, 1).await.expect("consume");
+    for delay in [Duration::from_millis(100), Duration::ZERO] {
+        other
+            .publish_delayed(&queue, message("for the owner"), delay)
+            .await
+            .expect("publish to another connection's exclusive queue");
+        assert_eq!(next_body(&mut stream).await, "for the owner");
+    }
+    owner.close().await;
+    other.close().await;
+}
+
+/// Dropping every handle of a broker closes its connection even while a
+/// consumer reads its exclusive queue (as with the embedded broker): the
+/// stream ends and the queue is gone.
+#[tokio::test]
+async fn dropping_every_handle_closes_the_connection_and_its_exclusive_queues() {
+    let broker = connect_named(&unique("dropped-handles")).await;
+    let queue = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declare exclusive queue");
+    let mut stream = broker.consume(&queue, 1).await.expect("consume");
+    drop(broker);
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends within 5 s");
+    assert!(
+        matches!(end, None | Some(Err(BrokerError::Closed))),
+        "{end:?}"
+    );
+    let observer = connect().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match observer.get(&queue).await {
+            Err(BrokerError::QueueNotFound(_)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the exclusive queue outlived its connection: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

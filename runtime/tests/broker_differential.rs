@@ -19,6 +19,7 @@
 #![cfg(feature = "amqp")]
 
 mod differential_support;
+mod local_services;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};

@@ -8,6 +8,7 @@
 #![cfg(feature = "amqp")]
 
 mod client_support;
+mod local_services;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,8 +24,7 @@ use tokio::time::Instant;
 const INVALID: &[u8] = &[0xff, 0xfe, 0xc3, 0x28];
 
 fn config() -> AmqpConfig {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = local_services::rabbitmq_url();
     AmqpConfig::from_url(&url)
         .expect("AMQP_URL must be a valid amqp:// URL")
         .with_connection_name("exchange-runtime-poison-tests")

@@ -147,6 +147,34 @@ async fn connection_failures_are_retried_until_confirmed() {
     assert_eq!(broker.declarations.load(Ordering::SeqCst), 1);
 }
 
+/// Concurrent first publishes wait for one declaration of the exchange
+/// (each declaring opened a channel: 1,980 at once on one connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_first_publishes_declare_the_exchange_once() {
+    let memory = MemoryBroker::new();
+    let broker = Flaky::new(memory.clone(), 0, 0);
+    broker.declaration_ms.store(50, Ordering::SeqCst);
+    let queue = tap(&memory).await;
+    let publisher = std::sync::Arc::new(Publisher::with_options(
+        broker.clone(),
+        quick(Duration::from_secs(10)),
+    ));
+    let tasks: Vec<_> = (0..100)
+        .map(|n| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                let (binding, message) = defined(n, "w");
+                publisher.publish(&binding, &message).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(broker.declarations.load(Ordering::SeqCst), 1);
+    assert_eq!(memory.pending(&queue).await.unwrap().len(), 100);
+}
+
 #[tokio::test]
 async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
     let memory = MemoryBroker::new();

@@ -6,6 +6,7 @@
 //! `AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 mod client_support;
+mod local_services;
 
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -688,8 +689,7 @@ const SIXTY_DAYS: Duration = Duration::from_secs(60 * 86_400);
 const WATCH: Duration = Duration::from_millis(500);
 
 async fn rabbitmq() -> AmqpBroker {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = local_services::rabbitmq_url();
     let config = AmqpConfig::from_url(&url)
         .expect("AMQP_URL must be a valid amqp:// URL")
         .with_connection_name("exchange-runtime-queue-jobs-tests");

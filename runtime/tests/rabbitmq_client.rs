@@ -4,6 +4,7 @@
 #![cfg(feature = "amqp")]
 
 mod client_support;
+mod local_services;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +20,8 @@ use exchange_runtime::queue::{LAST_ERROR_HEADER, QueueMessage, WorkQueue};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-
 async fn connect() -> AmqpBroker {
-    let url = std::env::var("AMQP_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+    let url = local_services::rabbitmq_url();
     let config = AmqpConfig::from_url(&url)
         .expect("AMQP_URL must be a valid amqp:// URL")
         .with_connection_name("exchange-runtime-client-tests")

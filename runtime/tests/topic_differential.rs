@@ -6,6 +6,7 @@
 #![cfg(feature = "amqp")]
 
 mod differential_support;
+mod local_services;
 
 use differential_support::Rng;
 use exchange_runtime::broker::memory::MemoryBroker;

@@ -12,9 +12,15 @@ use exchange_codegen::{Manifest, Options, generate_with};
 use crate::regenerate::{read_sources, write_generated};
 use crate::{Failure, display_path, io_failure, workspace_root};
 
-/// The v19 reference bundle beside the repository (`../shared/corpus/…`).
+/// The bundle `check-bundle` reads when given none: `TC_REFERENCES_BUNDLE`,
+/// or else the Taskcluster v19 bundle beside the repository
+/// (`../shared/corpus/taskcluster-v19/references.json`, which only CI has).
 pub fn default_bundle() -> PathBuf {
-    workspace_root().join("../shared/corpus/taskcluster-v19/references.json")
+    std::env::var_os("TC_REFERENCES_BUNDLE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            workspace_root().join("../shared/corpus/taskcluster-v19/references.json")
+        })
 }
 
 /// The scratch directory holding the crate (`crate/`) and its target dir (`target/`).

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use exchange_codegen::load::parse_reference;
 use exchange_codegen::resolve::{join_uri, normalize_id, schema_refs};
-use exchange_codegen::standalone::canonical_json;
+use exchange_codegen::schema_files::canonical_json;
 use serde_json::Value;
 
 use crate::Failure;

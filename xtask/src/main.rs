@@ -29,7 +29,7 @@ enum Command {
     },
     /// Generate a reference bundle into a scratch crate and lint it (`cargo clippy -D warnings`).
     CheckBundle {
-        /// The bundle (default: ../shared/corpus/taskcluster-v19/references.json).
+        /// The bundle (default: $TC_REFERENCES_BUNDLE, else ../shared/corpus/taskcluster-v19/references.json).
         bundle: Option<PathBuf>,
         /// Scratch directory (default: <target dir>/check-bundle).
         #[arg(long, value_name = "DIR")]

@@ -16,7 +16,7 @@ pub enum Change {
     Missing,
     /// The file's contents differ from the generated ones.
     Stale,
-    /// A file under `src/` that is no longer generated.
+    /// A file under `src/` or `schemas/` that is no longer generated.
     Orphaned,
 }
 
@@ -89,9 +89,13 @@ fn files_below(dir: &Path, out: &mut BTreeSet<PathBuf>) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The directories of the generated crate that hold generated files only.
+pub const GENERATED_DIRS: &[&str] = &["schemas", "src"];
+
 /// Writes `files` (paths relative to `out`) into `out`, removing files under
-/// `out/src/` that are not among them (that directory is entirely
-/// generated); with `check`, changes nothing and fails listing the differences.
+/// `out/src/` and `out/schemas/` that are not among them (those directories
+/// are entirely generated); with `check`, changes nothing and fails listing
+/// the differences.
 pub fn write_generated(
     out: &Path,
     files: &BTreeMap<String, String>,
@@ -110,7 +114,9 @@ pub fn write_generated(
     }
     let expected: BTreeSet<PathBuf> = files.keys().map(|relative| out.join(relative)).collect();
     let mut existing = BTreeSet::new();
-    files_below(&out.join("src"), &mut existing)?;
+    for dir in GENERATED_DIRS {
+        files_below(&out.join(dir), &mut existing)?;
+    }
     for orphan in existing.difference(&expected) {
         if !check {
             fs::remove_file(orphan).map_err(io_failure(orphan))?;

@@ -107,6 +107,43 @@ fn writes_then_checks_then_reports_every_difference() {
     assert!(regenerate(&references, &out, true).status.success());
 }
 
+/// The schema files under `schemas/` are generated output too: `--check`
+/// reports an edited, a missing and a left-over one, and regenerating repairs them.
+#[test]
+fn check_covers_the_schema_files() {
+    let temp = tempfile::tempdir().unwrap();
+    let out = temp.path().join("crate");
+    let references = fixture_references();
+    assert!(regenerate(&references, &out, false).status.success());
+    let status = out.join("schemas/demo-service/v1/status.json");
+    let upstream = fs::read_to_string(references.join("demo-service/v1/status.json")).unwrap();
+    assert_eq!(
+        fs::read_to_string(&status).unwrap(),
+        upstream,
+        "the upstream content"
+    );
+
+    fs::write(&status, "{}\n").unwrap();
+    fs::remove_file(out.join("schemas/tiny/v1/text.json")).unwrap();
+    fs::write(out.join("schemas/tiny/v1/gone.json"), "{}\n").unwrap();
+    let check = regenerate(&references, &out, true);
+    assert_eq!(check.status.code(), Some(1));
+    let message = stderr(&check);
+    for expected in [
+        "schemas/demo-service/v1/status.json is stale",
+        "schemas/tiny/v1/text.json is missing",
+        "schemas/tiny/v1/gone.json is no longer generated (orphaned)",
+    ] {
+        assert!(message.contains(expected), "{expected}: {message}");
+    }
+
+    assert!(regenerate(&references, &out, false).status.success());
+    assert_eq!(fs::read_to_string(&status).unwrap(), upstream);
+    assert!(out.join("schemas/tiny/v1/text.json").exists());
+    assert!(!out.join("schemas/tiny/v1/gone.json").exists());
+    assert!(regenerate(&references, &out, true).status.success());
+}
+
 #[test]
 fn bad_references_write_nothing_and_name_file_and_pointer() {
     let temp = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use exchange_codegen::{Manifest, Options, Sources, generate_with, load, model, standalone};
+use exchange_codegen::{Manifest, Options, Sources, generate_with, load, model, schema_files};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
@@ -23,9 +23,30 @@ pub fn fixture_dir(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The v19 reference bundle beside the repository.
-pub fn v19_bundle() -> PathBuf {
-    workspace_root().join("../shared/corpus/taskcluster-v19/references.json")
+/// The environment variable naming a reference bundle (a JSON array of
+/// `{filename, content}`) for the opt-in bundle tests.
+pub const BUNDLE_ENV: &str = "TC_REFERENCES_BUNDLE";
+
+/// The reference bundle named by [`BUNDLE_ENV`]. When it is unset, prints why
+/// `test` is skipped (past the test harness's output capture) and returns
+/// `None`; when it names no file, the test fails naming the path.
+pub fn references_bundle(test: &str) -> Option<PathBuf> {
+    use std::io::Write as _;
+    let Some(path) = std::env::var_os(BUNDLE_ENV) else {
+        // Written to the process's stderr directly: `eprintln!` would be captured.
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped {test}: set {BUNDLE_ENV} to a reference bundle (see README)"
+        );
+        return None;
+    };
+    let path = PathBuf::from(path);
+    assert!(
+        path.is_file(),
+        "{BUNDLE_ENV}={}: no such file",
+        path.display()
+    );
+    Some(path)
 }
 
 /// Every file below `dir`, by `/`-separated path relative to it.
@@ -94,10 +115,26 @@ pub fn write_scratch_crate(name: &str, sources: &Sources, extra: &[(&str, String
 
 /// Runs `cargo <args>` in `dir` with a target directory shared by the scratch crates.
 pub fn cargo(dir: &Path, args: &[&str]) {
+    cargo_with_env(dir, args, &[]);
+}
+
+/// Documents the crate in `dir` with every feature; any rustdoc warning
+/// (a broken intra-doc link, say) fails.
+pub fn cargo_doc(dir: &Path) {
+    cargo_with_env(
+        dir,
+        &["doc", "--no-deps", "--all-features", "--quiet"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    );
+}
+
+/// [`cargo`] with extra environment variables.
+pub fn cargo_with_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("scratch-target");
     let status = Command::new(cargo)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", target)
         .status()
@@ -110,30 +147,41 @@ pub fn cargo(dir: &Path, args: &[&str]) {
     );
 }
 
-/// Every message's self-contained schema (`Message::SCHEMA`) has only local
-/// `$ref`s and compiles offline with the `jsonschema` crate. Returns how many
-/// schemas were checked.
+/// Every message's schema compiles offline through a registry of the schema
+/// files it needs (its document and the documents its `$ref`s reach), as the
+/// publisher validates it. Returns how many schemas were checked.
 pub fn assert_message_schemas_compile(sources: &Sources) -> usize {
+    use exchange_runtime::SchemaDocument;
     let loaded = load::load(sources).expect("sources load");
     let model = model::build(&loaded).expect("model builds");
+    let files = schema_files::collect(&model, &loaded.schemas).expect("schema files");
+    // The runtime caches validators for the process: ids and texts are 'static.
+    let leak = |text: String| -> &'static str { Box::leak(text.into_boxed_str()) };
     let mut checked = 0;
     for service in &model.services {
         for def in service.types.values() {
             let Some(info) = &def.message else { continue };
-            let schema = standalone::self_contained(&loaded.schemas, &info.schema)
-                .unwrap_or_else(|e| panic!("{}: {e}", info.schema_id));
-            for (pointer, reference) in exchange_codegen::resolve::schema_refs(&schema) {
-                let target = reference.strip_prefix('#').unwrap_or_else(|| {
-                    panic!("{}{pointer}: non-local $ref {reference}", info.schema_id)
-                });
+            let document = files.file_of(&info.schema).expect("the message's file");
+            let dependencies: Vec<SchemaDocument> = files.dependencies[&info.schema]
+                .iter()
+                .map(|id| SchemaDocument {
+                    id: leak(format!("{id}#")),
+                    text: leak(files.files[id].contents.clone()),
+                })
+                .collect();
+            let result = exchange_runtime::validate::validate_document(
+                leak(info.schema_id.clone()),
+                leak(document.contents.clone()),
+                &dependencies,
+                &serde_json::json!({}),
+            );
+            if let Err(error) = result {
                 assert!(
-                    schema.pointer(target).is_some(),
-                    "{}{pointer}: {reference} dangles",
+                    !error.violations().is_empty(),
+                    "{} does not compile: {error}",
                     info.schema_id
                 );
             }
-            jsonschema::validator_for(&schema)
-                .unwrap_or_else(|e| panic!("{} does not compile: {e}", info.schema_id));
             checked += 1;
         }
     }

@@ -23,9 +23,27 @@
 //!   settled or dropped); a dropped unsettled delivery is requeued.
 //! - Headers: `x-` names are refused with [`BrokerError::Invalid`] (RabbitMQ
 //!   3.13+ drops client-set ones); broker-added `x-` headers are not surfaced.
-//! - Channel errors (404, 406, ...) cost only the channel: each declaration,
-//!   `get` and `pending` runs on a fresh channel, publishes share one confirm
-//!   channel that is reopened after an error.
+//! - Two connections: publishes go over their own (`<name> (publish)`),
+//!   because RabbitMQ blocks a connection that publishes during a resource
+//!   alarm and a blocked connection sends nothing, acks included; everything
+//!   else goes over the main one.
+//! - Channel errors (404, 406, ...) cost only the channel: declarations,
+//!   bindings and deletions take turns on one operations channel, replaced
+//!   after an error; each consumer, `get` and `pending` has a channel of its
+//!   own; publishes share one confirm channel, replaced after an error (a
+//!   publish that another publish's error cut off is resent). lapin fails a
+//!   reused channel id with the error of the channel the broker closed under
+//!   it, so a connection with such closed channels is replaced, as after a
+//!   loss, before its channel ids wrap (2,047 on RabbitMQ).
+//! - Every published message has a message id (a UUID when it has none); at
+//!   most one copy of it is unconfirmed at a time, and a failed publish says
+//!   whether it was refused ([`BrokerError::NotConfirmed`],
+//!   [`BrokerError::QueueFull`]), never sent ([`BrokerError::Unreachable`]) or
+//!   sent but unconfirmed ([`BrokerError::Unconfirmed`]: it may be delivered).
+//! - Messages lapin cannot parse (a short string that is not UTF-8) are set
+//!   aside to their queue's dead-letter destination; see [`raw`].
+//! - Dropping every handle closes both connections, even while consumers
+//!   read: their streams end.
 //!
 //! # Connection recovery
 //!
@@ -76,17 +94,17 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
-use convert::{MAX_TTL_MS, Target, short};
+use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
 use link::{Lane, Link, LinkState, Readers, Role, Topology};
 pub use raw::PoisonEvent;
 pub use wire::{InvalidField, WireError};
 
 use super::{
-    Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions,
-    OutgoingMessage, PendingMessage, QueueOptions,
+    Broker, BrokerError, DEFAULT_EXCHANGE, DELAYED_CC_HEADER, Delivery, DeliveryStream,
+    ExchangeOptions, OutgoingMessage, PendingMessage, QueueOptions,
 };
 
-/// A [`Broker`] on RabbitMQ. Cheap to clone; clones share one connection.
+/// A [`Broker`] on RabbitMQ. Cheap to clone; clones share its connections.
 #[derive(Clone)]
 pub struct AmqpBroker {
     shared: Arc<Shared>,
@@ -412,10 +430,11 @@ impl AmqpBroker {
         routing_key: &str,
         message: &OutgoingMessage,
         mandatory: bool,
+        cc_header: &str,
     ) -> Result<(), BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
-        let properties = convert::properties(message)?;
+        let properties = convert::properties(message, cc_header)?;
         let options = BasicPublishOptions {
             mandatory,
             immediate: false,
@@ -746,7 +765,10 @@ fn random_suffix() -> String {
 /// Forwards deliveries from `queue` into `sender` until the stream's receiver
 /// is dropped, re-subscribing after connection loss or a server-side cancel.
 async fn forward_deliveries(
-    broker: AmqpBroker,
+    // Weak: dropping every broker handle closes the connection and ends the
+    // stream, as with the embedded broker, even while it is consumed.
+    broker: std::sync::Weak<Shared>,
+    mut closing: watch::Receiver<LinkState>,
     queue: ShortString,
     prefetch: u16,
     sender: mpsc::Sender<Result<Delivery, BrokerError>>,
@@ -760,6 +782,7 @@ async fn forward_deliveries(
         loop {
             tokio::select! {
                 _ = sender.closed() => return, // Drops the consumer (basic.cancel) and closes its channel.
+                () = link::until_closed(&mut closing) => return,
                 // lapin's consumer may stay silent after a parse failure killed its connection.
                 () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
@@ -779,6 +802,10 @@ async fn forward_deliveries(
         drop(consumer);
         drop(channel);
         subscription = loop {
+            let Some(shared) = broker.upgrade() else {
+                return;
+            };
+            let broker = AmqpBroker { shared };
             let attempt = tokio::select! {
                 _ = sender.closed() => return,
                 attempt = broker.subscribe(&queue, prefetch) => attempt,
@@ -970,7 +997,7 @@ impl Broker for AmqpBroker {
         // Straight to a queue: a missing queue is reported, not a silent drop.
         let mandatory = exchange == DEFAULT_EXCHANGE;
         let message = message.with_message_id();
-        self.publish_confirmed(exchange, routing_key, &message, mandatory)
+        self.publish_confirmed(exchange, routing_key, &message, mandatory, CC_HEADER)
             .await
     }
 
@@ -985,7 +1012,7 @@ impl Broker for AmqpBroker {
         if delay_ms == 0 {
             // Mandatory: a missing queue is an error here, not a silent drop.
             return self
-                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true)
+                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true, DELAYED_CC_HEADER)
                 .await;
         }
         // Capping the tier at RabbitMQ's TTL limit keeps it never early:
@@ -1014,49 +1041,53 @@ impl Broker for AmqpBroker {
             .max(tier_ms_signed + 60_000)
             .min(MAX_TTL_MS);
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+        // The target must exist now: a message dead-lettered to a missing queue vanishes.
+        let exists = self
+            .run("check queue", &Target::queue(queue), |link| {
+                let target_queue = target_queue.clone();
+                async move {
+                    link.on_operations(|channel| async move {
+                        let passive = QueueDeclareOptions {
+                            passive: true,
+                            ..Default::default()
+                        };
+                        channel
+                            .queue_declare(target_queue, passive, FieldTable::default())
+                            .await
+                    })
+                    .await
+                }
+            })
+            .await;
+        match exists {
+            // Another connection's exclusive queue: it exists, and publishing to it is allowed.
+            Ok(_) | Err(BrokerError::Conflict { .. }) => {}
+            Err(error) => return Err(error),
+        }
         self.run("delay queue for", &Target::queue(queue), |link| {
-            let (target_queue, delay_queue_name, arguments) = (
-                target_queue.clone(),
-                delay_queue_name.clone(),
-                arguments.clone(),
-            );
+            let (delay_queue_name, arguments) = (delay_queue_name.clone(), arguments.clone());
             async move {
                 link.on_operations(|channel| async move {
-                    // The target must exist now: a message dead-lettered to a missing queue vanishes.
+                    let durable = QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    };
                     channel
-                        .queue_declare(
-                            target_queue,
-                            QueueDeclareOptions {
-                                passive: true,
-                                ..Default::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await?;
-                    channel
-                        .queue_declare(
-                            delay_queue_name,
-                            QueueDeclareOptions {
-                                durable: true,
-                                ..Default::default()
-                            },
-                            arguments,
-                        )
+                        .queue_declare(delay_queue_name, durable, arguments)
                         .await
                 })
                 .await
             }
         })
         .await?;
-        // Checked as sent, but parked without CC keys: they would route
-        // copies straight to the queues they name, undelayed.
-        convert::properties(&message)?;
-        let parked = OutgoingMessage {
-            cc: Vec::new(),
-            ..message
-        };
-        self.publish_confirmed(DEFAULT_EXCHANGE, &delay_queue, &parked, true)
-            .await
+        self.publish_confirmed(
+            DEFAULT_EXCHANGE,
+            &delay_queue,
+            &message,
+            true,
+            DELAYED_CC_HEADER,
+        )
+        .await
     }
 
     async fn consume(&self, queue: &str, prefetch: u16) -> Result<DeliveryStream, BrokerError> {
@@ -1070,7 +1101,8 @@ impl Broker for AmqpBroker {
         let subscription = self.subscribe(&queue_name, prefetch).await?;
         let (sender, receiver) = mpsc::channel(usize::from(prefetch));
         tokio::spawn(forward_deliveries(
-            self.clone(),
+            Arc::downgrade(&self.shared),
+            self.shared.main.state.subscribe(),
             queue_name,
             prefetch,
             sender,

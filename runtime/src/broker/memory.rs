@@ -234,13 +234,11 @@ impl Broker for MemoryBroker {
     }
 
     /// The message enters the queue when the delay (clamped to
-    /// [`MAX_DELAY`](super::MAX_DELAY), as on RabbitMQ) has passed, as if
-    /// put then into the queue, without its CC keys (as the RabbitMQ broker's
-    /// delay queue drops them); if the queue is gone or full by then,
-    /// it is dropped (logged). Without a delay it is published to the default
-    /// exchange at once, CC keys and all, as the RabbitMQ broker does. The
-    /// delay is exact (RabbitMQ's broker rounds it up to a tier, which can
-    /// reorder messages: see [`Broker::publish_delayed`]).
+    /// [`MAX_DELAY`](super::MAX_DELAY), as on RabbitMQ) has passed; if the
+    /// queue is gone or full by then, it is dropped (logged). Its CC keys
+    /// route nothing (it keeps them). The delay is exact (RabbitMQ's broker
+    /// rounds it up to a tier, which can reorder messages: see
+    /// [`Broker::publish_delayed`]).
     async fn publish_delayed(
         &self,
         queue: &str,
@@ -249,20 +247,19 @@ impl Broker for MemoryBroker {
     ) -> Result<(), BrokerError> {
         let message = message.with_message_id();
         if delay.is_zero() {
-            // As the RabbitMQ broker puts it: published to the default
-            // exchange, so CC keys naming queues put it there too.
-            return self.with_state(|state, _| state.publish(DEFAULT_EXCHANGE, queue, message));
+            State::check_put(queue, &message)?;
+        } else {
+            self.with_state(|state, _| state.check_put_later(queue, &message))?;
         }
-        self.with_state(|state, connection| state.check_put_later(queue, &message, connection))?;
         let content = Arc::new(Content {
             exchange: DEFAULT_EXCHANGE.to_owned(),
             routing_key: queue.to_owned(),
-            message: OutgoingMessage {
-                cc: Vec::new(),
-                ..message
-            },
+            message,
             expired_from: Vec::new(),
         });
+        if delay.is_zero() {
+            return self.with_state(|state, _| state.enqueue(queue, content));
+        }
         let delay = delay.min(super::MAX_DELAY);
         let runtime = runtime()?;
         let shared = Arc::downgrade(self.shared());

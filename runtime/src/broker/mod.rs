@@ -27,6 +27,10 @@ pub const DEFAULT_EXCHANGE: &str = "";
 /// retry backoffs and job delays never exceed it either.
 pub const MAX_DELAY: Duration = Duration::from_millis(u32::MAX as u64);
 
+/// The header that carries a delayed message's CC keys through RabbitMQ's
+/// delay queue (a `CC` header there would route copies at once); reserved.
+pub const DELAYED_CC_HEADER: &str = "tc-delayed-cc";
+
 /// Options for declaring an exchange (always of type `topic`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ExchangeOptions {
@@ -123,14 +127,12 @@ impl OutgoingMessage {
     /// silently reset) and `CC`/`BCC` are set from [`cc`](Self::cc). Both
     /// brokers refuse such a message with [`BrokerError::Invalid`].
     pub fn check_headers(&self) -> Result<(), BrokerError> {
-        match self
-            .headers
-            .keys()
-            .find(|name| name.starts_with("x-") || *name == "CC" || *name == "BCC")
-        {
+        match self.headers.keys().find(|name| {
+            name.starts_with("x-") || ["CC", "BCC", DELAYED_CC_HEADER].contains(&name.as_str())
+        }) {
             Some(name) => Err(BrokerError::Invalid(format!(
                 "header `{name}` is reserved: `x-` names belong to the broker (RabbitMQ 3.13+ drops \
-                 client-set ones) and CC/BCC are set from `OutgoingMessage::cc`"
+                 client-set ones) and CC/BCC (and {DELAYED_CC_HEADER}) are set from `OutgoingMessage::cc`"
             ))),
             None => Ok(()),
         }
@@ -352,9 +354,8 @@ pub trait Broker: Clone + Send + Sync + 'static {
     /// Puts a message into a queue directly, visible only after `delay`
     /// (zero: at once). Returns once the broker holds the message.
     ///
-    /// With a delay, the message goes to `queue` only and arrives without its
-    /// CC keys; without one, it is published to the default exchange, so CC
-    /// keys naming queues put it into those too.
+    /// The message goes to `queue` only: it keeps its CC keys, which route
+    /// nothing here.
     ///
     /// A delay longer than [`MAX_DELAY`] (RabbitMQ's TTL limit, about 49.7
     /// days) is clamped to it: accepted, and the message waits [`MAX_DELAY`].

@@ -357,6 +357,8 @@ pub struct Flaky {
     pub fail_delays_from: Arc<Mutex<Option<Duration>>>,
     pub publishes: Arc<AtomicU32>,
     pub declarations: Arc<AtomicU32>,
+    /// Milliseconds each exchange declaration takes.
+    pub declaration_ms: Arc<AtomicU32>,
     pub subscriptions: Arc<AtomicU32>,
 }
 
@@ -369,6 +371,7 @@ impl Flaky {
             fail_delays_from: Arc::new(Mutex::new(None)),
             publishes: Arc::new(AtomicU32::new(0)),
             declarations: Arc::new(AtomicU32::new(0)),
+            declaration_ms: Arc::new(AtomicU32::new(0)),
             subscriptions: Arc::new(AtomicU32::new(0)),
         }
     }
@@ -390,6 +393,8 @@ impl Broker for Flaky {
         options: ExchangeOptions,
     ) -> Result<(), BrokerError> {
         self.declarations.fetch_add(1, Ordering::SeqCst);
+        let pause = self.declaration_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(pause.into())).await;
         self.inner.declare_exchange(name, options).await
     }
 

@@ -37,12 +37,11 @@ impl Rng {
     }
 }
 
-/// Connects to RabbitMQ (`AMQP_URL`, default
-/// `amqp://guest:guest@127.0.0.1:5672/%2f`) as `connection_name`; panics,
-/// saying how to start it, when it is unreachable.
+/// Connects to the tests' RabbitMQ ([`crate::local_services::rabbitmq_url`];
+/// a test binary using this module declares `mod local_services;` too) as
+/// `connection_name`; panics, saying how to start it, when it is unreachable.
 pub async fn rabbitmq(connection_name: &str) -> AmqpBroker {
-    let url = std::env::var("AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
+    let url = crate::local_services::rabbitmq_url();
     let config = AmqpConfig::from_url(&url)
         .expect("AMQP_URL must be a valid amqp:// URL")
         .with_connection_name(connection_name)

@@ -72,6 +72,7 @@ macro_rules! conformance_tests {
             expired_messages_are_dead_lettered,
             delayed_publish_is_not_visible_early,
             delayed_publish_past_the_limit_is_clamped,
+            delayed_publish_keeps_its_cc_keys_and_routes_by_them_nowhere,
             get_and_pending,
             cancelled_consumer_requeues_its_deliveries,
             dropped_delivery_is_requeued,
@@ -789,6 +790,39 @@ pub async fn delayed_publish_is_not_visible_early<B: Broker>(broker: &B) {
     ack(delivery).await;
     drop(stream);
     delete_queues(broker, &[&queue]).await;
+}
+
+/// A delayed message goes to its queue only, after the delay, with its CC
+/// keys: a queue named like a CC key gets no copy (RabbitMQ would route one
+/// at once by a `CC` header through the default exchange).
+pub async fn delayed_publish_keeps_its_cc_keys_and_routes_by_them_nowhere<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "delayed-cc", QueueOptions::default()).await;
+    let bystander = new_queue(broker, "delayed-cc-bystander", QueueOptions::default()).await;
+    for delay in [Duration::from_millis(150), Duration::ZERO] {
+        let cc_message = OutgoingMessage {
+            cc: vec![bystander.clone(), "route.a.b".to_owned()],
+            ..message("with cc")
+        };
+        broker
+            .publish_delayed(&queue, cc_message, delay)
+            .await
+            .expect("publishing with a delay and CC keys");
+        let mut stream = consume(broker, &queue, 1).await;
+        let delivery = next_delivery(&mut stream, "the delayed message").await;
+        assert_eq!(
+            delivery.cc,
+            [bystander.clone(), "route.a.b".to_owned()],
+            "{delay:?}"
+        );
+        assert!(delivery.headers.is_empty(), "{:?}", delivery.headers);
+        ack(delivery).await;
+        drop(stream);
+        assert!(
+            pending_bodies(broker, &bystander).await.is_empty(),
+            "a CC-named queue got a copy ({delay:?})"
+        );
+    }
+    delete_queues(broker, &[&queue, &bystander]).await;
 }
 
 /// A delay past [`MAX_DELAY`] is accepted, clamped to it: the message waits
@@ -1611,8 +1645,8 @@ pub async fn full_queue_is_named_across_connections<B: Broker>(broker: &B, other
     delete_queues(broker, &[&queue]).await;
 }
 
-/// With a delay, a put goes to its queue only, after the delay, without its
-/// CC keys; without a delay, its CC keys naming queues put it there too.
+/// A put, delayed or not, goes to its queue only: it keeps its CC keys,
+/// which route nothing.
 pub async fn delayed_put_goes_to_its_queue_only<B: Broker>(broker: &B) {
     let queue = new_queue(broker, "put-cc", QueueOptions::default()).await;
     let other = new_queue(broker, "put-cc-other", QueueOptions::default()).await;
@@ -1633,13 +1667,14 @@ pub async fn delayed_put_goes_to_its_queue_only<B: Broker>(broker: &B) {
     let mut stream = consume(broker, &queue, 2).await;
     let now = next_delivery(&mut stream, "the undelayed put").await;
     assert_eq!(body(&now), "now");
-    assert_eq!(now.cc, std::slice::from_ref(&other));
     let later = next_delivery(&mut stream, "the delayed put").await;
     assert!(start.elapsed() >= delay, "after {:?}", start.elapsed());
     assert_eq!(body(&later), "later");
-    assert!(later.cc.is_empty(), "{:?}", later.cc);
-    assert_eq!(later.routing_key, queue);
-    assert_pending(broker, &other, &["now"]).await;
+    for delivery in [&now, &later] {
+        assert_eq!(delivery.cc, std::slice::from_ref(&other));
+        assert_eq!(delivery.routing_key, queue);
+    }
+    assert_pending(broker, &other, &[]).await;
     for delivery in [now, later] {
         ack(delivery).await;
     }

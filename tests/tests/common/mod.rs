@@ -2,13 +2,16 @@
 
 #![allow(dead_code)] // each test binary uses a different subset
 
+#[path = "../../../runtime/tests/local_services/mod.rs"]
+mod local_services;
+
 use exchange_runtime::broker::amqp::AmqpBroker;
 use serde_json::json;
 use taskcluster_exchanges::queue::{TaskDefinedMessage, TaskRunningMessage, TaskStatusStructure};
 
 /// The RabbitMQ the broker tests use: `AMQP_URL`, or the local one.
 pub fn amqp_url() -> String {
-    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+    local_services::rabbitmq_url()
 }
 
 /// Connects to RabbitMQ; a test that needs it fails (never skips) when it is down.

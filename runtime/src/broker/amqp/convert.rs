@@ -10,8 +10,8 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use crate::broker::{
-    AckHandle, BoxFuture, BrokerError, Delivery, OutgoingMessage, PendingMessage, QueueOptions,
-    QueueType,
+    AckHandle, BoxFuture, BrokerError, DELAYED_CC_HEADER, Delivery, OutgoingMessage,
+    PendingMessage, QueueOptions, QueueType,
 };
 
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
@@ -27,8 +27,12 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError>
     })
 }
 
-/// The AMQP properties of an outgoing message.
-pub(crate) fn properties(message: &OutgoingMessage) -> Result<BasicProperties, BrokerError> {
+/// The AMQP properties of an outgoing message; its CC keys go under
+/// `cc_header` ([`CC_HEADER`], or [`DELAYED_CC_HEADER`] through a delay queue).
+pub(crate) fn properties(
+    message: &OutgoingMessage,
+    cc_header: &str,
+) -> Result<BasicProperties, BrokerError> {
     let mut properties =
         BasicProperties::default().with_delivery_mode(if message.persistent { 2 } else { 1 });
     if let Some(content_type) = &message.content_type {
@@ -52,7 +56,7 @@ pub(crate) fn properties(message: &OutgoingMessage) -> Result<BasicProperties, B
             short("CC routing key", key)?;
             keys.push(AMQPValue::LongString(LongString::from(key.as_bytes())));
         }
-        headers.insert(CC_HEADER.into(), AMQPValue::FieldArray(keys));
+        headers.insert(short("CC header", cc_header)?, AMQPValue::FieldArray(keys));
     }
     if !headers.inner().is_empty() {
         properties = properties.with_headers(headers);
@@ -72,7 +76,7 @@ pub(crate) fn received_headers(
     };
     for (name, value) in table {
         let name = name.as_str();
-        if name == CC_HEADER {
+        if name == CC_HEADER || name == DELAYED_CC_HEADER {
             if let AMQPValue::FieldArray(keys) = value {
                 cc.extend(keys.as_slice().iter().filter_map(value_text));
             }
@@ -443,7 +447,7 @@ mod tests {
             headers: BTreeMap::from([("attempt".to_owned(), "3".to_owned())]),
             cc: vec!["route.a".into(), "route.b".into()],
         };
-        let properties = properties(&message).expect("valid message");
+        let properties = properties(&message, CC_HEADER).expect("valid message");
         assert_eq!(*properties.delivery_mode(), Some(2));
         let (headers, cc) = received_headers(&properties);
         assert_eq!(headers, message.headers);
@@ -455,7 +459,7 @@ mod tests {
         let mut message = OutgoingMessage::default();
         message.headers.insert("x-attempt".into(), "1".into());
         assert!(
-            matches!(properties(&message), Err(BrokerError::Invalid(m)) if m.contains("x-attempt"))
+            matches!(properties(&message, CC_HEADER), Err(BrokerError::Invalid(m)) if m.contains("x-attempt"))
         );
         let error = short("queue", &"q".repeat(256)).unwrap_err();
         assert!(error.to_string().contains("256 bytes"), "{error}");

@@ -168,6 +168,13 @@ pub(crate) async fn until_dead(dead: &mut watch::Receiver<bool>) {
     let _ = dead.wait_for(|dead| *dead).await;
 }
 
+/// Resolves once the lane `state` is closed (or gone).
+pub(crate) async fn until_closed(state: &mut watch::Receiver<LinkState>) {
+    let _ = state
+        .wait_for(|state| matches!(state, LinkState::Closed))
+        .await;
+}
+
 /// The state operations look at to find the connection.
 #[derive(Clone)]
 pub(crate) enum LinkState {

@@ -662,18 +662,27 @@ impl State {
         self.expire(name);
     }
 
+    /// Checks a message put straight into a queue, as the RabbitMQ broker
+    /// does: the queue name (its routing key), then the message's fields.
+    pub(super) fn check_put(queue: &str, message: &OutgoingMessage) -> Result<(), BrokerError> {
+        check_len("routing key", queue)?;
+        check_message(message)
+    }
+
     /// Checks a message put into a queue after a delay, in the RabbitMQ
-    /// broker's order: the queue name, that the queue exists and this
-    /// connection may use it (its delay queue is declared, after a passive
-    /// declaration of the queue, before the message is sent), the message's
-    /// fields.
+    /// broker's order: the queue name, that the queue exists (any
+    /// connection's: publishing to an exclusive queue is open to all; its
+    /// delay queue is declared before the message is sent), then the
+    /// message's fields.
     pub(super) fn check_put_later(
         &self,
         queue: &str,
         message: &OutgoingMessage,
-        connection: u64,
     ) -> Result<(), BrokerError> {
-        self.check_queue(queue, connection)?;
+        check_len("queue name", queue)?;
+        if !self.queues.contains_key(queue) {
+            return Err(BrokerError::QueueNotFound(queue.to_owned()));
+        }
         check_message(message)
     }
 
