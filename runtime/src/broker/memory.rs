@@ -44,6 +44,9 @@
 //!   of zero it is delivered if a consumer can take it, else expires at once).
 //! - A requeued message (nack with requeue, a cancelled consumer, a dropped
 //!   unsettled delivery) returns to its original place with `redelivered` set.
+//! - A message put into a queue ([`Broker::publish_delayed`]) keeps its CC
+//!   keys but is routed by none of them, not even when dead-lettered (the
+//!   RabbitMQ broker carries them in another header).
 //! - A rejected or expired message goes to the queue's dead-letter exchange,
 //!   with its dead-letter routing key (CC keys dropped) or else its own keys;
 //!   it is dropped without a dead-letter exchange. A message is not
@@ -256,6 +259,7 @@ impl Broker for MemoryBroker {
             routing_key: queue.to_owned(),
             message,
             expired_from: Vec::new(),
+            cc_routes: false,
         });
         if delay.is_zero() {
             return self.with_state(|state, _| state.enqueue(queue, content));

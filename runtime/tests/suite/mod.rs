@@ -92,6 +92,7 @@ macro_rules! conformance_tests {
             long_fields_are_refused_in_order,
             delays_are_never_early_but_may_reorder,
             delayed_put_goes_to_its_queue_only,
+            dead_lettered_put_keeps_to_its_queue,
         );
     };
     (@pairs $make_broker:path, $connect_again:path; $($behaviour:ident),* $(,)?) => {
@@ -1679,5 +1680,37 @@ pub async fn delayed_put_goes_to_its_queue_only<B: Broker>(broker: &B) {
         ack(delivery).await;
     }
     drop(stream);
+    delete_queues(broker, &[&queue, &other]).await;
+}
+
+/// A put's CC keys route nothing when it is dead-lettered either: rejected
+/// into the default exchange by its own key, it goes back to its queue only,
+/// CC keys kept.
+pub async fn dead_lettered_put_keeps_to_its_queue<B: Broker>(broker: &B) {
+    let other = new_queue(broker, "dl-put-other", QueueOptions::default()).await;
+    let queue = new_queue(
+        broker,
+        "dl-put",
+        QueueOptions {
+            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+            ..QueueOptions::default()
+        },
+    )
+    .await;
+    let put = OutgoingMessage {
+        cc: vec![other.clone()],
+        ..message("put")
+    };
+    broker
+        .publish_delayed(&queue, put, Duration::ZERO)
+        .await
+        .expect("a put");
+    let delivery = get_eventually(broker, &queue).await;
+    delivery.nack(false).await.expect("reject");
+    let again = get_eventually(broker, &queue).await;
+    assert_eq!(body(&again), "put");
+    assert_eq!(again.cc, std::slice::from_ref(&other));
+    ack(again).await;
+    assert_pending(broker, &other, &[]).await;
     delete_queues(broker, &[&queue, &other]).await;
 }

@@ -167,6 +167,10 @@ pub(super) struct Content {
     pub(super) exchange: String,
     pub(super) routing_key: String,
     pub(super) message: OutgoingMessage,
+    /// Whether the CC keys route it (published), or only travel with it (put
+    /// into a queue: the RabbitMQ broker carries them in another header,
+    /// which dead-lettering neither routes by nor drops).
+    pub(super) cc_routes: bool,
     /// Queues the message expired from since it was published or last
     /// rejected: dead-lettering skips them, breaking expiry cycles as
     /// RabbitMQ does (a cycle with a rejection in it is left alone).
@@ -562,13 +566,19 @@ impl State {
             routing_key: routing_key.to_owned(),
             message,
             expired_from: Vec::new(),
+            cc_routes: true,
         });
         self.route(content)
     }
 
     fn route(&mut self, content: Arc<Content>) -> Result<(), BrokerError> {
-        let keys = std::iter::once(content.routing_key.as_str())
-            .chain(content.message.cc.iter().map(String::as_str));
+        let cc: &[String] = if content.cc_routes {
+            &content.message.cc
+        } else {
+            &[]
+        };
+        let keys =
+            std::iter::once(content.routing_key.as_str()).chain(cc.iter().map(String::as_str));
         let targets: Vec<String> = if content.exchange == DEFAULT_EXCHANGE {
             let mut names: Vec<String> = keys
                 .filter(|key| self.queues.contains_key(*key))
@@ -742,7 +752,9 @@ impl State {
         let mut republished = message.content.message.clone();
         let routing_key = match routing_key {
             Some(key) => {
-                republished.cc.clear();
+                if message.content.cc_routes {
+                    republished.cc.clear();
+                }
                 key.to_owned()
             }
             None => message.content.routing_key.clone(),
@@ -752,6 +764,7 @@ impl State {
             routing_key,
             message: republished,
             expired_from,
+            cc_routes: message.content.cc_routes,
         });
         if let Err(error) = self.route(content) {
             tracing::warn!(%error, queue = from, "dead-lettered message dropped");
