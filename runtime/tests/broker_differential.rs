@@ -610,9 +610,9 @@ impl<B: Broker> Side<B> {
             }
         }
         // Settling a consumer's delivery after its queue is gone succeeds on
-        // RabbitMQ and the embedded broker, but the RabbitMQ broker closes the
-        // consumer's channel when RabbitMQ cancels it, so it fails there (the
-        // channel-lifecycle part of issue 11): such deliveries are let go.
+        // both brokers (the suite's
+        // `settling_consumed_deliveries_after_the_queue_is_gone_succeeds`);
+        // here such deliveries are let go, so later steps stay comparable.
         self.held
             .retain(|held| !(held.consumed && held.queue == queue));
     }

@@ -787,7 +787,10 @@ async fn forward_deliveries(
                 () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
                     Some(Ok(delivery)) => {
-                        if sender.send(Ok(convert::delivery(delivery, None, dead.clone()))).await.is_err() {
+                        // Each delivery keeps its channel open until settled: a consumer the
+                        // broker cancels (its queue deleted) can still settle what it holds.
+                        let delivery = convert::delivery(delivery, Some(channel.clone()), dead.clone());
+                        if sender.send(Ok(delivery)).await.is_err() {
                             return;
                         }
                     }

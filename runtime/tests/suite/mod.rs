@@ -87,6 +87,7 @@ macro_rules! conformance_tests {
             exclusive_queue_durability_is_not_compared,
             default_and_amq_exchanges_follow_rabbitmq,
             settling_after_the_queue_is_gone_succeeds,
+            settling_consumed_deliveries_after_the_queue_is_gone_succeeds,
             requeued_message_goes_to_the_consumer_in_turn,
             consumers_at_their_limit_rejoin_at_the_back,
             long_fields_are_refused_in_order,
@@ -1369,6 +1370,30 @@ pub async fn settling_after_the_queue_is_gone_succeeds<B: Broker>(broker: &B) {
     drop((acked, requeued, rejected));
     assert_pending(broker, &queue, &[]).await;
     delete_queues(broker, &[&queue]).await;
+}
+
+/// As above, for deliveries a consumer held when its queue was deleted (the
+/// broker cancels the consumer; what it holds can still be settled).
+pub async fn settling_consumed_deliveries_after_the_queue_is_gone_succeeds<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "settle-gone-consumed", QueueOptions::default()).await;
+    for n in 0..2 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let mut stream = consume(broker, &queue, 2).await;
+    let acked = next_delivery(&mut stream, "the first message").await;
+    let rejected = next_delivery(&mut stream, "the second message").await;
+    delete_queues(broker, &[&queue]).await;
+    acked
+        .acker
+        .ack()
+        .await
+        .expect("ack after the queue is gone");
+    rejected
+        .acker
+        .nack(false)
+        .await
+        .expect("reject after the queue is gone");
+    drop((acked, rejected, stream));
 }
 
 /// Waits until a settlement (which RabbitMQ does not answer) has reached the

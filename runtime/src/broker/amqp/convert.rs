@@ -163,7 +163,8 @@ pub(crate) fn pending(delivery: lapin::message::Delivery) -> PendingMessage {
 
 struct LapinAcker {
     acker: lapin::Acker,
-    /// A `get`'s own channel, closed once the delivery is gone.
+    /// The delivery's channel (a `get`'s own, or its consumer's), kept open
+    /// until the delivery is settled or dropped.
     channel: Option<Channel>,
     /// Turns true when the delivery's connection is seen dead: lapin may
     /// then never answer an ack.
