@@ -781,7 +781,11 @@ async fn forward_deliveries(
         let mut died = dead.clone();
         loop {
             tokio::select! {
-                _ = sender.closed() => return, // Drops the consumer (basic.cancel) and closes its channel.
+                _ = sender.closed() => {
+                    // Closed even while deliveries hold it: what they hold goes back to the queue now.
+                    let _ = channel.close(200, "consumer stream dropped".into()).await;
+                    return;
+                }
                 () = link::until_closed(&mut closing) => return,
                 // lapin's consumer may stay silent after a parse failure killed its connection.
                 () = link::until_dead(&mut died) => break,
