@@ -887,36 +887,3 @@ async fn delayed_publish_reaches_another_connections_exclusive_queue() {
     owner.close().await;
     other.close().await;
 }
-
-/// Dropping every handle of a broker closes its connection even while a
-/// consumer reads its exclusive queue (as with the embedded broker): the
-/// stream ends and the queue is gone.
-#[tokio::test]
-async fn dropping_every_handle_closes_the_connection_and_its_exclusive_queues() {
-    let broker = connect_named(&unique("dropped-handles")).await;
-    let queue = broker
-        .declare_queue("", QueueOptions::default())
-        .await
-        .expect("declare exclusive queue");
-    let mut stream = broker.consume(&queue, 1).await.expect("consume");
-    drop(broker);
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("the stream ends within 5 s");
-    assert!(
-        matches!(end, None | Some(Err(BrokerError::Closed))),
-        "{end:?}"
-    );
-    let observer = connect().await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match observer.get(&queue).await {
-            Err(BrokerError::QueueNotFound(_)) => break,
-            other => assert!(
-                Instant::now() < deadline,
-                "the exclusive queue outlived its connection: {other:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

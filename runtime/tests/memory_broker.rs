@@ -543,31 +543,3 @@ async fn concurrent_publishers_and_consumers_deliver_each_message_once() {
             .unwrap();
     }
 }
-
-/// As on RabbitMQ (`amqp_broker.rs` has the same case): dropping every handle
-/// of a connection closes it even while a consumer reads its exclusive queue.
-#[tokio::test]
-async fn dropping_every_handle_closes_the_connection_and_its_exclusive_queues() {
-    let observer = MemoryBroker::new();
-    let broker = observer.connect();
-    let queue = broker
-        .declare_queue("", QueueOptions::default())
-        .await
-        .expect("declare exclusive queue");
-    let mut stream = broker.consume(&queue, 1).await.expect("consume");
-    drop(broker);
-    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
-        .await
-        .expect("the stream ends within 5 s");
-    assert!(
-        matches!(end, None | Some(Err(BrokerError::Closed))),
-        "{end:?}"
-    );
-    assert!(
-        matches!(
-            observer.get(&queue).await,
-            Err(BrokerError::QueueNotFound(_))
-        ),
-        "the exclusive queue outlived its connection"
-    );
-}

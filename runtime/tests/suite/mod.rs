@@ -54,6 +54,9 @@ macro_rules! conformance_tests {
         $crate::suite::conformance_tests!(@pairs $make_broker, $connect_again;
             full_queue_is_named_across_connections,
         );
+        $crate::suite::conformance_tests!(@owned_pairs $make_broker, $connect_again;
+            dropping_every_handle_closes_the_connection_and_its_exclusive_queues,
+        );
         $crate::suite::conformance_tests!(@each $make_broker;
             topic_routing_follows_rabbitmq,
             default_exchange_routes_by_queue_name,
@@ -103,6 +106,16 @@ macro_rules! conformance_tests {
                 let broker = $make_broker().await;
                 let other = $connect_again(&broker).await;
                 $crate::suite::$behaviour(&broker, &other).await;
+            }
+        )*
+    };
+    (@owned_pairs $make_broker:path, $connect_again:path; $($behaviour:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $behaviour() {
+                let broker = $make_broker().await;
+                let other = $connect_again(&broker).await;
+                $crate::suite::$behaviour(broker, other).await;
             }
         )*
     };
@@ -1738,4 +1751,37 @@ pub async fn dead_lettered_put_keeps_to_its_queue<B: Broker>(broker: &B) {
     ack(again).await;
     assert_pending(broker, &other, &[]).await;
     delete_queues(broker, &[&queue, &other]).await;
+}
+
+/// Dropping every handle of a connection closes it even while a consumer
+/// reads its exclusive queue: the stream ends and the queue is gone (seen
+/// from `observer`, another connection to the same broker).
+pub async fn dropping_every_handle_closes_the_connection_and_its_exclusive_queues<B: Broker>(
+    broker: B,
+    observer: B,
+) {
+    let queue = broker
+        .declare_queue("", QueueOptions::default())
+        .await
+        .expect("declare exclusive queue");
+    let mut stream = consume(&broker, &queue, 1).await;
+    drop(broker);
+    let end = tokio::time::timeout(EVENTUALLY, stream.next())
+        .await
+        .expect("the stream ends");
+    assert!(
+        matches!(end, None | Some(Err(BrokerError::Closed))),
+        "{end:?}"
+    );
+    let deadline = Instant::now() + EVENTUALLY;
+    loop {
+        match observer.get(&queue).await {
+            Err(BrokerError::QueueNotFound(_)) => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "the exclusive queue outlived its connection: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
