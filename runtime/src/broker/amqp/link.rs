@@ -548,9 +548,10 @@ async fn sweep_poison(
     readers: &Readers,
     poison: &broadcast::Sender<PoisonEvent>,
 ) -> usize {
+    let reading = readers.snapshot();
+    let queues: Vec<String> = reading.iter().map(|(queue, _)| queue.clone()).collect();
     let mut lost = Vec::new();
-    let targets: Vec<SweepTarget> = readers
-        .snapshot()
+    let targets: Vec<SweepTarget> = reading
         .into_iter()
         .filter_map(|(queue, depth)| {
             let options = topology.queues.get(&queue);
@@ -572,7 +573,6 @@ async fn sweep_poison(
             })
         })
         .collect();
-    let queues: Vec<String> = readers.snapshot().into_iter().map(|(q, _)| q).collect();
     let lost = (!lost.is_empty()).then(|| {
         format!("exclusive queues {lost:?} died with the connection, with the messages in them")
     });

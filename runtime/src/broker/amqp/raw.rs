@@ -638,7 +638,7 @@ impl RawConnection {
                 .io
                 .read(&mut chunk)
                 .await
-                .map_err(|e| self.io_error(&e))?;
+                .map_err(|e| self.protocol(e))?;
             if read == 0 {
                 return Err(BrokerError::Connection(format!(
                     "{} closed the raw AMQP connection",
@@ -658,8 +658,8 @@ impl RawConnection {
         self.io
             .write_all(bytes)
             .await
-            .map_err(|e| self.io_error(&e))?;
-        self.io.flush().await.map_err(|e| self.io_error(&e))
+            .map_err(|e| self.protocol(e))?;
+        self.io.flush().await.map_err(|e| self.protocol(e))
     }
 
     fn wire<'w>(
@@ -669,11 +669,8 @@ impl RawConnection {
         result.map_err(|e| BrokerError::Invalid(e.to_string()))
     }
 
-    fn protocol(&self, error: WireError) -> BrokerError {
-        BrokerError::Connection(format!("raw AMQP connection to {}: {error}", self.endpoint))
-    }
-
-    fn io_error(&self, error: &std::io::Error) -> BrokerError {
+    /// A failure of this connection (malformed input, I/O), naming the endpoint.
+    fn protocol(&self, error: impl fmt::Display) -> BrokerError {
         BrokerError::Connection(format!("raw AMQP connection to {}: {error}", self.endpoint))
     }
 
