@@ -68,19 +68,30 @@ fn listening(address: SocketAddr) -> bool {
 
 /// Starts the installed broker when nothing listens on `address`.
 fn ensure_listening(address: SocketAddr) -> Result<(), String> {
+    ensure_started(address, "rabbitmq-server", &["-detached"], START)
+}
+
+/// Runs `program args` (which starts a service in the background, as `start`
+/// reads) when nothing listens on `address`, then waits for it to listen.
+fn ensure_started(
+    address: SocketAddr,
+    program: &str,
+    args: &[&str],
+    start: &str,
+) -> Result<(), String> {
     if listening(address) {
         return Ok(());
     }
-    let started = Command::new("rabbitmq-server")
-        .arg("-detached")
+    let started = Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
     match started {
-        Err(error) => return Err(format!("rabbitmq-server could not be run: {error}")),
+        Err(error) => return Err(format!("{program} could not be run: {error}")),
         Ok(status) if !status.success() => {
-            return Err(format!("`{START}` failed ({status})"));
+            return Err(format!("`{start}` failed ({status})"));
         }
         Ok(_) => {}
     }
@@ -95,4 +106,46 @@ fn ensure_listening(address: SocketAddr) -> Result<(), String> {
         "started, but not listening after {}s",
         STARTUP.as_secs()
     ))
+}
+
+/// The Redis the job-store tests use when `REDIS_URL` is unset.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// The command that starts the local Redis.
+const START_REDIS: &str = "redis-server --daemonize yes";
+
+/// `REDIS_URL` (or the local default), after making sure a local Redis there
+/// is running: started with `redis-server --daemonize yes` when installed
+/// and down; when it cannot be, the test binary stops at once with one line
+/// naming the service (the Redis tests are never skipped).
+pub fn redis_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| DEFAULT_REDIS_URL.to_owned());
+        let address = url
+            .strip_prefix("redis://")
+            .and_then(|rest| rest.split('/').next())
+            .map(|authority| authority.rsplit('@').next().unwrap_or(authority))
+            .and_then(|host_port| {
+                let with_port = if host_port.contains(':') {
+                    host_port.to_owned()
+                } else {
+                    format!("{host_port}:6379")
+                };
+                with_port.to_socket_addrs().ok()?.find(|a| a.ip().is_loopback())
+            });
+        if let Some(address) = address
+            && let Err(reason) =
+                ensure_started(address, "redis-server", &["--daemonize", "yes"], START_REDIS)
+        {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "Redis is not running on {address} ({reason}); start it with `{START_REDIS}` or set REDIS_URL"
+            );
+            std::process::exit(1);
+        }
+        url
+    })
+    .clone()
 }

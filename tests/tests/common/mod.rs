@@ -14,6 +14,11 @@ pub fn amqp_url() -> String {
     local_services::rabbitmq_url()
 }
 
+/// The Redis the job-store tests use: `REDIS_URL`, or the local one (started if down).
+pub fn redis_url() -> String {
+    local_services::redis_url()
+}
+
 /// Connects to RabbitMQ; a test that needs it fails (never skips) when it is down.
 pub async fn rabbitmq() -> AmqpBroker {
     let url = amqp_url();
