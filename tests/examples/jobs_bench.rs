@@ -28,7 +28,7 @@ struct Args {
     /// How many jobs.
     #[arg(long, default_value_t = 10_000)]
     jobs: usize,
-    /// Jobs a worker runs at once.
+    /// Jobs a worker runs at once, and enqueueing tasks.
     #[arg(long, default_value_t = 64)]
     concurrency: u16,
     /// RabbitMQ for the second run (needs --redis-url too).
@@ -98,8 +98,22 @@ async fn run<B: Broker>(
 
     let before = trips();
     let enqueueing = Instant::now();
-    for _ in 0..args.jobs {
-        jobs.enqueue(Job::new("noop", "")).await?;
+    // `concurrency` enqueuers at once: one alone waits out each publish confirm.
+    let jobs = Arc::new(jobs);
+    let mut enqueuers = tokio::task::JoinSet::new();
+    let lanes = usize::from(args.concurrency.max(1));
+    for lane in 0..lanes {
+        let jobs = Arc::clone(&jobs);
+        let share = args.jobs / lanes + usize::from(lane < args.jobs % lanes);
+        enqueuers.spawn(async move {
+            for _ in 0..share {
+                jobs.enqueue(Job::new("noop", "")).await?;
+            }
+            Ok::<(), exchange_runtime::jobs::JobError>(())
+        });
+    }
+    while let Some(finished) = enqueuers.join_next().await {
+        finished??;
     }
     let enqueued = enqueueing.elapsed();
     let enqueue_trips = trips() - before;
@@ -128,8 +142,8 @@ async fn run<B: Broker>(
 
     let n = args.jobs as f64;
     println!(
-        "{label}: {} no-op jobs, concurrency {}",
-        args.jobs, args.concurrency
+        "{label}: {} no-op jobs, {} enqueueing tasks, worker concurrency {}",
+        args.jobs, args.concurrency, args.concurrency
     );
     println!(
         "  enqueue: {:>9.0} jobs/s ({enqueued:.2?})",

@@ -98,6 +98,7 @@ async fn three_worker_processes_one_killed_mid_run() {
     let redis_url = common::redis_url();
     let prefix = common::unique("tc-jobs-processes");
     let queue = common::unique("jobs-processes");
+    let _keys = common::RedisKeys(prefix.clone());
     let store = RedisStore::connect(&redis_url, &prefix)
         .await
         .unwrap_or_else(|error| panic!("Redis is required at {redis_url}: {error}"));

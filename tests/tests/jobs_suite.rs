@@ -31,38 +31,12 @@ use exchange_runtime::queue::QueueMessage;
 /// Generous bound for things that must happen.
 const EVENTUALLY: Duration = Duration::from_secs(20);
 
-/// The store a case runs on. A Redis store's keys are deleted at the end of
-/// the case ([`Store::clean`]) or, when the case panics, as it is dropped.
+/// The store a case runs on. A Redis store's keys are deleted as it is
+/// dropped, also when the case panics.
 struct Store {
     shared: Arc<dyn StatusStore>,
     redis: Option<RedisStore>,
-    prefix: String,
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if self.redis.take().is_none() {
-            return;
-        }
-        // A fresh connection on a runtime of its own: the case's runtime is unwinding.
-        let prefix = self.prefix.clone();
-        let cleared = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            runtime.block_on(async {
-                RedisStore::connect(&common::redis_url(), &prefix)
-                    .await?
-                    .clear()
-                    .await
-            })
-        })
-        .join();
-        if !matches!(cleared, Ok(Ok(()))) {
-            eprintln!("the Redis keys under `{}` were not deleted", self.prefix);
-        }
-    }
+    _keys: Option<common::RedisKeys>,
 }
 
 impl Store {
@@ -70,7 +44,7 @@ impl Store {
         Store {
             shared: Arc::new(MemoryStatusStore::new()),
             redis: None,
-            prefix: String::new(),
+            _keys: None,
         }
     }
 
@@ -83,7 +57,7 @@ impl Store {
         Store {
             shared: Arc::new(store.clone()),
             redis: Some(store),
-            prefix,
+            _keys: Some(common::RedisKeys(prefix)),
         }
     }
 
@@ -91,8 +65,9 @@ impl Store {
         Arc::clone(&self.shared)
     }
 
-    async fn clean(mut self) {
-        if let Some(redis) = self.redis.take() {
+    /// Deletes the case's Redis keys (also done on drop, where a failure is only reported).
+    async fn clean(self) {
+        if let Some(redis) = &self.redis {
             redis.clear().await.expect("clearing the test's Redis keys");
         }
     }
@@ -682,3 +657,38 @@ suite!(
     on_success_jobs_wait_for_their_parent_and_get_its_result,
     schedules_enqueue_each_tick_once_across_schedulers,
 );
+
+/// Enqueueing, starting and recording a job successful take one Redis round
+/// trip each (the scripts loaded by an earlier job): three per job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_successful_job_costs_three_redis_round_trips() {
+    let store = Store::redis().await;
+    let redis = store.redis.clone().expect("a Redis store");
+    let (done, mut successes) = tokio::sync::mpsc::unbounded_channel();
+    let jobs = jobs(&MemoryBroker::new(), "jobs-trips", &store, |b| {
+        b.register_with(
+            "noop",
+            |_job: JobContext| async { Ok::<(), HandlerError>(()) },
+            JobCallbacks::new().on_success(move |record| {
+                let _ = done.send(record.id.clone());
+            }),
+        )
+    })
+    .await;
+    jobs.start().await.unwrap();
+    let mut costs = Vec::new();
+    for _ in 0..3 {
+        let before = redis.round_trips();
+        let id = jobs.enqueue(Job::new("noop", "")).await.unwrap();
+        let succeeded = tokio::time::timeout(EVENTUALLY, successes.recv())
+            .await
+            .expect("the job succeeds");
+        assert_eq!(succeeded, Some(id));
+        // The callback runs after the success is recorded, before the ack.
+        costs.push(redis.round_trips() - before);
+    }
+    // The first job also loads the scripts (NOSCRIPT, SCRIPT LOAD, again).
+    assert_eq!(costs[1..], [3, 3], "round trips per job: {costs:?}");
+    finish(&jobs).await;
+    store.clean().await;
+}

@@ -19,6 +19,33 @@ pub fn redis_url() -> String {
     local_services::redis_url()
 }
 
+/// Deletes the Redis keys under its prefix when dropped — also when a test
+/// panics (on a fresh connection, on a runtime of its own: the test's
+/// runtime may be unwinding).
+pub struct RedisKeys(pub String);
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let prefix = self.0.clone();
+        let cleared = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                exchange_runtime::jobs::redis::RedisStore::connect(&redis_url(), &prefix)
+                    .await?
+                    .clear()
+                    .await
+            })
+        })
+        .join();
+        if !matches!(cleared, Ok(Ok(()))) {
+            eprintln!("the Redis keys under `{}` were not deleted", self.0);
+        }
+    }
+}
+
 /// Connects to RabbitMQ; a test that needs it fails (never skips) when it is down.
 pub async fn rabbitmq() -> AmqpBroker {
     let url = amqp_url();
