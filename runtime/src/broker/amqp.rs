@@ -67,16 +67,18 @@
 //! with [`BrokerError::AckFailed`] and the broker redelivers them. Messages in
 //! exclusive (unnamed) queues die with the connection, as on any AMQP broker.
 
+mod acks;
 mod config;
 mod convert;
+mod copies;
 mod link;
 pub mod raw;
 mod wire;
 
+use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -95,6 +97,8 @@ use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
+use copies::Copies;
+use copies::{CopyKey, CopyOutcome, SentCopy};
 use link::{Lane, Link, LinkState, Readers, Role, Topology};
 pub use raw::PoisonEvent;
 pub use wire::{InvalidField, WireError};
@@ -118,51 +122,8 @@ struct Shared {
     publishing: Lane,
     readers: Arc<Readers>,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
-    /// Copies sent and not yet confirmed, with their connection's generation.
-    unconfirmed: std::sync::Mutex<HashMap<CopyKey, (u64, CopyWatch)>>,
-}
-
-/// Where one sent copy's outcome appears.
-type CopyWatch = watch::Receiver<Option<CopyOutcome>>;
-
-/// Identifies one message for "at most one unconfirmed copy": its id plus a
-/// fingerprint of what is sent (a job re-sent with a new attempt count is another message).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CopyKey {
-    message_id: String,
-    fingerprint: u64,
-}
-
-impl CopyKey {
-    fn new(exchange: &str, routing_key: &str, message: &OutgoingMessage) -> Self {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (
-            exchange,
-            routing_key,
-            &message.body,
-            &message.headers,
-            &message.cc,
-        )
-            .hash(&mut hasher);
-        (&message.content_type, message.persistent).hash(&mut hasher);
-        CopyKey {
-            message_id: message.message_id.clone().unwrap_or_default(),
-            fingerprint: hasher.finish(),
-        }
-    }
-}
-
-/// What became of one sent copy.
-#[derive(Debug, Clone)]
-enum CopyOutcome {
-    Acked,
-    /// Returned as unroutable (mandatory), with the broker's reply text.
-    Returned(String),
-    Nacked,
-    NotRequested,
-    Failed(lapin::Error),
-    /// Its connection died first: it may or may not have reached the broker.
-    Lost,
+    /// Copies sent and not yet confirmed (or confirmed moments ago).
+    copies: Arc<std::sync::Mutex<Copies>>,
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -200,14 +161,56 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     }
 }
 
+/// Sends one copy on `link`'s confirm channel and waits for its confirm.
+/// (A plain function: its future is boxed at once, not kept inside every
+/// publish's own future.)
+async fn send_copy(
+    link: Arc<Link>,
+    exchange: ShortString,
+    routing_key: ShortString,
+    options: BasicPublishOptions,
+    properties: lapin::BasicProperties,
+    body: Arc<Vec<u8>>,
+) -> CopyOutcome {
+    let sending = async {
+        let channel = link.publisher().await?;
+        let result = async {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await?
+                .await
+        }
+        .await;
+        if result.is_err() {
+            // It may still be closing: the next publish opens another.
+            link.discard_publisher(channel.id()).await;
+        }
+        result
+    };
+    tokio::select! {
+        result = sending => copy_outcome(result),
+        () = link.died() => CopyOutcome::Lost,
+    }
+}
+
+/// What a confirm (or the failure to get one) says of a copy.
+fn copy_outcome(result: Result<Confirmation, lapin::Error>) -> CopyOutcome {
+    match result {
+        Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
+        Ok(Confirmation::Ack(Some(returned))) => {
+            CopyOutcome::Returned(returned.reply_text.to_string())
+        }
+        Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
+        Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
+        Err(error) => CopyOutcome::Failed(error),
+    }
+}
+
 /// How many fresh channels an operation tries when its channel is closed under it.
 const CHANNEL_RETRIES: u32 = 5;
 
 /// How deep into a queue listed by `pending` a poison message is looked for.
 const PENDING_SWEEP_DEPTH: u32 = 10_000;
-
-/// How long a confirmed copy is remembered, so a retry of it sends nothing.
-const CONFIRMED_KEPT: Duration = Duration::from_secs(60);
 
 /// How many [`PoisonEvent`]s a slow receiver may fall behind.
 const POISON_EVENTS_KEPT: usize = 64;
@@ -229,7 +232,7 @@ impl AmqpBroker {
                 publishing,
                 readers,
                 poison,
-                unconfirmed: std::sync::Mutex::default(),
+                copies: Arc::default(),
             }),
         })
     }
@@ -428,19 +431,22 @@ impl AmqpBroker {
         &self,
         exchange: &str,
         routing_key: &str,
-        message: &OutgoingMessage,
+        message: OutgoingMessage,
         mandatory: bool,
         cc_header: &str,
     ) -> Result<(), BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
-        let properties = convert::properties(message, cc_header)?;
+        let properties = convert::properties(&message, cc_header)?;
         let options = BasicPublishOptions {
             mandatory,
             immediate: false,
         };
         let target = Target::exchange(exchange);
-        let copy_key = CopyKey::new(exchange, routing_key, message);
+        let copy_key = CopyKey::new(exchange, routing_key, &message);
+        // Shared by every copy sent: a resend copies no body.
+        let OutgoingMessage { body, cc, .. } = message;
+        let body = Arc::new(body);
         let started = Instant::now();
         let attempt = |reason: String| {
             Box::new(super::PublishAttempt {
@@ -469,46 +475,38 @@ impl AmqpBroker {
                 }
                 Err(error) => return Err(error),
             };
-            let mut outcome = match self.unconfirmed_copy(&copy_key, &link) {
-                Some(outcome) => outcome,
+            let joinable = self
+                .shared
+                .copies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .joinable(&copy_key, link.generation);
+            let mut own_copy = None;
+            let settled = match joinable {
+                Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
                 None => {
                     sent = true;
-                    let send = {
-                        let (link, exchange_name, key, properties, body) = (
-                            link.clone(),
-                            exchange_name.clone(),
-                            key.clone(),
-                            properties.clone(),
-                            message.body.clone(),
-                        );
-                        async move {
-                            let channel = link.publisher().await?;
-                            let sent = async {
-                                channel
-                                    .basic_publish(exchange_name, key, options, &body, properties)
-                                    .await?
-                                    .await
-                            };
-                            let result = sent.await;
-                            if result.is_err() {
-                                // It may still be closing: the next publish opens another.
-                                link.discard_publisher(channel.id()).await;
-                            }
-                            result
-                        }
-                    };
-                    self.send_copy(copy_key.clone(), link.clone(), send)
-                }
-            };
-            let settled = async {
-                match outcome.wait_for(Option::is_some).await {
-                    Ok(result) => result.clone().unwrap_or(CopyOutcome::Lost),
-                    Err(_) => CopyOutcome::Lost,
+                    let send = send_copy(
+                        link.clone(),
+                        exchange_name.clone(),
+                        key.clone(),
+                        options,
+                        properties.clone(),
+                        body.clone(),
+                    );
+                    let copy = own_copy.insert(SentCopy::start(
+                        &self.shared.copies,
+                        copy_key.clone(),
+                        link.generation,
+                        send,
+                    ));
+                    futures_util::future::Either::Right(copy.settled())
                 }
             };
             let result = match tokio::time::timeout_at(deadline, settled).await {
                 Ok(result) => result,
                 Err(_) => {
+                    // Dropping `own_copy` leaves its wait (and outcome) to a task of its own.
                     let reason = match link.blocked() {
                         Some((since, why)) => format!(
                             "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
@@ -535,9 +533,8 @@ impl AmqpBroker {
                 }
                 // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
                 CopyOutcome::Nacked => {
-                    let full = self
-                        .find_full_queue(exchange, routing_key, &message.cc)
-                        .await;
+                    // Boxed: a rare path, kept out of every publish's future.
+                    let full = Box::pin(self.find_full_queue(exchange, routing_key, &cc)).await;
                     return Err(BrokerError::QueueFull(full));
                 }
                 CopyOutcome::NotRequested => {
@@ -577,70 +574,6 @@ impl AmqpBroker {
                 }
             }
         }
-    }
-
-    /// The outcome of a copy of this message still unconfirmed on `link`, or
-    /// confirmed moments ago (a retry racing the confirm sends nothing new).
-    fn unconfirmed_copy(&self, key: &CopyKey, link: &Link) -> Option<CopyWatch> {
-        let copies = self
-            .shared
-            .unconfirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        copies
-            .get(key)
-            .filter(|(generation, outcome)| {
-                *generation == link.generation
-                    || matches!(*outcome.borrow(), Some(CopyOutcome::Acked))
-            })
-            .map(|(_, outcome)| outcome.clone())
-    }
-
-    /// Sends one copy in a task of its own, which records its outcome (or
-    /// the connection's death) even after the caller gave up waiting.
-    fn send_copy(
-        &self,
-        key: CopyKey,
-        link: Arc<Link>,
-        send: impl Future<Output = Result<Confirmation, lapin::Error>> + Send + 'static,
-    ) -> CopyWatch {
-        let (record, outcome) = watch::channel(None);
-        let copies = Arc::downgrade(&self.shared);
-        self.shared
-            .unconfirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), (link.generation, outcome.clone()));
-        tokio::spawn(async move {
-            let result = tokio::select! {
-                result = send => match result {
-                    Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
-                    Ok(Confirmation::Ack(Some(returned))) => {
-                        CopyOutcome::Returned(returned.reply_text.to_string())
-                    }
-                    Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
-                    Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
-                    Err(error) => CopyOutcome::Failed(error),
-                },
-                () = link.died() => CopyOutcome::Lost,
-            };
-            let acked = matches!(result, CopyOutcome::Acked);
-            record.send_replace(Some(result));
-            if acked {
-                // Remembered a while: a caller that gave up retries, and must not send it twice.
-                tokio::time::sleep(CONFIRMED_KEPT).await;
-            }
-            if let Some(shared) = copies.upgrade() {
-                let mut copies = shared.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
-                if copies
-                    .get(&key)
-                    .is_some_and(|(_, outcome)| outcome.same_channel(&record.subscribe()))
-                {
-                    copies.remove(&key);
-                }
-            }
-        });
-        outcome
     }
 
     /// Names the full queue that made the broker nack a publish: a bounded
@@ -779,10 +712,15 @@ async fn forward_deliveries(
     loop {
         let (channel, mut consumer, dead) = subscription;
         let mut died = dead.clone();
+        // Each delivery keeps the batcher, and so its channel, until settled: a consumer
+        // the broker cancels (its queue deleted) can still settle what it holds.
+        let batcher = acks::AckBatcher::start(channel.clone());
         loop {
             tokio::select! {
                 _ = sender.closed() => {
-                    // Closed even while deliveries hold it: what they hold goes back to the queue now.
+                    // Closed even while deliveries hold it: what they hold goes back to
+                    // the queue now; what was settled goes out first.
+                    batcher.flush().await;
                     let _ = channel.close(200, "consumer stream dropped".into()).await;
                     return;
                 }
@@ -791,9 +729,10 @@ async fn forward_deliveries(
                 () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
                     Some(Ok(delivery)) => {
-                        // Each delivery keeps its channel open until settled: a consumer the
-                        // broker cancels (its queue deleted) can still settle what it holds.
-                        let delivery = convert::delivery(delivery, Some(channel.clone()), dead.clone());
+                        let tag = delivery.delivery_tag;
+                        batcher.delivered(tag);
+                        let acker = acks::BatchedAcker::new(batcher.clone(), tag, dead.clone());
+                        let delivery = convert::delivery(delivery, Box::new(acker));
                         if sender.send(Ok(delivery)).await.is_err() {
                             return;
                         }
@@ -807,6 +746,7 @@ async fn forward_deliveries(
             }
         }
         drop(consumer);
+        drop(batcher);
         drop(channel);
         subscription = loop {
             let Some(shared) = broker.upgrade() else {
@@ -1004,7 +944,7 @@ impl Broker for AmqpBroker {
         // Straight to a queue: a missing queue is reported, not a silent drop.
         let mandatory = exchange == DEFAULT_EXCHANGE;
         let message = message.with_message_id();
-        self.publish_confirmed(exchange, routing_key, &message, mandatory, CC_HEADER)
+        self.publish_confirmed(exchange, routing_key, message, mandatory, CC_HEADER)
             .await
     }
 
@@ -1019,7 +959,7 @@ impl Broker for AmqpBroker {
         if delay_ms == 0 {
             // Mandatory: a missing queue is an error here, not a silent drop.
             return self
-                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true, DELAYED_CC_HEADER)
+                .publish_confirmed(DEFAULT_EXCHANGE, queue, message, true, DELAYED_CC_HEADER)
                 .await;
         }
         // Capping the tier at RabbitMQ's TTL limit keeps it never early:
@@ -1090,7 +1030,7 @@ impl Broker for AmqpBroker {
         self.publish_confirmed(
             DEFAULT_EXCHANGE,
             &delay_queue,
-            &message,
+            message,
             true,
             DELAYED_CC_HEADER,
         )
@@ -1135,9 +1075,8 @@ impl Broker for AmqpBroker {
                 }
             })
             .await?;
-        Ok(got.map(|(message, channel, dead)| {
-            convert::delivery(message.delivery, Some(channel), dead)
-        }))
+        Ok(got
+            .map(|(message, channel, dead)| convert::got_delivery(message.delivery, channel, dead)))
     }
 
     async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
