@@ -135,8 +135,13 @@ pub fn redis_url() -> String {
                 with_port.to_socket_addrs().ok()?.find(|a| a.ip().is_loopback())
             });
         if let Some(address) = address
-            && let Err(reason) =
-                ensure_started(address, "redis-server", &["--daemonize", "yes"], START_REDIS)
+            && let Err(reason) = ensure_started(
+                address,
+                "redis-server",
+                // No snapshots: a test-started server writes no dump.rdb into the crate.
+                &["--daemonize", "yes", "--save", "", "--port", &address.port().to_string()],
+                START_REDIS,
+            )
         {
             use std::io::Write as _;
             let _ = writeln!(
