@@ -17,14 +17,18 @@
 mod client_support;
 mod node_support;
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use client_support::{json_message, next_body, unique};
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
-use exchange_runtime::broker::{Broker, QueueOptions, QueueType};
+use exchange_runtime::broker::{Broker, BrokerError, OutgoingMessage, QueueOptions, QueueType};
+use futures_util::StreamExt;
 use node_support::cluster::RabbitCluster;
 use node_support::{RabbitNode, cases};
+use tokio::time::Instant;
 
 type Case = cases::Case<RabbitCluster>;
 
@@ -43,7 +47,12 @@ const NODES: usize = 3;
 
 #[test]
 fn rabbitmq_cluster_cases() {
-    let cases: &[(&str, Case)] = cases![every_node_serves_and_quorum_queues_span_the_cluster,];
+    let cases: &[(&str, Case)] = cases![
+        every_node_serves_and_quorum_queues_span_the_cluster,
+        a_thousand_confirmed_messages_survive_stopping_the_leader,
+        a_publisher_and_a_consumer_on_a_stopped_node_move_on,
+        connecting_fails_naming_every_node_tried,
+    ];
     let selected = cases::select("TCX_CLUSTER_CASES", cases);
 
     let cluster = Arc::new(RabbitCluster::start(NODES));
@@ -175,4 +184,344 @@ async fn every_node_serves_and_quorum_queues_span_the_cluster(cluster: Arc<Rabbi
     for broker in brokers {
         broker.close().await;
     }
+}
+
+/// Endpoint of node `index` as the broker reports the node it is connected to.
+fn endpoint(cluster: &RabbitCluster, index: usize) -> String {
+    format!("amqp://127.0.0.1:{}/%2F", cluster.node(index).amqp_port())
+}
+
+/// Message number `n` of a test run: persistent, its id `m-<n>`.
+fn numbered(n: usize) -> OutgoingMessage {
+    OutgoingMessage {
+        message_id: Some(format!("m-{n}")),
+        ..json_message(&format!("{{\"n\":{n}}}"))
+    }
+}
+
+/// One confirmed publish: when, and the node the publishing connection was on just after.
+struct Confirmed {
+    at: Instant,
+    node: Option<String>,
+}
+
+/// Publishes messages `0..count` to `queue` through the default exchange,
+/// message `n` not before `pace * n`, `concurrency` at a time, each until
+/// it is confirmed: an `Unreachable`,
+/// `Unconfirmed` or `Connection` error (a node going away) is retried with
+/// the same message id. Counts confirmations in `confirmed`; returns each
+/// message's confirmation and how many retries there were.
+async fn publish_all(
+    broker: &AmqpBroker,
+    queue: &str,
+    count: usize,
+    (pace, concurrency): (Duration, usize),
+    confirmed: &AtomicUsize,
+) -> (Vec<Confirmed>, usize) {
+    let retries = AtomicUsize::new(0);
+    let start = Instant::now();
+    let publish_one = |n: usize| {
+        let retries = &retries;
+        async move {
+            let offset = u32::try_from(n).map_or(Duration::MAX, |n| pace.saturating_mul(n));
+            tokio::time::sleep_until(start + offset).await;
+            loop {
+                match broker.publish("", queue, numbered(n)).await {
+                    Ok(()) => {
+                        confirmed.fetch_add(1, Ordering::SeqCst);
+                        return Confirmed {
+                            at: Instant::now(),
+                            node: broker.publishing_node(),
+                        };
+                    }
+                    Err(
+                        error @ (BrokerError::Unreachable(_)
+                        | BrokerError::Unconfirmed(_)
+                        | BrokerError::Connection(_)),
+                    ) => {
+                        if retries.fetch_add(1, Ordering::SeqCst) < 5 {
+                            eprintln!("  publish of m-{n} failed, retrying: {error}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(error) => panic!("publish of m-{n}: {error}"),
+                }
+            }
+        }
+    };
+    let confirmations = futures_util::stream::iter(0..count)
+        .map(publish_one)
+        .buffered(concurrency)
+        .collect()
+        .await;
+    (confirmations, retries.into_inner())
+}
+
+/// What a consumer received: deliveries per message id, and each delivery's
+/// time and the node its connection was on.
+#[derive(Default)]
+struct Received {
+    per_id: HashMap<String, usize>,
+    deliveries: Vec<(Instant, Option<String>)>,
+}
+
+impl Received {
+    fn distinct(&self) -> usize {
+        self.per_id.len()
+    }
+
+    fn duplicates(&self) -> usize {
+        self.per_id.values().map(|copies| copies - 1).sum()
+    }
+}
+
+/// Consumes `queue` through `broker` (prefetch 50, acknowledging each
+/// delivery) until `count` distinct messages came or `limit` passes.
+async fn receive_all(broker: AmqpBroker, queue: String, count: usize, limit: Duration) -> Received {
+    let mut stream = broker.consume(&queue, 50).await.expect("consume");
+    let deadline = Instant::now() + limit;
+    let mut received = Received::default();
+    while received.distinct() < count {
+        let next = tokio::time::timeout_at(deadline, stream.next()).await;
+        let delivery = match next {
+            Err(_) => break,
+            Ok(None) => panic!("the delivery stream of {queue} ended"),
+            Ok(Some(Err(error))) => panic!("consuming {queue}: {error}"),
+            Ok(Some(Ok(delivery))) => delivery,
+        };
+        received
+            .deliveries
+            .push((Instant::now(), broker.connected_node()));
+        let id = delivery.message_id.clone().unwrap_or_default();
+        *received.per_id.entry(id).or_default() += 1;
+        if let Err(error) = delivery.ack().await {
+            // Its connection died: the broker delivers it again.
+            eprintln!("  ack failed (redelivered later): {error}");
+        }
+    }
+    // Late copies of what came already.
+    while let Ok(Some(Ok(delivery))) =
+        tokio::time::timeout(Duration::from_millis(300), stream.next()).await
+    {
+        let id = delivery.message_id.clone().unwrap_or_default();
+        *received.per_id.entry(id).or_default() += 1;
+        let _ = delivery.ack().await;
+    }
+    received
+}
+
+/// Stops the RabbitMQ application of node `index` once `confirmed` reaches
+/// `after`; returns how long `rabbitmqctl stop_app` took and when the node
+/// dropped `watched`'s publishing connection (polled every 2 ms): the
+/// instant the failover figures count from.
+async fn stop_after(
+    cluster: &Arc<RabbitCluster>,
+    index: usize,
+    confirmed: Arc<AtomicUsize>,
+    after: usize,
+    watched: AmqpBroker,
+) -> (Duration, Instant) {
+    while confirmed.load(Ordering::SeqCst) < after {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let stopped = endpoint(cluster, index);
+    let began = Instant::now();
+    let stopping = blocking(cluster, move |cluster| cluster.node(index).stop_app());
+    let watching = async {
+        while watched.publishing_node().as_deref() == Some(stopped.as_str()) {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Instant::now()
+    };
+    let ((), dropped) = tokio::join!(stopping, watching);
+    (began.elapsed(), dropped)
+}
+
+/// The first instant in `events` at or after `since` whose node is known
+/// and not `stopped`, as milliseconds after `since`.
+fn first_elsewhere<'a>(
+    events: impl Iterator<Item = (&'a Instant, &'a Option<String>)>,
+    since: Instant,
+    stopped: &str,
+) -> Option<u128> {
+    events
+        .filter(|(at, node)| **at >= since && node.as_deref().is_some_and(|node| node != stopped))
+        .map(|(at, _)| at.duration_since(since).as_millis())
+        .min()
+}
+
+/// Figures of one failover run.
+struct Failover {
+    stop_took: Duration,
+    publish_after_ms: Option<u128>,
+    delivery_after_ms: Option<u128>,
+    lost: usize,
+    duplicates: usize,
+    retries: usize,
+}
+
+/// Publishes `count` messages to a fresh quorum queue through a broker whose
+/// nodes are `publisher_order`, consumes them through another whose nodes
+/// are `consumer_order`, and stops the node `stop` (`None`: the queue's
+/// leader) after `stop_after_confirmed` confirmations. Starts it again at
+/// the end. Checks nothing is lost; returns the figures.
+async fn failover_run(
+    cluster: &Arc<RabbitCluster>,
+    label: &str,
+    count: usize,
+    pace: (Duration, usize),
+    stop_after_confirmed: usize,
+    orders: impl Fn(usize) -> (usize, Vec<usize>, Vec<usize>),
+) -> Failover {
+    let queue = unique(label);
+    let setup = connect(config(&cluster.amqp_urls(&[0, 1, 2]), "tcx-setup")).await;
+    setup
+        .declare_queue(&queue, quorum())
+        .await
+        .expect("declare quorum queue");
+    let (leader, _) = {
+        let queue = queue.clone();
+        blocking(cluster, move |cluster| quorum_status(cluster, 0, &queue)).await
+    };
+    let leader = cluster
+        .index_of(&leader)
+        .expect("the leader is a node of ours");
+    let (stopped, publisher_order, consumer_order) = orders(leader);
+    let publisher = connect(config(
+        &cluster.amqp_urls(&publisher_order),
+        &format!("tcx-{label}-publisher"),
+    ))
+    .await;
+    let consumer = connect(config(
+        &cluster.amqp_urls(&consumer_order),
+        &format!("tcx-{label}-consumer"),
+    ))
+    .await;
+    assert_eq!(
+        publisher.publishing_node(),
+        Some(endpoint(cluster, publisher_order[0]))
+    );
+    assert_eq!(
+        consumer.connected_node(),
+        Some(endpoint(cluster, consumer_order[0]))
+    );
+    let receiving = tokio::spawn(receive_all(
+        consumer.clone(),
+        queue.clone(),
+        count,
+        Duration::from_secs(30),
+    ));
+    let confirmed = Arc::new(AtomicUsize::new(0));
+    let stopping = tokio::spawn({
+        let (cluster, confirmed) = (cluster.clone(), confirmed.clone());
+        let watched = publisher.clone();
+        async move { stop_after(&cluster, stopped, confirmed, stop_after_confirmed, watched).await }
+    });
+    let (confirmations, retries) = publish_all(&publisher, &queue, count, pace, &confirmed).await;
+    let (stop_took, stop_began) = stopping.await.expect("stop task");
+    let received = receiving.await.expect("consumer task");
+    let stopped_endpoint = endpoint(cluster, stopped);
+    let figures = Failover {
+        stop_took,
+        publish_after_ms: first_elsewhere(
+            confirmations.iter().map(|c| (&c.at, &c.node)),
+            stop_began,
+            &stopped_endpoint,
+        ),
+        delivery_after_ms: first_elsewhere(
+            received.deliveries.iter().map(|(at, node)| (at, node)),
+            stop_began,
+            &stopped_endpoint,
+        ),
+        lost: count - received.distinct(),
+        duplicates: received.duplicates(),
+        retries,
+    };
+    eprintln!(
+        "FIGURE {label}: stopped node {stopped} (leader was {leader}; rabbitmqctl stop_app took {:.1?}); \
+         first publish confirmed on another node {:?} ms after the node dropped the publisher's \
+         connection, first delivery on another node {:?} ms after it; {count} published, lost {}, duplicated {}, publish retries {}",
+        figures.stop_took,
+        figures.publish_after_ms,
+        figures.delivery_after_ms,
+        figures.lost,
+        figures.duplicates,
+        figures.retries,
+    );
+    blocking(cluster, move |cluster| cluster.node(stopped).start_app()).await;
+    assert_eq!(figures.lost, 0, "messages lost");
+    setup.delete_queue(&queue).await.expect("delete");
+    for broker in [setup, publisher, consumer] {
+        broker.close().await;
+    }
+    figures
+}
+
+/// 1,000 confirmed messages on a quorum queue survive stopping the node that
+/// leads it, while they are published through that node: the publisher
+/// moves on, and a consumer on another node receives every one.
+async fn a_thousand_confirmed_messages_survive_stopping_the_leader(cluster: Arc<RabbitCluster>) {
+    let pace = (Duration::from_millis(6), 20);
+    let figures = failover_run(&cluster, "leader-stop", 1000, pace, 100, |leader| {
+        let others: Vec<usize> = (0..NODES).filter(|index| *index != leader).collect();
+        let mut publisher = vec![leader];
+        publisher.extend(&others);
+        let mut consumer = others;
+        consumer.push(leader);
+        (leader, publisher, consumer)
+    })
+    .await;
+    assert!(
+        figures.publish_after_ms.is_some(),
+        "the publisher never confirmed a publish on another node"
+    );
+}
+
+/// A publisher and a consumer connected to a node that stops move to
+/// another node by themselves and carry on.
+async fn a_publisher_and_a_consumer_on_a_stopped_node_move_on(cluster: Arc<RabbitCluster>) {
+    let pace = (Duration::from_millis(10), 4);
+    let figures = failover_run(&cluster, "client-move", 300, pace, 50, |_| {
+        (0, vec![0, 1, 2], vec![0, 2, 1])
+    })
+    .await;
+    assert!(
+        figures.publish_after_ms.is_some() && figures.delivery_after_ms.is_some(),
+        "publisher or consumer did not carry on on another node"
+    );
+}
+
+/// With no node reachable, connecting fails naming each node tried (without
+/// its password); with one reachable among unreachable ones, it connects there.
+async fn connecting_fails_naming_every_node_tried(cluster: Arc<RabbitCluster>) {
+    // Ports nothing listens on (bound, then let go).
+    let closed: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|listener| listener.local_addr())
+                .expect("a free port")
+                .port()
+        })
+        .collect();
+    let urls: Vec<String> = closed
+        .iter()
+        .map(|port| format!("amqp://guest:hunter2@127.0.0.1:{port}/%2f"))
+        .collect();
+    let error = AmqpBroker::connect(config(&urls, "tcx-nowhere"))
+        .await
+        .expect_err("nothing listens");
+    let message = error.to_string();
+    for port in &closed {
+        assert!(
+            message.contains(&format!("amqp://127.0.0.1:{port}/%2F")),
+            "names node {port}: {message}"
+        );
+    }
+    assert!(!message.contains("hunter2"), "shows a password: {message}");
+    let mut reachable = urls;
+    reachable.push(cluster.node(1).amqp_url());
+    let broker = connect(config(&reachable, "tcx-third-node")).await;
+    assert_eq!(broker.connected_node(), Some(endpoint(&cluster, 1)));
+    assert_eq!(broker.publishing_node(), Some(endpoint(&cluster, 1)));
+    broker.close().await;
 }

@@ -66,6 +66,18 @@
 //! [`DeliveryStream`]; deliveries from the dead connection fail to settle
 //! with [`BrokerError::AckFailed`] and the broker redelivers them. Messages in
 //! exclusive (unnamed) queues die with the connection, as on any AMQP broker.
+//!
+//! # Clusters
+//!
+//! Given several node URLs ([`AmqpConfig::from_urls`], or one
+//! comma-separated value), each connection goes to the first node that
+//! answers, in the order given; after a loss the supervisor tries the nodes
+//! after the lost one first, one round over all of them per attempt, and
+//! recovers as above on whichever answers (the poison sweep's own
+//! connection goes to that node too). The main and the publishing connection
+//! may end up on different nodes. Queues on a node that went away are not
+//! reachable through the others unless they are replicated (quorum queues,
+//! [`QueueType::Quorum`](super::QueueType::Quorum)); see the README.
 
 mod config;
 mod convert;
@@ -249,6 +261,19 @@ impl AmqpBroker {
         [&self.shared.main, &self.shared.publishing]
             .iter()
             .all(|lane| matches!(&*lane.state.borrow(), LinkState::Up(link) if link.is_up()))
+    }
+
+    /// The node (`amqp://host:port/vhost`, no credentials) the main
+    /// connection (declarations, consumers, gets) is connected to now; `None`
+    /// while it reconnects or after [`close`](Self::close).
+    pub fn connected_node(&self) -> Option<String> {
+        lane_node(&self.shared.main)
+    }
+
+    /// The node the publishing connection is connected to now; `None`
+    /// while it reconnects or after [`close`](Self::close).
+    pub fn publishing_node(&self) -> Option<String> {
+        lane_node(&self.shared.publishing)
     }
 
     /// How many times the main connection (declarations, consumers, gets)
@@ -829,6 +854,14 @@ async fn forward_deliveries(
                 }
             }
         };
+    }
+}
+
+/// The endpoint of `lane`'s live connection, if it has one.
+fn lane_node(lane: &Lane) -> Option<String> {
+    match &*lane.state.borrow() {
+        LinkState::Up(link) if link.is_up() => Some(link.node_config.endpoint()),
+        _ => None,
     }
 }
 
