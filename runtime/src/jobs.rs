@@ -41,7 +41,8 @@ use crate::consumer::{
     Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner, RunnerConfig, run_caught,
 };
 use crate::queue::{
-    ATTEMPTS_HEADER, Backoff, LAST_ERROR_HEADER, QueueError, QueueMessage, Received, WorkQueue,
+    ATTEMPTS_HEADER, Backoff, LAST_ERROR_HEADER, QueueError, QueueMessage, QueueSettings, Received,
+    WorkQueue,
 };
 
 /// Header with the job's name (which handler runs it).
@@ -388,6 +389,7 @@ pub struct JobsBuilder<B: Broker> {
     handlers: HashMap<String, JobFn>,
     concurrency: u16,
     drain_timeout: Option<Duration>,
+    queue_settings: QueueSettings,
 }
 
 impl<B: Broker> JobsBuilder<B> {
@@ -401,7 +403,15 @@ impl<B: Broker> JobsBuilder<B> {
             handlers: HashMap::new(),
             concurrency: 1,
             drain_timeout: None,
+            queue_settings: QueueSettings::default(),
         }
+    }
+
+    /// How the job queue and its failed queue are declared (default: quorum
+    /// queues with a delivery limit; see [`QueueSettings`]).
+    pub fn queue_settings(mut self, settings: QueueSettings) -> Self {
+        self.queue_settings = settings;
+        self
     }
 
     /// Uses another status store.
@@ -436,7 +446,8 @@ impl<B: Broker> JobsBuilder<B> {
 
     /// Declares the queue and its failed queue.
     pub async fn build(self) -> Result<Jobs<B>, JobError> {
-        let queue = WorkQueue::open(self.broker.clone(), &self.queue).await?;
+        let queue =
+            WorkQueue::open_with(self.broker.clone(), &self.queue, self.queue_settings).await?;
         if self.concurrency == 0 {
             return Err(JobError::Invalid {
                 queue: queue.name().to_owned(),

@@ -15,7 +15,9 @@
 //! - [`publish_delayed`](Broker::publish_delayed) needs no plugin: the message
 //!   waits in a retry queue `<queue>.delay.<ms>` whose `x-message-ttl` dead-letters
 //!   it into `<queue>`. Delays are rounded *up* to tiers (at most 12.5 % late,
-//!   never early); unused tier queues expire (`x-expires`).
+//!   never early); unused tier queues expire (`x-expires`). The tier queues
+//!   of a quorum queue declared through this broker are quorum queues too,
+//!   replicated like it.
 //! - [`pending`](Broker::pending) takes every ready message with `basic.get` on a
 //!   temporary channel and closes it, which puts them back in order — but marks
 //!   them *redelivered*, and hides them from consumers meanwhile.
@@ -77,7 +79,7 @@
 //! connection goes to that node too). The main and the publishing connection
 //! may end up on different nodes. Queues on a node that went away are not
 //! reachable through the others unless they are replicated (quorum queues,
-//! [`QueueType::Quorum`](super::QueueType::Quorum)); see the README.
+//! [`QueueType::Quorum`]); see the README.
 
 mod config;
 mod convert;
@@ -113,7 +115,7 @@ pub use wire::{InvalidField, WireError};
 
 use super::{
     Broker, BrokerError, DEFAULT_EXCHANGE, DELAYED_CC_HEADER, Delivery, DeliveryStream,
-    ExchangeOptions, OutgoingMessage, PendingMessage, QueueOptions,
+    ExchangeOptions, OutgoingMessage, PendingMessage, QueueOptions, QueueType,
 };
 
 /// A [`Broker`] on RabbitMQ. Cheap to clone; clones share its connections.
@@ -1081,6 +1083,19 @@ impl Broker for AmqpBroker {
             .max(tier_ms_signed + 60_000)
             .min(MAX_TTL_MS);
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+        // A quorum queue's delayed messages wait in a quorum queue too
+        // (replicated; message TTL on quorum queues needs RabbitMQ 3.10).
+        let quorum_target = self
+            .topology()
+            .queues
+            .get(queue)
+            .is_some_and(|options| options.queue_type == QueueType::Quorum);
+        if quorum_target {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         // The target must exist now: a message dead-lettered to a missing queue vanishes.
         let exists = self
             .run("check queue", &Target::queue(queue), |link| {
