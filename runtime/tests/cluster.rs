@@ -25,6 +25,8 @@ use std::time::Duration;
 use client_support::{json_message, next_body, unique};
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::{Broker, BrokerError, OutgoingMessage, QueueOptions, QueueType};
+use exchange_runtime::jobs::{Job, JobContext, JobStatus, Jobs};
+use exchange_runtime::queue::{QueueMessage, QueueSettings, WorkQueue};
 use futures_util::StreamExt;
 use node_support::cluster::RabbitCluster;
 use node_support::{RabbitNode, cases};
@@ -52,6 +54,8 @@ fn rabbitmq_cluster_cases() {
         a_thousand_confirmed_messages_survive_stopping_the_leader,
         a_publisher_and_a_consumer_on_a_stopped_node_move_on,
         connecting_fails_naming_every_node_tried,
+        a_job_queue_keeps_processing_through_a_node_stop,
+        a_message_that_always_fails_is_dead_lettered_after_the_delivery_limit,
     ];
     let selected = cases::select("TCX_CLUSTER_CASES", cases);
 
@@ -524,4 +528,186 @@ async fn connecting_fails_naming_every_node_tried(cluster: Arc<RabbitCluster>) {
     assert_eq!(broker.connected_node(), Some(endpoint(&cluster, 1)));
     assert_eq!(broker.publishing_node(), Some(endpoint(&cluster, 1)));
     broker.close().await;
+}
+
+/// A job queue (a quorum queue by default) keeps processing while the node
+/// its worker and enqueuer are connected to stops: every job ends
+/// successful, some may run twice (their acknowledgement was lost with the
+/// node), a delayed job (a quorum delay tier) still arrives, and none is lost.
+async fn a_job_queue_keeps_processing_through_a_node_stop(cluster: Arc<RabbitCluster>) {
+    const JOBS: usize = 60;
+    let stopped = 1;
+    let broker = connect(config(&cluster.amqp_urls(&[stopped, 2, 0]), "tcx-jobs")).await;
+    let runs = Arc::new(std::sync::Mutex::new(HashMap::<String, usize>::new()));
+    let record = runs.clone();
+    let jobs = Jobs::builder(broker.clone(), unique("cluster-jobs"))
+        .concurrency(4)
+        .register("work", move |job: JobContext| {
+            let record = record.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                *record
+                    .lock()
+                    .unwrap()
+                    .entry(job.id.to_string())
+                    .or_default() += 1;
+                Ok(())
+            }
+        })
+        .build()
+        .await
+        .expect("jobs on the cluster");
+    let queue_name = jobs.queue().name().to_owned();
+    let (_, members) = {
+        let queue_name = queue_name.clone();
+        blocking(&cluster, move |cluster| {
+            quorum_status(cluster, 0, &queue_name)
+        })
+        .await
+    };
+    assert_eq!(
+        members.len(),
+        NODES,
+        "the job queue is a quorum queue on every node"
+    );
+    let mut ids = Vec::new();
+    for n in 0..JOBS {
+        let job = Job::new("work", format!("{{\"n\":{n}}}"));
+        let job = if n == 0 {
+            job.delay(Duration::from_secs(3))
+        } else {
+            job
+        };
+        ids.push(jobs.enqueue(job).await.expect("enqueue"));
+    }
+    jobs.start().await.expect("start the worker");
+    let done = |runs: &std::sync::Mutex<HashMap<String, usize>>| runs.lock().unwrap().len();
+    while done(&runs) < JOBS / 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let began = Instant::now();
+    blocking(&cluster, move |cluster| cluster.node(stopped).stop_app()).await;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut unfinished = ids.clone();
+    while !unfinished.is_empty() && Instant::now() < deadline {
+        let mut still = Vec::new();
+        for id in unfinished {
+            let record = jobs.status(&id).await.expect("status");
+            if record.is_none_or(|record| record.status != JobStatus::Successful) {
+                still.push(id);
+            }
+        }
+        unfinished = still;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let finished_after = began.elapsed();
+    jobs.stop().expect("stop the worker");
+    jobs.wait().await;
+    let runs = runs.lock().unwrap().clone();
+    let twice = runs.values().filter(|count| **count > 1).count();
+    eprintln!(
+        "FIGURE jobs through a node stop: {JOBS} jobs, {} finished, all {:.1?} after the stop began; \
+         {twice} ran more than once; worker now on {:?}",
+        JOBS - unfinished.len(),
+        finished_after,
+        broker.connected_node()
+    );
+    blocking(&cluster, move |cluster| cluster.node(stopped).start_app()).await;
+    assert!(
+        unfinished.is_empty(),
+        "jobs never successful: {unfinished:?}"
+    );
+    assert_ne!(
+        broker.connected_node(),
+        Some(endpoint(&cluster, stopped)),
+        "the worker moved"
+    );
+    for name in [
+        queue_name.clone(),
+        jobs.queue().dead_letter_queue().to_owned(),
+    ] {
+        broker.delete_queue(&name).await.expect("delete");
+    }
+    broker.close().await;
+}
+
+/// A message whose consumer always goes away without settling it (dropped,
+/// as by a crash) is dead-lettered by the cluster once it came back more
+/// often than the delivery limit, with RabbitMQ's reason `delivery_limit`.
+async fn a_message_that_always_fails_is_dead_lettered_after_the_delivery_limit(
+    cluster: Arc<RabbitCluster>,
+) {
+    const LIMIT: u32 = 3;
+    let broker = connect(config(&cluster.amqp_urls(&[2, 0, 1]), "tcx-limit")).await;
+    let settings = QueueSettings {
+        delivery_limit: Some(LIMIT),
+        ..QueueSettings::default()
+    };
+    let queue = WorkQueue::open_with(broker.clone(), &unique("cluster-limit"), settings)
+        .await
+        .expect("quorum work queue");
+    let message = QueueMessage::new("{\"poison\":true}").with_id("always-fails");
+    queue.put(message, Duration::ZERO).await.expect("put");
+    let mut deliveries = 0;
+    while let Some(taken) = queue.get(Duration::from_secs(2)).await.expect("get") {
+        deliveries += 1;
+        assert!(deliveries <= LIMIT + 1, "delivered past the limit");
+        drop(taken);
+    }
+    // A dropped message's requeue may race its subscription's close (two returns).
+    assert!(deliveries > LIMIT / 2, "delivered {deliveries} times");
+    let reasons = death_reasons(&cluster.node(0).amqp_url(), queue.dead_letter_queue()).await;
+    eprintln!(
+        "FIGURE delivery limit {LIMIT}: delivered {deliveries} times, then dead-lettered with x-death reasons {reasons:?}"
+    );
+    assert_eq!(reasons, ["delivery_limit"]);
+    for name in [queue.name(), queue.dead_letter_queue()] {
+        broker.delete_queue(name).await.expect("delete");
+    }
+    broker.close().await;
+}
+
+/// The `x-death` reasons of the first message in `queue` (taken off it), read
+/// with lapin directly: the runtime leaves broker-added headers out.
+async fn death_reasons(url: &str, queue: &str) -> Vec<String> {
+    use lapin::options::BasicGetOptions;
+    use lapin::types::AMQPValue;
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .expect("lapin connection");
+    let channel = connection.create_channel().await.expect("channel");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let message = loop {
+        let got = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        if let Some(message) = got {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "nothing in {queue}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let headers = message
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
+    let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") else {
+        panic!("no x-death header: {headers:?}");
+    };
+    let reasons = deaths
+        .as_slice()
+        .iter()
+        .filter_map(|death| match death {
+            AMQPValue::FieldTable(table) => match table.inner().get("reason") {
+                Some(AMQPValue::LongString(reason)) => Some(reason.to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let _ = connection.close(200, "done".into()).await;
+    reasons
 }
