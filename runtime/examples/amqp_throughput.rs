@@ -1,154 +1,392 @@
-//! Throughput of `AmqpBroker` against a local RabbitMQ: confirmed publishes
-//! (one at a time, and many in flight) and consume + ack with prefetch 100.
+//! Client CPU and throughput of the RabbitMQ data path, at the `Broker`
+//! level and through the typed `Publisher` / `ConsumerBuilder`.
 //!
 //! ```text
-//! cargo run --release -p exchange-runtime --example amqp_throughput -- [messages] [in-flight]
+//! cargo run --release -p exchange-runtime --example amqp_throughput -- --messages N
 //! ```
-//! Defaults: 20000 messages of 1 KiB, 64 publishes in flight. `AMQP_URL`
-//! overrides `amqp://guest:guest@127.0.0.1:5672/%2f`.
+//!
+//! Against the RabbitMQ at `AMQP_URL` (default
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`): a durable topic exchange
+//! (`exchange/tc-exchanges-bench/v1/task-pending`, a Binding of the bench's
+//! own, so that no real exchange is touched) and durable queues of unique
+//! names, all deleted afterwards. The message is a schema-valid
+//! `TaskPendingMessage` of about 1 KiB, persistent.
+//!
+//! Per layer, two phases, each measured alone:
+//! - `publish_confirmed`: all N publishes in flight at once, each returning
+//!   when the broker confirmed it (typed: serialized, validated against its
+//!   schema, published with the binding's routing key);
+//! - `consume_ack`: a consumer with prefetch 100 takes the N messages, one
+//!   ack per message (typed: decoded, handled by a no-op handler, acked once
+//!   it returned `Ok`).
+//!
+//! Each phase prints one line, CPU being user + system time of this process
+//! (`getrusage`) over the phase, per message:
+//!
+//! ```text
+//! RESULT phase=publish_confirmed layer=broker msgs_per_s=F cpu_us_per_msg=F
+//! RESULT phase=consume_ack layer=broker msgs_per_s=F cpu_us_per_msg=F
+//! RESULT phase=publish_confirmed layer=typed msgs_per_s=F cpu_us_per_msg=F
+//! RESULT phase=consume_ack layer=typed msgs_per_s=F cpu_us_per_msg=F
+//! ```
+//!
+//! and a `MEMORY` line per publish phase: the growth of the peak resident
+//! set over the phase divided by N (all N were in flight at once).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage, QueueOptions};
+use exchange_runtime::consumer::{ConsumerBuilder, DeliveryInfo, HandlerError};
+use exchange_runtime::publisher::Publisher;
+use exchange_runtime::{Binding, DecodeError, Exchange, RoutingKeyWord};
 use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use taskcluster_exchanges::queue::{TaskPending, TaskPendingMessage};
 
-const BODY_SIZE: usize = 1024;
 const PREFETCH: u16 = 100;
+const EXCHANGE: &str = "exchange/tc-exchanges-bench/v1/task-pending";
+/// How long a phase may take before the bench gives up.
+const PHASE_LIMIT: Duration = Duration::from_secs(600);
 
-fn argument(position: usize, default: usize) -> Result<usize, String> {
-    match std::env::args().nth(position) {
-        None => Ok(default),
-        Some(text) => text
-            .parse()
-            .map_err(|error| format!("argument {position} `{text}`: {error}")),
+/// The task-pending binding on the bench's own exchange.
+#[derive(Debug, Clone, Default)]
+struct BenchPending(TaskPending);
+
+impl Exchange for BenchPending {
+    type Message = TaskPendingMessage;
+    const EXCHANGE: &'static str = EXCHANGE;
+    const ENTRY: &'static str = TaskPending::ENTRY;
+    const ROUTING_KEY: &'static [RoutingKeyWord] = TaskPending::ROUTING_KEY;
+}
+
+impl Binding for BenchPending {
+    fn word_values(&self) -> Vec<Option<&str>> {
+        self.0.word_values()
+    }
+    fn from_word_values(values: Vec<Option<String>>) -> Self {
+        BenchPending(TaskPending::from_word_values(values))
     }
 }
 
-fn rate(count: usize, elapsed: Duration) -> String {
-    format!(
-        "{count} msgs in {:.2} s = {:.0} msgs/s",
-        elapsed.as_secs_f64(),
-        count as f64 / elapsed.as_secs_f64()
+/// A schema-valid task-pending message of about 1 KiB (eight runs).
+fn task_pending_message() -> Result<TaskPendingMessage, String> {
+    let task_id = "fXYEnLHcQ3GLbTQb7lhNNQ";
+    let runs: Vec<_> = (0..8)
+        .map(|run| {
+            serde_json::json!({
+                "runId": run,
+                "state": if run < 7 { "exception" } else { "pending" },
+                "reasonCreated": if run == 0 { "scheduled" } else { "retry" },
+                "scheduled": "2026-11-26T10:00:00.000Z",
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "version": 1,
+        "status": {
+            "taskId": task_id,
+            "provisionerId": "proj-bench",
+            "workerType": "bench-worker",
+            "schedulerId": "-",
+            "taskGroupId": task_id,
+            "deadline": "2026-11-27T10:00:00.000Z",
+            "expires": "2027-11-26T10:00:00.000Z",
+            "retriesLeft": 5,
+            "state": "pending",
+            "runs": runs,
+        },
+        "runId": 7,
+    }))
+    .map_err(|error| format!("the bench message does not fit TaskPendingMessage: {error}"))
+}
+
+fn binding() -> BenchPending {
+    BenchPending(TaskPending {
+        task_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
+        run_id: Some("7".into()),
+        provisioner_id: Some("proj-bench".into()),
+        worker_type: Some("bench-worker".into()),
+        scheduler_id: Some("-".into()),
+        task_group_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
+        ..TaskPending::default()
+    })
+}
+
+/// User + system CPU time of this process, and its peak resident set in bytes.
+fn usage() -> (Duration, u64) {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a rusage struct.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let time = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+    };
+    (
+        time(usage.ru_utime) + time(usage.ru_stime),
+        usage.ru_maxrss as u64 * 1024,
     )
 }
 
-fn message(n: usize) -> OutgoingMessage {
-    let mut body = format!("{{\"n\":{n},\"pad\":\"").into_bytes();
-    body.resize(BODY_SIZE - 2, b'x');
-    body.extend_from_slice(b"\"}");
-    OutgoingMessage {
-        body,
-        content_type: Some("application/json".to_owned()),
-        message_id: Some(n.to_string()),
-        persistent: true,
-        ..OutgoingMessage::default()
+/// Measures one phase and prints its RESULT line.
+struct Phase {
+    name: &'static str,
+    layer: &'static str,
+    started: Instant,
+    cpu: Duration,
+    peak: u64,
+}
+
+impl Phase {
+    fn start(name: &'static str, layer: &'static str) -> Phase {
+        let (cpu, peak) = usage();
+        Phase {
+            name,
+            layer,
+            started: Instant::now(),
+            cpu,
+            peak,
+        }
+    }
+
+    fn finish(self, messages: usize) {
+        let elapsed = self.started.elapsed();
+        let (cpu, peak) = usage();
+        let n = messages as f64;
+        println!(
+            "RESULT phase={} layer={} msgs_per_s={:.0} cpu_us_per_msg={:.1}",
+            self.name,
+            self.layer,
+            n / elapsed.as_secs_f64(),
+            (cpu - self.cpu).as_secs_f64() * 1e6 / n,
+        );
+        if self.name == "publish_confirmed" {
+            println!(
+                "MEMORY phase={} layer={} peak_rss_growth_bytes_per_in_flight={:.0}",
+                self.name,
+                self.layer,
+                peak.saturating_sub(self.peak) as f64 / n,
+            );
+        }
     }
 }
 
-/// Consumes `count` messages from `queue`, acknowledging each.
-async fn consume_all(broker: &AmqpBroker, queue: &str, count: usize) -> Result<Duration, String> {
-    let start = Instant::now();
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> Result<T, String> {
+    tokio::time::timeout(PHASE_LIMIT, future)
+        .await
+        .map_err(|_| format!("{what} did not finish within {PHASE_LIMIT:?}"))
+}
+
+/// Publishes `count` copies of `body` at the `Broker` level, all in flight, then consumes them.
+async fn broker_layer(
+    broker: &AmqpBroker,
+    queue: &str,
+    routing_key: &str,
+    body: &[u8],
+    count: usize,
+) -> Result<(), String> {
+    let phase = Phase::start("publish_confirmed", "broker");
+    let mut publishes: FuturesUnordered<_> = (0..count)
+        .map(|_| {
+            let message = OutgoingMessage {
+                body: body.to_vec(),
+                content_type: Some("application/json".to_owned()),
+                persistent: true,
+                ..OutgoingMessage::default()
+            };
+            broker.publish(EXCHANGE, routing_key, message)
+        })
+        .collect();
+    within("broker publish", async {
+        while let Some(result) = publishes.next().await {
+            result.map_err(|error| error.to_string())?;
+        }
+        Ok::<_, String>(())
+    })
+    .await??;
+    phase.finish(count);
+
+    let phase = Phase::start("consume_ack", "broker");
     let mut stream = broker
         .consume(queue, PREFETCH)
         .await
         .map_err(|error| error.to_string())?;
-    for _ in 0..count {
-        let delivery = stream
-            .next()
+    within("broker consume", async {
+        for _ in 0..count {
+            let delivery = stream
+                .next()
+                .await
+                .ok_or("the consumer ended")?
+                .map_err(|error| error.to_string())?;
+            delivery.ack().await.map_err(|error| error.to_string())?;
+        }
+        Ok::<_, String>(())
+    })
+    .await??;
+    drop(stream);
+    phase.finish(count);
+    Ok(())
+}
+
+/// Publishes `count` typed messages, all in flight, then consumes them with a typed consumer.
+async fn typed_layer(
+    broker: &AmqpBroker,
+    queue_name: &str,
+    message: &TaskPendingMessage,
+    count: usize,
+) -> Result<(), String> {
+    let handled = Arc::new(AtomicUsize::new(0));
+    let all_handled = Arc::new(tokio::sync::Notify::new());
+    let consumer = {
+        let handled = handled.clone();
+        let all_handled = all_handled.clone();
+        ConsumerBuilder::new(broker.clone())
+            .queue(queue_name)
+            .bind(BenchPending::default())
+            .map_err(|error| error.to_string())?
+            .prefetch(PREFETCH)
+            .build(
+                move |message: Result<TaskPendingMessage, DecodeError>, _info: DeliveryInfo| {
+                    let handled = handled.clone();
+                    let all_handled = all_handled.clone();
+                    async move {
+                        message?;
+                        if handled.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                            all_handled.notify_one();
+                        }
+                        Ok::<(), HandlerError>(())
+                    }
+                },
+            )
+            .map_err(|error| error.to_string())?
+    };
+    // Declares and binds the queue, so that it keeps what is published next.
+    consumer.start().await.map_err(|error| error.to_string())?;
+    consumer.stop().map_err(|error| error.to_string())?;
+    consumer.wait().await;
+
+    let publisher = Publisher::new(broker.clone());
+    let binding = binding();
+    let phase = Phase::start("publish_confirmed", "typed");
+    let mut publishes: FuturesUnordered<_> = (0..count)
+        .map(|_| publisher.publish(&binding, message))
+        .collect();
+    within("typed publish", async {
+        while let Some(result) = publishes.next().await {
+            result.map_err(|error| error.to_string())?;
+        }
+        Ok::<_, String>(())
+    })
+    .await??;
+    drop(publishes);
+    phase.finish(count);
+
+    let phase = Phase::start("consume_ack", "typed");
+    consumer.start().await.map_err(|error| error.to_string())?;
+    within("typed consume", all_handled.notified()).await?;
+    consumer.stop().map_err(|error| error.to_string())?;
+    consumer.wait().await;
+    phase.finish(count);
+    let full_name = consumer
+        .queue_name()
+        .ok_or("the typed consumer has no queue")?;
+    let dead_letter = consumer
+        .dead_letter_queue()
+        .ok_or("the typed consumer has no dead-letter queue")?;
+    for queue in [full_name, dead_letter] {
+        broker
+            .delete_queue(&queue)
             .await
-            .ok_or("consumer ended")?
             .map_err(|error| error.to_string())?;
-        delivery.ack().await.map_err(|error| error.to_string())?;
     }
-    Ok(start.elapsed())
+    Ok(())
+}
+
+fn messages_argument() -> Result<usize, String> {
+    let mut args = std::env::args().skip(1);
+    let mut messages = 20_000;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--messages" => {
+                let value = args.next().ok_or("--messages needs a number")?;
+                messages = value
+                    .parse()
+                    .map_err(|error| format!("--messages `{value}`: {error}"))?;
+            }
+            other => return Err(format!("unknown argument `{other}` (usage: --messages N)")),
+        }
+    }
+    if messages == 0 {
+        return Err("--messages must be at least 1".to_owned());
+    }
+    Ok(messages)
 }
 
 async fn run() -> Result<(), String> {
-    let messages = argument(1, 20_000)?;
-    let in_flight = argument(2, 64)?.max(1);
+    let messages = messages_argument()?;
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned());
     let config = AmqpConfig::from_url(&url)
         .map_err(|error| error.to_string())?
         .with_connection_name("exchange-runtime-throughput");
-    println!("RabbitMQ at {}", config.endpoint());
     let broker = AmqpBroker::connect(config)
         .await
         .map_err(|error| error.to_string())?;
-    let suffix = std::process::id();
-    let exchange = format!("exchange/guest/throughput-{suffix}");
+    let message = task_pending_message()?;
+    let body = serde_json::to_vec(&message).map_err(|error| error.to_string())?;
+    println!(
+        "{messages} persistent messages of {} B, prefetch {PREFETCH}, RabbitMQ at {}",
+        body.len(),
+        broker.config().endpoint()
+    );
+
+    let durable = ExchangeOptions {
+        passive: false,
+        durable: true,
+    };
     broker
-        .declare_exchange(&exchange, ExchangeOptions::default())
+        .declare_exchange(EXCHANGE, durable)
         .await
         .map_err(|error| error.to_string())?;
+    let suffix = format!("{}-{}", std::process::id(), messages);
     let queue = broker
         .declare_queue(
-            &broker.qualify_queue_name(&format!("throughput-{suffix}")),
-            QueueOptions::default(),
+            &broker.qualify_queue_name(&format!("throughput-broker-{suffix}")),
+            QueueOptions {
+                durable: true,
+                ..QueueOptions::default()
+            },
         )
         .await
         .map_err(|error| error.to_string())?;
     broker
-        .bind_queue(&queue, &exchange, "bench.#")
+        .bind_queue(&queue, EXCHANGE, "bench.#")
         .await
         .map_err(|error| error.to_string())?;
-    println!("{messages} persistent messages of {BODY_SIZE} B through topic exchange `{exchange}`");
 
-    // One confirmed publish at a time: latency-bound.
-    let sequential = (messages / 4).max(1);
-    let start = Instant::now();
-    for n in 0..sequential {
-        broker
-            .publish(&exchange, "bench.one", message(n))
-            .await
-            .map_err(|error| error.to_string())?;
+    let outcome = async {
+        broker_layer(&broker, &queue, "bench.broker", &body, messages).await?;
+        typed_layer(
+            &broker,
+            &format!("throughput-typed-{suffix}"),
+            &message,
+            messages,
+        )
+        .await
     }
-    println!(
-        "publish, confirmed, 1 in flight:        {}",
-        rate(sequential, start.elapsed())
-    );
-    let elapsed = consume_all(&broker, &queue, sequential).await?;
-    println!(
-        "consume + ack, prefetch {PREFETCH}:           {}",
-        rate(sequential, elapsed)
-    );
-
-    // Many confirmed publishes in flight on the shared confirm channel.
-    let start = Instant::now();
-    let results: Vec<_> = futures_util::stream::iter(0..messages)
-        .map(|n| {
-            let broker = broker.clone();
-            let exchange = exchange.clone();
-            async move { broker.publish(&exchange, "bench.many", message(n)).await }
-        })
-        .buffer_unordered(in_flight)
-        .collect()
-        .await;
-    let published = start.elapsed();
-    if let Some(error) = results.into_iter().find_map(Result::err) {
-        return Err(error.to_string());
-    }
-    println!(
-        "publish, confirmed, {in_flight} in flight:       {}",
-        rate(messages, published)
-    );
-    let elapsed = consume_all(&broker, &queue, messages).await?;
-    println!(
-        "consume + ack, prefetch {PREFETCH}:           {}",
-        rate(messages, elapsed)
-    );
-
+    .await;
     broker
         .delete_queue(&queue)
         .await
         .map_err(|error| error.to_string())?;
     broker
-        .delete_exchange(&exchange)
+        .delete_exchange(EXCHANGE)
         .await
         .map_err(|error| error.to_string())?;
     broker.close().await;
-    Ok(())
+    outcome
 }
 
 #[tokio::main]

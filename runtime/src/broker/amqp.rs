@@ -81,6 +81,7 @@
 //! reachable through the others unless they are replicated (quorum queues,
 //! [`QueueType::Quorum`]); see the README.
 
+mod acks;
 mod config;
 mod convert;
 mod link;
@@ -806,10 +807,15 @@ async fn forward_deliveries(
     loop {
         let (channel, mut consumer, dead) = subscription;
         let mut died = dead.clone();
+        // Each delivery keeps the batcher, and so its channel, until settled: a consumer
+        // the broker cancels (its queue deleted) can still settle what it holds.
+        let batcher = acks::AckBatcher::start(channel.clone());
         loop {
             tokio::select! {
                 _ = sender.closed() => {
-                    // Closed even while deliveries hold it: what they hold goes back to the queue now.
+                    // Closed even while deliveries hold it: what they hold goes back to
+                    // the queue now; what was settled goes out first.
+                    batcher.flush().await;
                     let _ = channel.close(200, "consumer stream dropped".into()).await;
                     return;
                 }
@@ -818,9 +824,10 @@ async fn forward_deliveries(
                 () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
                     Some(Ok(delivery)) => {
-                        // Each delivery keeps its channel open until settled: a consumer the
-                        // broker cancels (its queue deleted) can still settle what it holds.
-                        let delivery = convert::delivery(delivery, Some(channel.clone()), dead.clone());
+                        let tag = delivery.delivery_tag;
+                        batcher.delivered(tag);
+                        let acker = acks::BatchedAcker::new(batcher.clone(), tag, dead.clone());
+                        let delivery = convert::delivery(delivery, Box::new(acker));
                         if sender.send(Ok(delivery)).await.is_err() {
                             return;
                         }
@@ -834,6 +841,7 @@ async fn forward_deliveries(
             }
         }
         drop(consumer);
+        drop(batcher);
         drop(channel);
         subscription = loop {
             let Some(shared) = broker.upgrade() else {
@@ -1183,9 +1191,8 @@ impl Broker for AmqpBroker {
                 }
             })
             .await?;
-        Ok(got.map(|(message, channel, dead)| {
-            convert::delivery(message.delivery, Some(channel), dead)
-        }))
+        Ok(got
+            .map(|(message, channel, dead)| convert::got_delivery(message.delivery, channel, dead)))
     }
 
     async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {

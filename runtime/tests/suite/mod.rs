@@ -70,6 +70,7 @@ macro_rules! conformance_tests {
             binding_needs_exchange_and_queue,
             missing_queue_operations_fail,
             prefetch_limits_unacknowledged_deliveries,
+            acks_after_an_unsettled_delivery_free_the_window,
             nack_with_requeue_redelivers_in_place,
             nack_without_requeue_dead_letters,
             expired_messages_are_dead_lettered,
@@ -650,6 +651,40 @@ pub async fn prefetch_limits_unacknowledged_deliveries<B: Broker>(broker: &B) {
     assert_eq!((body(&m3), body(&m4)), ("m3".to_owned(), "m4".to_owned()));
     ack(m3).await;
     ack(m4).await;
+    drop(stream);
+    assert_pending(broker, &queue, &[]).await;
+    delete_queues(broker, &[&queue]).await;
+}
+
+/// A delivery still being handled does not hold back the acks of later ones:
+/// they free the prefetch window at once (the RabbitMQ broker sends acks in
+/// batches, never waiting for a run of tags to complete).
+pub async fn acks_after_an_unsettled_delivery_free_the_window<B: Broker>(broker: &B) {
+    let queue = new_queue(broker, "ack-window", QueueOptions::default()).await;
+    for n in 0..6 {
+        send(broker, &queue, &format!("m{n}")).await;
+    }
+    let mut stream = consume(broker, &queue, 3).await;
+    let m0 = next_delivery(&mut stream, "m0").await;
+    let m1 = next_delivery(&mut stream, "m1").await;
+    let m2 = next_delivery(&mut stream, "m2").await;
+    assert_quiet(&mut stream, "three unacknowledged with prefetch 3").await;
+    ack(m2).await;
+    ack(m1).await;
+    let m3 = next_delivery(&mut stream, "m3 while m0 is unsettled").await;
+    let m4 = next_delivery(&mut stream, "m4 while m0 is unsettled").await;
+    assert_eq!((body(&m3), body(&m4)), ("m3".to_owned(), "m4".to_owned()));
+    assert_quiet(&mut stream, "m0, m3 and m4 unacknowledged").await;
+    // A nack before later acks: requeued in place, the acks still count.
+    m0.nack(true).await.expect("requeue m0");
+    ack(m4).await;
+    ack(m3).await;
+    let again = next_delivery(&mut stream, "m0 again").await;
+    assert_eq!(body(&again), "m0");
+    assert!(again.redelivered);
+    let m5 = next_delivery(&mut stream, "m5").await;
+    ack(again).await;
+    ack(m5).await;
     drop(stream);
     assert_pending(broker, &queue, &[]).await;
     delete_queues(broker, &[&queue]).await;

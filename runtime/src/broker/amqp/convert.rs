@@ -112,14 +112,8 @@ fn value_text(value: &AMQPValue) -> Option<String> {
     })
 }
 
-/// A lapin delivery as a contract [`Delivery`]. `channel` is kept open until the
-/// delivery is settled or dropped (basic.get deliveries own their channel).
-/// `dead` turns true when its connection is seen dead.
-pub(crate) fn delivery(
-    delivery: lapin::message::Delivery,
-    channel: Option<Channel>,
-    dead: tokio::sync::watch::Receiver<bool>,
-) -> Delivery {
+/// A lapin delivery as a contract [`Delivery`], settled through `acker`.
+pub(crate) fn delivery(delivery: lapin::message::Delivery, acker: Box<dyn AckHandle>) -> Delivery {
     let (headers, cc) = received_headers(&delivery.properties);
     Delivery {
         exchange: delivery.exchange.to_string(),
@@ -138,12 +132,24 @@ pub(crate) fn delivery(
         cc,
         redelivered: delivery.redelivered,
         body: delivery.data,
-        acker: Box::new(LapinAcker {
-            acker: delivery.acker,
-            channel,
-            dead,
-        }),
+        acker,
     }
+}
+
+/// A `basic.get` delivery as a contract [`Delivery`]: it owns `channel`,
+/// kept open until the delivery is settled or dropped. `dead` turns true
+/// when its connection is seen dead.
+pub(crate) fn got_delivery(
+    delivery: lapin::message::Delivery,
+    channel: Channel,
+    dead: tokio::sync::watch::Receiver<bool>,
+) -> Delivery {
+    let acker = Box::new(LapinAcker {
+        acker: delivery.acker.clone(),
+        channel: Some(channel),
+        dead,
+    });
+    self::delivery(delivery, acker)
 }
 
 /// A lapin delivery as a [`PendingMessage`] (its acker is discarded; the channel's close requeues it).
@@ -163,7 +169,7 @@ pub(crate) fn pending(delivery: lapin::message::Delivery) -> PendingMessage {
 
 struct LapinAcker {
     acker: lapin::Acker,
-    /// The delivery's channel (a `get`'s own, or its consumer's), kept open
+    /// The delivery's channel (a `get`'s own), kept open
     /// until the delivery is settled or dropped.
     channel: Option<Channel>,
     /// Turns true when the delivery's connection is seen dead: lapin may
