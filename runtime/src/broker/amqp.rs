@@ -17,7 +17,7 @@
 //!   it into `<queue>`. Delays are rounded *up* to tiers (at most 12.5 % late,
 //!   never early); unused tier queues expire (`x-expires`). The tier queues
 //!   of a quorum queue declared through this broker are quorum queues too,
-//!   replicated like it.
+//!   replicated like it, that dead-letter into it at least once.
 //! - [`pending`](Broker::pending) takes every ready message with `basic.get` on a
 //!   temporary channel and closes it, which puts them back in order — but marks
 //!   them *redelivered*, and hides them from consumers meanwhile.
@@ -1102,6 +1102,17 @@ impl Broker for AmqpBroker {
             arguments.insert(
                 "x-queue-type".into(),
                 AMQPValue::LongString("quorum".into()),
+            );
+            // Dead-lettered into the target at least once: a message stays
+            // in the tier until the target has it, through a node's loss
+            // (RabbitMQ 3.10; the strategy needs `reject-publish`).
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
             );
         }
         // The target must exist now: a message dead-lettered to a missing queue vanishes.
