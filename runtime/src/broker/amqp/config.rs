@@ -298,6 +298,41 @@ impl AmqpConfig {
         node
     }
 
+    /// Runs `attempt` with each node's configuration alone (and its number),
+    /// from node `first` on, wrapping, until one succeeds. A connection
+    /// failure moves on to the next node; another error ends the round at
+    /// once. Fails naming every node tried and why (a single node's error
+    /// as it is).
+    pub(crate) async fn on_first_answering<T, F, Fut>(
+        &self,
+        first: usize,
+        mut attempt: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnMut(AmqpConfig, usize) -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let count = self.node_count();
+        let mut failures = Vec::new();
+        for offset in 0..count {
+            let node = (first + offset) % count;
+            match attempt(self.node(node), node).await {
+                Ok(value) => {
+                    if !failures.is_empty() {
+                        tracing::info!(endpoint = %self.node(node).endpoint(), unreachable = ?failures, "AMQP connected to another node");
+                    }
+                    return Ok(value);
+                }
+                Err(BrokerError::Connection(reason)) if count > 1 => failures.push(reason),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(BrokerError::Connection(format!(
+            "none of the {count} nodes answered: {}",
+            failures.join("; ")
+        )))
+    }
+
     /// The reconnect delay before attempt number `attempt` (0-based): capped exponential.
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
         let factor = 1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX);

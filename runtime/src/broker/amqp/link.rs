@@ -212,25 +212,11 @@ pub(crate) async fn open(
     generation: u64,
     first: usize,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
-    let count = config.node_count();
-    let mut failures = Vec::new();
-    for offset in 0..count {
-        let node = (first + offset) % count;
-        match open_node(config.node(node), node, role, generation).await {
-            Ok(opened) => {
-                if !failures.is_empty() {
-                    tracing::info!(endpoint = %opened.0.node_config.endpoint(), ?role, unreachable = ?failures, "AMQP connected to another node");
-                }
-                return Ok(opened);
-            }
-            Err(BrokerError::Connection(reason)) if count > 1 => failures.push(reason),
-            Err(error) => return Err(error),
-        }
-    }
-    Err(BrokerError::Connection(format!(
-        "none of the {count} nodes answered: {}",
-        failures.join("; ")
-    )))
+    config
+        .on_first_answering(first, |node_config, node| {
+            open_node(node_config, node, role, generation)
+        })
+        .await
 }
 
 /// Opens a connection to the one node `config` names (number `node`).
