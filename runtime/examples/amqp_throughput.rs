@@ -30,9 +30,12 @@
 //! RESULT phase=consume_ack layer=typed msgs_per_s=F cpu_us_per_msg=F
 //! ```
 //!
-//! and a `MEMORY` line per publish phase: the growth of the peak resident
-//! set over the phase divided by N (all N were in flight at once).
+//! and a `MEMORY` line per publish phase: the most heap this process held
+//! during the phase beyond what it held at its start (counted by the bench's
+//! global allocator), divided by N, since all N were in flight at once:
+//! everything a publish in flight costs the client, its future included.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -50,6 +53,56 @@ const PREFETCH: u16 = 100;
 const EXCHANGE: &str = "exchange/tc-exchanges-bench/v1/task-pending";
 /// How long a phase may take before the bench gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(600);
+
+/// The system allocator, counting the bytes held and the most held since the last reset.
+struct CountingAllocator;
+
+static HELD: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed on to the system allocator unchanged.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as the caller promised for `layout`.
+        let pointer = unsafe { System.alloc(layout) };
+        if !pointer.is_null() {
+            let held = HELD.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(held, Ordering::Relaxed);
+        }
+        pointer
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: Layout) {
+        // SAFETY: as the caller promised: allocated here with `layout`.
+        unsafe { System.dealloc(pointer, layout) };
+        HELD.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as the caller promised for `pointer`, `layout` and `new_size`.
+        let moved = unsafe { System.realloc(pointer, layout, new_size) };
+        if !moved.is_null() {
+            if new_size >= layout.size() {
+                let held = HELD.fetch_add(new_size - layout.size(), Ordering::Relaxed)
+                    + (new_size - layout.size());
+                PEAK.fetch_max(held, Ordering::Relaxed);
+            } else {
+                HELD.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+            }
+        }
+        moved
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+/// The bytes held now; the peak starts again from here.
+fn reset_peak() -> usize {
+    let held = HELD.load(Ordering::Relaxed);
+    PEAK.store(held, Ordering::Relaxed);
+    held
+}
 
 /// The task-pending binding on the bench's own exchange.
 #[derive(Debug, Clone, Default)]
@@ -115,8 +168,8 @@ fn binding() -> BenchPending {
     })
 }
 
-/// User + system CPU time of this process, and its peak resident set in bytes.
-fn usage() -> (Duration, u64) {
+/// User + system CPU time of this process.
+fn cpu_time() -> Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: a valid pointer to a rusage struct.
@@ -124,10 +177,7 @@ fn usage() -> (Duration, u64) {
     let time = |t: libc::timeval| {
         Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
     };
-    (
-        time(usage.ru_utime) + time(usage.ru_stime),
-        usage.ru_maxrss as u64 * 1024,
-    )
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// Measures one phase and prints its RESULT line.
@@ -136,24 +186,25 @@ struct Phase {
     layer: &'static str,
     started: Instant,
     cpu: Duration,
-    peak: u64,
+    held: usize,
 }
 
 impl Phase {
     fn start(name: &'static str, layer: &'static str) -> Phase {
-        let (cpu, peak) = usage();
+        let held = reset_peak();
         Phase {
             name,
             layer,
             started: Instant::now(),
-            cpu,
-            peak,
+            cpu: cpu_time(),
+            held,
         }
     }
 
     fn finish(self, messages: usize) {
         let elapsed = self.started.elapsed();
-        let (cpu, peak) = usage();
+        let cpu = cpu_time();
+        let peak = PEAK.load(Ordering::Relaxed);
         let n = messages as f64;
         println!(
             "RESULT phase={} layer={} msgs_per_s={:.0} cpu_us_per_msg={:.1}",
@@ -164,10 +215,10 @@ impl Phase {
         );
         if self.name == "publish_confirmed" {
             println!(
-                "MEMORY phase={} layer={} peak_rss_growth_bytes_per_in_flight={:.0}",
+                "MEMORY phase={} layer={} heap_bytes_per_in_flight={:.0}",
                 self.name,
                 self.layer,
-                peak.saturating_sub(self.peak) as f64 / n,
+                peak.saturating_sub(self.held) as f64 / n,
             );
         }
     }

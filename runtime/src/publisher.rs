@@ -14,6 +14,7 @@
 //! [`message_id`](crate::consumer::DeliveryInfo::message_id), to deduplicate by.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -104,6 +105,9 @@ pub struct Publisher<B: Broker> {
     /// Per exchange, its declaration: done once however many first
     /// publishes race (they wait for the one declaring; a failed one is tried again).
     declared: Mutex<HashMap<&'static str, Arc<tokio::sync::OnceCell<()>>>>,
+    /// The size of the last body serialized: the next one's buffer starts that
+    /// large, instead of growing through several copies.
+    body_size_hint: AtomicUsize,
 }
 
 impl<B: Broker> Publisher<B> {
@@ -118,6 +122,7 @@ impl<B: Broker> Publisher<B> {
             broker,
             options,
             declared: Mutex::new(HashMap::new()),
+            body_size_hint: AtomicUsize::new(0),
         }
     }
 
@@ -148,12 +153,16 @@ impl<B: Broker> Publisher<B> {
         let exchange = Bd::EXCHANGE;
         let routing_key = binding.routing_key()?;
         let cc = cc_keys(exchange, &routing_key, routes)?;
+        // Serialized once: the value checked against the schema is the one whose bytes are sent.
         let body = validate::validate(message)
             .and_then(|value| {
-                serde_json::to_vec(&value).map_err(|e| ValidationError {
+                let mut body = Vec::with_capacity(self.body_size_hint.load(Ordering::Relaxed));
+                serde_json::to_writer(&mut body, &value).map_err(|e| ValidationError {
                     schema_id: <Bd::Message as crate::Message>::SCHEMA_ID.to_owned(),
                     kind: validate::ValidationErrorKind::Serialize(e.to_string()),
-                })
+                })?;
+                self.body_size_hint.store(body.len(), Ordering::Relaxed);
+                Ok(body)
             })
             .map_err(|source| PublishError::InvalidMessage {
                 exchange: exchange.to_owned(),

@@ -225,6 +225,10 @@ pub fn validate_document(
     value: &Value,
 ) -> Result<(), ValidationError> {
     let validator = validator(schema_id, schema, dependencies)?;
+    // The quick check first: collecting errors costs several times more, and valid is the common case.
+    if validator.is_valid(value) {
+        return Ok(());
+    }
     let violations: Vec<SchemaViolation> = validator
         .iter_errors(value)
         .map(|error| SchemaViolation {

@@ -84,14 +84,15 @@
 mod acks;
 mod config;
 mod convert;
+mod copies;
 mod link;
 pub mod raw;
 mod wire;
 
+use std::collections::BTreeSet;
 use std::collections::hash_map::RandomState;
-use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -110,6 +111,8 @@ use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
+use copies::Copies;
+use copies::{CopyKey, CopyOutcome, SentCopy};
 use link::{Lane, Link, LinkState, Readers, Role, Topology};
 pub use raw::PoisonEvent;
 pub use wire::{InvalidField, WireError};
@@ -133,51 +136,8 @@ struct Shared {
     publishing: Lane,
     readers: Arc<Readers>,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
-    /// Copies sent and not yet confirmed, with their connection's generation.
-    unconfirmed: std::sync::Mutex<HashMap<CopyKey, (u64, CopyWatch)>>,
-}
-
-/// Where one sent copy's outcome appears.
-type CopyWatch = watch::Receiver<Option<CopyOutcome>>;
-
-/// Identifies one message for "at most one unconfirmed copy": its id plus a
-/// fingerprint of what is sent (a job re-sent with a new attempt count is another message).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CopyKey {
-    message_id: String,
-    fingerprint: u64,
-}
-
-impl CopyKey {
-    fn new(exchange: &str, routing_key: &str, message: &OutgoingMessage) -> Self {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        (
-            exchange,
-            routing_key,
-            &message.body,
-            &message.headers,
-            &message.cc,
-        )
-            .hash(&mut hasher);
-        (&message.content_type, message.persistent).hash(&mut hasher);
-        CopyKey {
-            message_id: message.message_id.clone().unwrap_or_default(),
-            fingerprint: hasher.finish(),
-        }
-    }
-}
-
-/// What became of one sent copy.
-#[derive(Debug, Clone)]
-enum CopyOutcome {
-    Acked,
-    /// Returned as unroutable (mandatory), with the broker's reply text.
-    Returned(String),
-    Nacked,
-    NotRequested,
-    Failed(lapin::Error),
-    /// Its connection died first: it may or may not have reached the broker.
-    Lost,
+    /// Copies sent and not yet confirmed (or confirmed moments ago).
+    copies: Arc<std::sync::Mutex<Copies>>,
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -215,14 +175,24 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     }
 }
 
+/// What a confirm (or the failure to get one) says of a copy.
+fn copy_outcome(result: Result<Confirmation, lapin::Error>) -> CopyOutcome {
+    match result {
+        Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
+        Ok(Confirmation::Ack(Some(returned))) => {
+            CopyOutcome::Returned(returned.reply_text.to_string())
+        }
+        Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
+        Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
+        Err(error) => CopyOutcome::Failed(error),
+    }
+}
+
 /// How many fresh channels an operation tries when its channel is closed under it.
 const CHANNEL_RETRIES: u32 = 5;
 
 /// How deep into a queue listed by `pending` a poison message is looked for.
 const PENDING_SWEEP_DEPTH: u32 = 10_000;
-
-/// How long a confirmed copy is remembered, so a retry of it sends nothing.
-const CONFIRMED_KEPT: Duration = Duration::from_secs(60);
 
 /// How many [`PoisonEvent`]s a slow receiver may fall behind.
 const POISON_EVENTS_KEPT: usize = 64;
@@ -244,7 +214,7 @@ impl AmqpBroker {
                 publishing,
                 readers,
                 poison,
-                unconfirmed: std::sync::Mutex::default(),
+                copies: Arc::default(),
             }),
         })
     }
@@ -456,19 +426,22 @@ impl AmqpBroker {
         &self,
         exchange: &str,
         routing_key: &str,
-        message: &OutgoingMessage,
+        message: OutgoingMessage,
         mandatory: bool,
         cc_header: &str,
     ) -> Result<(), BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
-        let properties = convert::properties(message, cc_header)?;
+        let properties = convert::properties(&message, cc_header)?;
         let options = BasicPublishOptions {
             mandatory,
             immediate: false,
         };
         let target = Target::exchange(exchange);
-        let copy_key = CopyKey::new(exchange, routing_key, message);
+        let copy_key = CopyKey::new(exchange, routing_key, &message);
+        // Shared by every copy sent: a resend copies no body.
+        let OutgoingMessage { body, cc, .. } = message;
+        let body = Arc::new(body);
         let started = Instant::now();
         let attempt = |reason: String| {
             Box::new(super::PublishAttempt {
@@ -497,8 +470,15 @@ impl AmqpBroker {
                 }
                 Err(error) => return Err(error),
             };
-            let mut outcome = match self.unconfirmed_copy(&copy_key, &link) {
-                Some(outcome) => outcome,
+            let joinable = self
+                .shared
+                .copies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .joinable(&copy_key, link.generation);
+            let mut own_copy = None;
+            let settled = match joinable {
+                Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
                 None => {
                     sent = true;
                     let send = {
@@ -507,36 +487,49 @@ impl AmqpBroker {
                             exchange_name.clone(),
                             key.clone(),
                             properties.clone(),
-                            message.body.clone(),
+                            body.clone(),
                         );
                         async move {
-                            let channel = link.publisher().await?;
-                            let sent = async {
-                                channel
-                                    .basic_publish(exchange_name, key, options, &body, properties)
-                                    .await?
-                                    .await
+                            let sending = async {
+                                let channel = link.publisher().await?;
+                                let sent = async {
+                                    channel
+                                        .basic_publish(
+                                            exchange_name,
+                                            key,
+                                            options,
+                                            &body,
+                                            properties,
+                                        )
+                                        .await?
+                                        .await
+                                };
+                                let result = sent.await;
+                                if result.is_err() {
+                                    // It may still be closing: the next publish opens another.
+                                    link.discard_publisher(channel.id()).await;
+                                }
+                                result
                             };
-                            let result = sent.await;
-                            if result.is_err() {
-                                // It may still be closing: the next publish opens another.
-                                link.discard_publisher(channel.id()).await;
+                            tokio::select! {
+                                result = sending => copy_outcome(result),
+                                () = link.died() => CopyOutcome::Lost,
                             }
-                            result
                         }
                     };
-                    self.send_copy(copy_key.clone(), link.clone(), send)
-                }
-            };
-            let settled = async {
-                match outcome.wait_for(Option::is_some).await {
-                    Ok(result) => result.clone().unwrap_or(CopyOutcome::Lost),
-                    Err(_) => CopyOutcome::Lost,
+                    let copy = own_copy.insert(SentCopy::start(
+                        &self.shared.copies,
+                        copy_key.clone(),
+                        link.generation,
+                        send,
+                    ));
+                    futures_util::future::Either::Right(copy.settled())
                 }
             };
             let result = match tokio::time::timeout_at(deadline, settled).await {
                 Ok(result) => result,
                 Err(_) => {
+                    // Dropping `own_copy` leaves its wait (and outcome) to a task of its own.
                     let reason = match link.blocked() {
                         Some((since, why)) => format!(
                             "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
@@ -563,9 +556,8 @@ impl AmqpBroker {
                 }
                 // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
                 CopyOutcome::Nacked => {
-                    let full = self
-                        .find_full_queue(exchange, routing_key, &message.cc)
-                        .await;
+                    // Boxed: a rare path, kept out of every publish's future.
+                    let full = Box::pin(self.find_full_queue(exchange, routing_key, &cc)).await;
                     return Err(BrokerError::QueueFull(full));
                 }
                 CopyOutcome::NotRequested => {
@@ -605,70 +597,6 @@ impl AmqpBroker {
                 }
             }
         }
-    }
-
-    /// The outcome of a copy of this message still unconfirmed on `link`, or
-    /// confirmed moments ago (a retry racing the confirm sends nothing new).
-    fn unconfirmed_copy(&self, key: &CopyKey, link: &Link) -> Option<CopyWatch> {
-        let copies = self
-            .shared
-            .unconfirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        copies
-            .get(key)
-            .filter(|(generation, outcome)| {
-                *generation == link.generation
-                    || matches!(*outcome.borrow(), Some(CopyOutcome::Acked))
-            })
-            .map(|(_, outcome)| outcome.clone())
-    }
-
-    /// Sends one copy in a task of its own, which records its outcome (or
-    /// the connection's death) even after the caller gave up waiting.
-    fn send_copy(
-        &self,
-        key: CopyKey,
-        link: Arc<Link>,
-        send: impl Future<Output = Result<Confirmation, lapin::Error>> + Send + 'static,
-    ) -> CopyWatch {
-        let (record, outcome) = watch::channel(None);
-        let copies = Arc::downgrade(&self.shared);
-        self.shared
-            .unconfirmed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), (link.generation, outcome.clone()));
-        tokio::spawn(async move {
-            let result = tokio::select! {
-                result = send => match result {
-                    Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
-                    Ok(Confirmation::Ack(Some(returned))) => {
-                        CopyOutcome::Returned(returned.reply_text.to_string())
-                    }
-                    Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
-                    Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
-                    Err(error) => CopyOutcome::Failed(error),
-                },
-                () = link.died() => CopyOutcome::Lost,
-            };
-            let acked = matches!(result, CopyOutcome::Acked);
-            record.send_replace(Some(result));
-            if acked {
-                // Remembered a while: a caller that gave up retries, and must not send it twice.
-                tokio::time::sleep(CONFIRMED_KEPT).await;
-            }
-            if let Some(shared) = copies.upgrade() {
-                let mut copies = shared.unconfirmed.lock().unwrap_or_else(|e| e.into_inner());
-                if copies
-                    .get(&key)
-                    .is_some_and(|(_, outcome)| outcome.same_channel(&record.subscribe()))
-                {
-                    copies.remove(&key);
-                }
-            }
-        });
-        outcome
     }
 
     /// Names the full queue that made the broker nack a publish: a bounded
@@ -1047,7 +975,7 @@ impl Broker for AmqpBroker {
         // Straight to a queue: a missing queue is reported, not a silent drop.
         let mandatory = exchange == DEFAULT_EXCHANGE;
         let message = message.with_message_id();
-        self.publish_confirmed(exchange, routing_key, &message, mandatory, CC_HEADER)
+        self.publish_confirmed(exchange, routing_key, message, mandatory, CC_HEADER)
             .await
     }
 
@@ -1062,7 +990,7 @@ impl Broker for AmqpBroker {
         if delay_ms == 0 {
             // Mandatory: a missing queue is an error here, not a silent drop.
             return self
-                .publish_confirmed(DEFAULT_EXCHANGE, queue, &message, true, DELAYED_CC_HEADER)
+                .publish_confirmed(DEFAULT_EXCHANGE, queue, message, true, DELAYED_CC_HEADER)
                 .await;
         }
         // Capping the tier at RabbitMQ's TTL limit keeps it never early:
@@ -1157,7 +1085,7 @@ impl Broker for AmqpBroker {
         self.publish_confirmed(
             DEFAULT_EXCHANGE,
             &delay_queue,
-            &message,
+            message,
             true,
             DELAYED_CC_HEADER,
         )
