@@ -1963,9 +1963,10 @@ pub async fn quorum_queue_requeues_nacked_messages_at_the_back<B: Broker>(broker
         next_delivery(&mut stream, "f").await,
     ];
     drop(stream);
-    drop(held);
-    // The cancellation is not answered: give it time to reach the queue.
+    // The cancellation is not answered: give it time to reach the queue
+    // before the held deliveries go (their own requeue would race it).
     tokio::time::sleep(QUIET).await;
+    drop(held);
     let mut order = Vec::new();
     for _ in 0..4 {
         let delivery = get_eventually(broker, &queue).await;
