@@ -175,6 +175,38 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     }
 }
 
+/// Sends one copy on `link`'s confirm channel and waits for its confirm.
+/// (A plain function: its future is boxed at once, not kept inside every
+/// publish's own future.)
+async fn send_copy(
+    link: Arc<Link>,
+    exchange: ShortString,
+    routing_key: ShortString,
+    options: BasicPublishOptions,
+    properties: lapin::BasicProperties,
+    body: Arc<Vec<u8>>,
+) -> CopyOutcome {
+    let sending = async {
+        let channel = link.publisher().await?;
+        let result = async {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await?
+                .await
+        }
+        .await;
+        if result.is_err() {
+            // It may still be closing: the next publish opens another.
+            link.discard_publisher(channel.id()).await;
+        }
+        result
+    };
+    tokio::select! {
+        result = sending => copy_outcome(result),
+        () = link.died() => CopyOutcome::Lost,
+    }
+}
+
 /// What a confirm (or the failure to get one) says of a copy.
 fn copy_outcome(result: Result<Confirmation, lapin::Error>) -> CopyOutcome {
     match result {
@@ -481,42 +513,14 @@ impl AmqpBroker {
                 Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
                 None => {
                     sent = true;
-                    let send = {
-                        let (link, exchange_name, key, properties, body) = (
-                            link.clone(),
-                            exchange_name.clone(),
-                            key.clone(),
-                            properties.clone(),
-                            body.clone(),
-                        );
-                        async move {
-                            let sending = async {
-                                let channel = link.publisher().await?;
-                                let sent = async {
-                                    channel
-                                        .basic_publish(
-                                            exchange_name,
-                                            key,
-                                            options,
-                                            &body,
-                                            properties,
-                                        )
-                                        .await?
-                                        .await
-                                };
-                                let result = sent.await;
-                                if result.is_err() {
-                                    // It may still be closing: the next publish opens another.
-                                    link.discard_publisher(channel.id()).await;
-                                }
-                                result
-                            };
-                            tokio::select! {
-                                result = sending => copy_outcome(result),
-                                () = link.died() => CopyOutcome::Lost,
-                            }
-                        }
-                    };
+                    let send = send_copy(
+                        link.clone(),
+                        exchange_name.clone(),
+                        key.clone(),
+                        options,
+                        properties.clone(),
+                        body.clone(),
+                    );
                     let copy = own_copy.insert(SentCopy::start(
                         &self.shared.copies,
                         copy_key.clone(),
