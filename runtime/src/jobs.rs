@@ -67,7 +67,8 @@ use crate::consumer::{
     Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner, RunnerConfig, run_caught,
 };
 use crate::queue::{
-    ATTEMPTS_HEADER, Backoff, LAST_ERROR_HEADER, QueueError, QueueMessage, Received, WorkQueue,
+    ATTEMPTS_HEADER, Backoff, LAST_ERROR_HEADER, QueueError, QueueMessage, QueueSettings, Received,
+    WorkQueue,
 };
 
 /// Header with the job's name (which handler runs it).
@@ -477,6 +478,7 @@ pub struct JobsBuilder<B: Broker> {
     concurrency: u16,
     drain_timeout: Option<Duration>,
     worker: Option<String>,
+    queue_settings: QueueSettings,
 }
 
 impl<B: Broker> JobsBuilder<B> {
@@ -491,7 +493,15 @@ impl<B: Broker> JobsBuilder<B> {
             concurrency: 1,
             drain_timeout: None,
             worker: None,
+            queue_settings: QueueSettings::default(),
         }
+    }
+
+    /// How the job queue and its failed queue are declared (default: quorum
+    /// queues with a delivery limit; see [`QueueSettings`]).
+    pub fn queue_settings(mut self, settings: QueueSettings) -> Self {
+        self.queue_settings = settings;
+        self
     }
 
     /// Uses another status store (shared by all workers of the queue, for
@@ -554,7 +564,8 @@ impl<B: Broker> JobsBuilder<B> {
 
     /// Declares the queue and its failed queue.
     pub async fn build(self) -> Result<Jobs<B>, JobError> {
-        let queue = WorkQueue::open(self.broker.clone(), &self.queue).await?;
+        let queue =
+            WorkQueue::open_with(self.broker.clone(), &self.queue, self.queue_settings).await?;
         if self.concurrency == 0 {
             return Err(JobError::Invalid {
                 queue: queue.name().to_owned(),

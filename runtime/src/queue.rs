@@ -5,7 +5,13 @@
 //! # Semantics
 //!
 //! - The queue is durable, named [`Broker::qualify_queue_name`] of the given
-//!   name, with a durable dead-letter queue `<full name>.dead`.
+//!   name, with a durable dead-letter queue `<full name>.dead`. Both are
+//!   quorum queues by default ([`QueueSettings`]): replicated on every node
+//!   of a RabbitMQ cluster, and a message that keeps coming back unsettled
+//!   (a consumer that crashes on it) is moved to the dead-letter queue by the
+//!   broker after [`DEFAULT_DELIVERY_LIMIT`] returns. [`QueueSettings::classic`]
+//!   declares classic queues instead (a queue declared classic earlier must
+//!   stay classic: RabbitMQ refuses to redeclare it with another type).
 //! - [`WorkQueue::get`] waits for a message without polling: it subscribes to
 //!   the queue with prefetch 1 and waits for the first delivery up to the
 //!   timeout. The subscription lives inside the returned [`QueuedMessage`]
@@ -38,12 +44,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::broker::{
-    AckHandle, BoxFuture, Broker, BrokerError, Delivery, DeliveryStream, MAX_DELAY,
-    OutgoingMessage, PendingMessage,
+    AckHandle, BoxFuture, Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream,
+    MAX_DELAY, OutgoingMessage, PendingMessage, QueueOptions, QueueType,
 };
 use crate::consumer::{
     DEAD_LETTER_SUFFIX, Dispatch, HandlerError, Interrupt, NotRunning, OwnedRunner, Runner,
-    RunnerConfig, declare_durable, run_caught,
+    RunnerConfig, run_caught,
 };
 
 /// Header counting how many times a message was released (failed) before.
@@ -51,6 +57,52 @@ pub const ATTEMPTS_HEADER: &str = "tc-attempts";
 
 /// Header holding the error of a message's last failed attempt.
 pub const LAST_ERROR_HEADER: &str = "tc-last-error";
+
+/// How many times a message may come back unsettled to a quorum work queue
+/// before the broker dead-letters it (RabbitMQ 4's default as well).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// How a [`WorkQueue`] and its dead-letter queue are declared.
+///
+/// The default is a quorum queue with a delivery limit of
+/// [`DEFAULT_DELIVERY_LIMIT`] (RabbitMQ 3.10 or later: delayed messages need
+/// message TTLs on quorum queues). A message comes back unsettled when a
+/// delivery is dropped, its consumer goes away (a crash, a lost
+/// connection), a stop interrupts its handler, or the queue is listed
+/// ([`WorkQueue::pending`] takes and returns every message on RabbitMQ);
+/// past the limit the broker moves it to the dead-letter queue, without a
+/// [`LAST_ERROR_HEADER`]. Failed handler attempts do not count: a failed
+/// message is put back as a new message (see [`ATTEMPTS_HEADER`]). On
+/// RabbitMQ a dropped [`QueuedMessage`] may count twice (its requeue races
+/// the close of its subscription, which returns it too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Classic or quorum, for the queue and its dead-letter queue.
+    pub queue_type: QueueType,
+    /// For quorum queues: returns after which the broker dead-letters a
+    /// message; `None`: no limit. Must be `None` for classic queues.
+    pub delivery_limit: Option<u32>,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        QueueSettings {
+            queue_type: QueueType::Quorum,
+            delivery_limit: Some(DEFAULT_DELIVERY_LIMIT),
+        }
+    }
+}
+
+impl QueueSettings {
+    /// Classic queues without a delivery limit (how work queues were
+    /// declared before quorum queues became the default).
+    pub fn classic() -> Self {
+        QueueSettings {
+            queue_type: QueueType::Classic,
+            delivery_limit: None,
+        }
+    }
+}
 
 /// A message to put into a queue.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -136,10 +188,13 @@ fn parse_attempts(queue: &str, headers: &BTreeMap<String, String>) -> u32 {
 /// returns it to the queue.
 pub struct QueuedMessage {
     received: Received,
-    acker: Box<dyn AckHandle>,
     /// The subscription the message came through: kept open until the
     /// message is settled, because closing it returns the message to the queue.
+    /// Dropped before `acker` (fields drop in order): a dropped message goes
+    /// back once, with its subscription, instead of being requeued to the
+    /// still-open subscription first (two returns on a quorum queue).
     _subscription: DeliveryStream,
+    acker: Box<dyn AckHandle>,
 }
 
 impl fmt::Debug for QueuedMessage {
@@ -294,6 +349,7 @@ struct QueueInner<B> {
     broker: B,
     name: String,
     dead_letter: String,
+    settings: QueueSettings,
 }
 
 /// A durable work queue; see the [module docs](self). Cheap to clone.
@@ -314,14 +370,27 @@ impl<B: Broker> fmt::Debug for WorkQueue<B> {
         f.debug_struct("WorkQueue")
             .field("name", &self.inner.name)
             .field("dead_letter", &self.inner.dead_letter)
+            .field("settings", &self.inner.settings)
             .finish()
     }
 }
 
 impl<B: Broker> WorkQueue<B> {
     /// Declares the queue `name` (qualified by [`Broker::qualify_queue_name`])
-    /// and its dead-letter queue. An empty name is [`QueueError::InvalidName`].
+    /// and its dead-letter queue, as [`QueueSettings::default`] says (quorum
+    /// queues). An empty name is [`QueueError::InvalidName`].
     pub async fn open(broker: B, name: &str) -> Result<Self, QueueError> {
+        Self::open_with(broker, name, QueueSettings::default()).await
+    }
+
+    /// Like [`open`](Self::open), declaring the queues as `settings` says.
+    /// A delivery limit on classic queues is [`QueueError::Broker`] with
+    /// [`BrokerError::Invalid`].
+    pub async fn open_with(
+        broker: B,
+        name: &str,
+        settings: QueueSettings,
+    ) -> Result<Self, QueueError> {
         if name.is_empty() {
             // The in-memory broker would declare a server-named queue the
             // work queue could never address again.
@@ -337,6 +406,7 @@ impl<B: Broker> WorkQueue<B> {
                 broker,
                 name: full,
                 dead_letter,
+                settings,
             }),
         };
         queue
@@ -346,9 +416,31 @@ impl<B: Broker> WorkQueue<B> {
         Ok(queue)
     }
 
+    /// Declares the dead-letter queue, then the queue, which dead-letters
+    /// into it through the default exchange.
     pub(crate) async fn declare(&self) -> Result<String, BrokerError> {
         let inner = &self.inner;
-        declare_durable(&inner.broker, &inner.name, &inner.dead_letter).await
+        let durable = QueueOptions {
+            durable: true,
+            queue_type: inner.settings.queue_type,
+            ..QueueOptions::default()
+        };
+        inner
+            .broker
+            .declare_queue(&inner.dead_letter, durable.clone())
+            .await?;
+        let options = QueueOptions {
+            dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+            dead_letter_routing_key: Some(inner.dead_letter.clone()),
+            delivery_limit: inner.settings.delivery_limit,
+            ..durable
+        };
+        inner.broker.declare_queue(&inner.name, options).await
+    }
+
+    /// How the queue and its dead-letter queue are declared.
+    pub fn settings(&self) -> QueueSettings {
+        self.inner.settings
     }
 
     pub(crate) fn error(&self, operation: &'static str, source: BrokerError) -> QueueError {

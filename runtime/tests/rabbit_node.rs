@@ -16,8 +16,6 @@
 mod client_support;
 mod node_support;
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,9 +24,9 @@ use client_support::{
 };
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::{Broker, BrokerError, QueueOptions};
-use node_support::{RabbitNode, certificate_authority};
+use node_support::{RabbitNode, cases, certificate_authority};
 
-type Case = fn(Arc<RabbitNode>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+type Case = cases::Case<RabbitNode>;
 
 /// `(name, case)` for each `async fn name(node: Arc<RabbitNode>)`.
 macro_rules! cases {
@@ -56,18 +54,7 @@ fn own_rabbitmq_node_cases() {
         a_publish_while_the_broker_is_down_is_unreachable,
         poison_messages_are_set_aside_over_tls,
     ];
-    let only = std::env::var("TCX_NODE_CASES").ok();
-    let selected: Vec<&(&str, Case)> = cases
-        .iter()
-        .filter(|(name, _)| {
-            only.as_deref()
-                .is_none_or(|only| only.split(',').any(|wanted| wanted.trim() == *name))
-        })
-        .collect();
-    assert!(
-        !selected.is_empty(),
-        "TCX_NODE_CASES={only:?} selects no case"
-    );
+    let selected = cases::select("TCX_NODE_CASES", cases);
 
     let node = Arc::new(RabbitNode::start());
     eprintln!(
@@ -77,29 +64,7 @@ fn own_rabbitmq_node_cases() {
         node.amqps_port(),
         node.startup
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let mut failed = Vec::new();
-    for (name, case) in selected {
-        let began = Instant::now();
-        let case = case(node.clone());
-        let task = runtime.spawn(async move { tokio::time::timeout(CASE_TIMEOUT, case).await });
-        match runtime.block_on(task) {
-            Ok(Ok(())) => eprintln!("case {name}: ok ({:.1?})", began.elapsed()),
-            Ok(Err(_)) => {
-                eprintln!("case {name}: TIMED OUT after {CASE_TIMEOUT:?}");
-                failed.push(*name);
-            }
-            Err(error) => {
-                eprintln!("case {name}: FAILED ({error})");
-                failed.push(*name);
-            }
-        }
-    }
-    runtime.shutdown_timeout(Duration::from_secs(5));
+    let failed = cases::run(&node, selected, CASE_TIMEOUT, |_| {});
     let node = Arc::into_inner(node).expect("no case keeps the node");
     let stopped_in = node.stop();
     eprintln!("node stopped in {stopped_in:.1?}");

@@ -15,7 +15,9 @@
 //! - [`publish_delayed`](Broker::publish_delayed) needs no plugin: the message
 //!   waits in a retry queue `<queue>.delay.<ms>` whose `x-message-ttl` dead-letters
 //!   it into `<queue>`. Delays are rounded *up* to tiers (at most 12.5 % late,
-//!   never early); unused tier queues expire (`x-expires`).
+//!   never early); unused tier queues expire (`x-expires`). The tier queues
+//!   of a quorum queue declared through this broker are quorum queues too,
+//!   replicated like it, that dead-letter into it at least once.
 //! - [`pending`](Broker::pending) takes every ready message with `basic.get` on a
 //!   temporary channel and closes it, which puts them back in order — but marks
 //!   them *redelivered*, and hides them from consumers meanwhile.
@@ -66,6 +68,18 @@
 //! [`DeliveryStream`]; deliveries from the dead connection fail to settle
 //! with [`BrokerError::AckFailed`] and the broker redelivers them. Messages in
 //! exclusive (unnamed) queues die with the connection, as on any AMQP broker.
+//!
+//! # Clusters
+//!
+//! Given several node URLs ([`AmqpConfig::from_urls`], or one
+//! comma-separated value), each connection goes to the first node that
+//! answers, in the order given; after a loss the supervisor tries the nodes
+//! after the lost one first, one round over all of them per attempt, and
+//! recovers as above on whichever answers (the poison sweep's own
+//! connection goes to that node too). The main and the publishing connection
+//! may end up on different nodes. Queues on a node that went away are not
+//! reachable through the others unless they are replicated (quorum queues,
+//! [`QueueType::Quorum`]); see the README.
 
 mod acks;
 mod config;
@@ -105,7 +119,7 @@ pub use wire::{InvalidField, WireError};
 
 use super::{
     Broker, BrokerError, DEFAULT_EXCHANGE, DELAYED_CC_HEADER, Delivery, DeliveryStream,
-    ExchangeOptions, OutgoingMessage, PendingMessage, QueueOptions,
+    ExchangeOptions, OutgoingMessage, PendingMessage, QueueOptions, QueueType,
 };
 
 /// A [`Broker`] on RabbitMQ. Cheap to clone; clones share its connections.
@@ -252,6 +266,19 @@ impl AmqpBroker {
         [&self.shared.main, &self.shared.publishing]
             .iter()
             .all(|lane| matches!(&*lane.state.borrow(), LinkState::Up(link) if link.is_up()))
+    }
+
+    /// The node (`amqp://host:port/vhost`, no credentials) the main
+    /// connection (declarations, consumers, gets) is connected to now; `None`
+    /// while it reconnects or after [`close`](Self::close).
+    pub fn connected_node(&self) -> Option<String> {
+        lane_node(&self.shared.main)
+    }
+
+    /// The node the publishing connection is connected to now; `None`
+    /// while it reconnects or after [`close`](Self::close).
+    pub fn publishing_node(&self) -> Option<String> {
+        lane_node(&self.shared.publishing)
     }
 
     /// How many times the main connection (declarations, consumers, gets)
@@ -772,6 +799,14 @@ async fn forward_deliveries(
     }
 }
 
+/// The endpoint of `lane`'s live connection, if it has one.
+fn lane_node(lane: &Lane) -> Option<String> {
+    match &*lane.state.borrow() {
+        LinkState::Up(link) if link.is_up() => Some(link.node_config.endpoint()),
+        _ => None,
+    }
+}
+
 impl Broker for AmqpBroker {
     fn qualify_queue_name(&self, name: &str) -> String {
         format!("queue/{}/{name}", self.shared.config.username())
@@ -988,6 +1023,30 @@ impl Broker for AmqpBroker {
             .max(tier_ms_signed + 60_000)
             .min(MAX_TTL_MS);
         arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+        // A quorum queue's delayed messages wait in a quorum queue too
+        // (replicated; message TTL on quorum queues needs RabbitMQ 3.10).
+        let quorum_target = self
+            .topology()
+            .queues
+            .get(queue)
+            .is_some_and(|options| options.queue_type == QueueType::Quorum);
+        if quorum_target {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+            // Dead-lettered into the target at least once: a message stays
+            // in the tier until the target has it, through a node's loss
+            // (RabbitMQ 3.10; the strategy needs `reject-publish`).
+            arguments.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            arguments.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
         // The target must exist now: a message dead-lettered to a missing queue vanishes.
         let exists = self
             .run("check queue", &Target::queue(queue), |link| {

@@ -60,6 +60,14 @@ pub struct QueueOptions {
     pub message_ttl: Option<Duration>,
     /// How the queue keeps its messages (RabbitMQ's `x-queue-type`).
     pub queue_type: QueueType,
+    /// Quorum queues only (RabbitMQ's `x-delivery-limit`): how many times a
+    /// message may come back to the queue unsettled — a `nack` with requeue,
+    /// a dropped delivery, a cancelled consumer, a closed channel or
+    /// connection, and a [`Broker::pending`] listing each count once —
+    /// before it is dead-lettered (reason `delivery_limit`) instead, or
+    /// dropped without a dead-letter exchange. A message is thus delivered
+    /// at most `limit + 1` times. `None`: no limit.
+    pub delivery_limit: Option<u32>,
 }
 
 /// How a queue keeps its messages: RabbitMQ's `x-queue-type`.
@@ -69,8 +77,12 @@ pub enum QueueType {
     /// A classic queue (RabbitMQ's default): on one node; may be exclusive or auto-deleted.
     #[default]
     Classic,
-    /// A quorum queue (RabbitMQ 3.8+): replicated on a cluster (Raft), counts
-    /// redeliveries; must be durable, neither exclusive nor auto-deleted.
+    /// A quorum queue (RabbitMQ 3.8+; message TTL, which delays use, from
+    /// 3.10): replicated on a cluster (Raft), counts redeliveries (see
+    /// [`QueueOptions::delivery_limit`]); must be durable, neither exclusive
+    /// nor auto-deleted. A message that comes back to it unsettled is
+    /// delivered again before those never delivered (after others that came
+    /// back earlier), not at its old place as in a classic queue.
     Quorum,
 }
 
@@ -82,6 +94,12 @@ impl QueueOptions {
         {
             return Err(BrokerError::Invalid(format!(
                 "queue `{queue}`: a quorum queue must be durable, neither exclusive nor auto-deleted"
+            )));
+        }
+        if self.delivery_limit.is_some() && self.queue_type != QueueType::Quorum {
+            // RabbitMQ 3.x ignores `x-delivery-limit` on a classic queue: never silently.
+            return Err(BrokerError::Invalid(format!(
+                "queue `{queue}`: a delivery limit needs a quorum queue (QueueType::Quorum)"
             )));
         }
         if self.dead_letter_routing_key.is_some() && self.dead_letter_exchange.is_none() {

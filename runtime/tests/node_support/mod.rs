@@ -26,10 +26,15 @@
 //!
 //! Starting a node takes 20–35 s and ~130 MiB, so each test binary starts one
 //! and runs its cases against it in sequence (see `rabbit_node.rs`).
+//! [`cluster::RabbitCluster`] starts several such nodes at once as one
+//! cluster (see `cluster.rs`).
 //!
 //! Missing prerequisites (the rabbitmq-server package, a second loopback
 //! address) fail loudly with a message naming them; nothing is skipped.
 #![allow(dead_code)]
+
+pub mod cases;
+pub mod cluster;
 
 use std::fmt::Write as _;
 use std::fs;
@@ -83,6 +88,14 @@ impl RabbitNode {
         let began = Instant::now();
         check_prerequisites();
         reap_stale_nodes();
+        let mut node = RabbitNode::prepare();
+        node.launch(&[]);
+        node.await_started(began);
+        node
+    }
+
+    /// Makes the node's directory, ports and certificates; starts nothing.
+    fn prepare() -> RabbitNode {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let short = format!(
             "tcx-{}-{}",
@@ -98,7 +111,7 @@ impl RabbitNode {
         write(&dir.join("owner"), &std::process::id().to_string());
         let (amqp_port, amqps_port, dist_port) = free_ports();
         let ca_pem = write_certificates(&dir.join("tls"));
-        let mut node = RabbitNode {
+        RabbitNode {
             name: format!("{short}@localhost"),
             dir,
             amqp_port,
@@ -109,33 +122,42 @@ impl RabbitNode {
             os_pid: None,
             frozen: AtomicBool::new(false),
             startup: Duration::ZERO,
-        };
-        node.write_config();
+        }
+    }
+
+    /// Writes the node's configuration (with `peers`, the node names of a
+    /// cluster it forms at boot, if any) and runs the server script.
+    fn launch(&mut self, peers: &[String]) {
+        self.write_config(peers);
         // From here on, Drop cleans up whatever has been started.
-        let log = fs::File::create(node.dir.join("server-output.log")).expect("server log file");
-        let child = node
+        let log = fs::File::create(self.dir.join("server-output.log")).expect("server log file");
+        let child = self
             .command(SERVER)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("server log file"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|error| panic!("cannot run {SERVER}: {error}"));
-        node.child = Some(child);
-        node.wait_until_listening(began + START_TIMEOUT);
-        node.rabbitmqctl(&["await_startup", "--timeout", "60"])
-            .unwrap_or_else(|error| node.fail(&format!("await_startup failed: {error}")));
-        let pid = node
+        self.child = Some(child);
+    }
+
+    /// Waits until the launched node accepts AMQP and has booted; records
+    /// its VM's pid and the start time (from `began`).
+    fn await_started(&mut self, began: Instant) {
+        self.wait_until_listening(began + START_TIMEOUT);
+        self.rabbitmqctl(&["await_startup", "--timeout", "60"])
+            .unwrap_or_else(|error| self.fail(&format!("await_startup failed: {error}")));
+        let pid = self
             .rabbitmqctl(&["eval", "os:getpid()."])
-            .unwrap_or_else(|error| node.fail(&format!("cannot read the VM's OS pid: {error}")));
+            .unwrap_or_else(|error| self.fail(&format!("cannot read the VM's OS pid: {error}")));
         let pid = pid
             .trim()
             .trim_matches('"')
             .parse::<u32>()
-            .unwrap_or_else(|error| node.fail(&format!("os:getpid() answered {pid:?}: {error}")));
-        node.os_pid = Some(pid);
-        write(&node.dir.join("beam.pid"), &pid.to_string());
-        node.startup = began.elapsed();
-        node
+            .unwrap_or_else(|error| self.fail(&format!("os:getpid() answered {pid:?}: {error}")));
+        self.os_pid = Some(pid);
+        write(&self.dir.join("beam.pid"), &pid.to_string());
+        self.startup = began.elapsed();
     }
 
     /// The Erlang node name, `tcx-<pid>-<n>@localhost`.
@@ -233,6 +255,22 @@ impl RabbitNode {
         let mut args = vec!["list_connections"];
         args.extend_from_slice(items);
         self.ctl(&args).lines().map(str::to_owned).collect()
+    }
+
+    /// The cluster members this node sees running (itself included); empty
+    /// while it cannot tell (still booting, application stopped).
+    pub fn running_members(&self) -> Vec<String> {
+        self.rabbitmqctl(&["eval", "rabbit_nodes:all_running()."])
+            .map(|listed| {
+                // `['tcx-1-0@localhost','tcx-1-1@localhost']`: the quoted atoms.
+                listed
+                    .split('\'')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Stops the RabbitMQ application; the VM keeps running and listeners close.
@@ -339,7 +377,7 @@ impl RabbitNode {
         command
     }
 
-    fn write_config(&self) {
+    fn write_config(&self, peers: &[String]) {
         let dir = &self.dir;
         let tls = dir.join("tls");
         write(
@@ -369,6 +407,18 @@ impl RabbitNode {
              log.console = false\n\
              log.file.level = info\n",
         );
+        if !peers.is_empty() {
+            // Classic peer discovery: the nodes find each other at boot,
+            // faster than `join_cluster` after it.
+            config.push_str("cluster_formation.peer_discovery_backend = classic_config\n");
+            for (index, peer) in peers.iter().enumerate() {
+                let _ = writeln!(
+                    config,
+                    "cluster_formation.classic_config.nodes.{} = {peer}",
+                    index + 1
+                );
+            }
+        }
         write(&dir.join("rabbitmq.conf"), &config);
         // The cookie the node and its rabbitmqctl share; Erlang wants it private.
         let cookie = dir.join("home").join(".erlang.cookie");

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use exchange_runtime::broker::{
     Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, DeliveryStream, ExchangeOptions, MAX_DELAY,
-    OutgoingMessage, QueueOptions,
+    OutgoingMessage, QueueOptions, QueueType,
 };
 
 /// How long something that should happen may take.
@@ -98,6 +98,8 @@ macro_rules! conformance_tests {
             delays_are_never_early_but_may_reorder,
             delayed_put_goes_to_its_queue_only,
             dead_lettered_put_keeps_to_its_queue,
+            quorum_delivery_limit_dead_letters_what_keeps_coming_back,
+            quorum_queue_requeues_nacked_messages_at_the_back,
         );
     };
     (@pairs $make_broker:path, $connect_again:path; $($behaviour:ident),* $(,)?) => {
@@ -1827,4 +1829,153 @@ pub async fn dropping_every_handle_closes_the_connection_and_its_exclusive_queue
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A quorum queue's options with a delivery limit, dead-lettering to `dead`
+/// through the default exchange.
+fn quorum_with_limit(limit: u32, dead: &str) -> QueueOptions {
+    QueueOptions {
+        durable: true,
+        queue_type: QueueType::Quorum,
+        delivery_limit: Some(limit),
+        dead_letter_exchange: Some(DEFAULT_EXCHANGE.to_owned()),
+        dead_letter_routing_key: Some(dead.to_owned()),
+        ..QueueOptions::default()
+    }
+}
+
+/// A quorum queue counts every return of a message — a nack with requeue, a
+/// dropped delivery, a listing — and dead-letters it when it comes back
+/// more often than its delivery limit, so it is delivered `limit + 1` times.
+/// A delivery limit on a classic queue is refused; a redeclaration with
+/// another limit conflicts.
+pub async fn quorum_delivery_limit_dead_letters_what_keeps_coming_back<B: Broker>(broker: &B) {
+    let dead = new_queue(broker, "limit-dead", QueueOptions::default()).await;
+    let queue = new_queue(broker, "limit", quorum_with_limit(2, &dead)).await;
+
+    send(broker, &queue, "nacked").await;
+    let mut stream = consume(broker, &queue, 1).await;
+    for delivery_number in 1..=3 {
+        let delivery = next_delivery(&mut stream, "nacked").await;
+        assert_eq!(body(&delivery), "nacked");
+        assert_eq!(
+            delivery.redelivered,
+            delivery_number > 1,
+            "{delivery_number}"
+        );
+        delivery.nack(true).await.expect("nack with requeue");
+    }
+    assert_quiet(&mut stream, "returned past its limit").await;
+    drop(stream);
+    assert_pending(broker, &dead, &["nacked"]).await;
+
+    send(broker, &queue, "dropped").await;
+    for _ in 1..=3 {
+        let delivery = get_eventually(broker, &queue).await;
+        assert_eq!(body(&delivery), "dropped");
+        drop(delivery);
+    }
+    assert_pending(broker, &dead, &["nacked", "dropped"]).await;
+
+    // Listing takes every message and returns it: two listings are two returns.
+    send(broker, &queue, "listed").await;
+    assert_eq!(pending_bodies(broker, &queue).await, ["listed"]);
+    assert_eq!(pending_bodies(broker, &queue).await, ["listed"]);
+    let delivery = get_eventually(broker, &queue).await;
+    assert_eq!(body(&delivery), "listed");
+    assert!(
+        delivery.redelivered,
+        "listed messages come back redelivered"
+    );
+    delivery.nack(true).await.expect("nack with requeue");
+    assert_pending(broker, &dead, &["nacked", "dropped", "listed"]).await;
+    assert!(
+        get(broker, &queue).await.is_none(),
+        "the quorum queue is empty"
+    );
+
+    let classic = QueueOptions {
+        delivery_limit: Some(2),
+        ..QueueOptions::default()
+    };
+    assert_invalid(
+        broker
+            .declare_queue(
+                &broker.qualify_queue_name(&unique("classic-limit")),
+                classic,
+            )
+            .await,
+        "queue `",
+    );
+    let redeclared = broker
+        .declare_queue(&queue, quorum_with_limit(5, &dead))
+        .await;
+    assert!(
+        matches!(redeclared, Err(BrokerError::Conflict { .. })),
+        "another delivery limit: {redeclared:?}"
+    );
+    delete_queues(broker, &[&queue, &dead]).await;
+}
+
+/// Where a message that comes back to a quorum queue goes (RabbitMQ 3.10):
+/// a nacked one to the back of the queue, after the messages never
+/// delivered; a cancelled consumer's to the front, in their order — not to
+/// their old places, as in a classic queue. Each comes back redelivered.
+pub async fn quorum_queue_requeues_nacked_messages_at_the_back<B: Broker>(broker: &B) {
+    let quorum = QueueOptions {
+        durable: true,
+        queue_type: QueueType::Quorum,
+        ..QueueOptions::default()
+    };
+    let queue = new_queue(broker, "quorum-order", quorum).await;
+    for body in ["a", "b", "c", "d"] {
+        send(broker, &queue, body).await;
+    }
+    // Nacked: the consumer's next delivery (it has room once b is nacked)
+    // shows where b went.
+    let mut stream = consume(broker, &queue, 2).await;
+    let a = next_delivery(&mut stream, "a").await;
+    let b = next_delivery(&mut stream, "b").await;
+    assert_eq!((body(&a), body(&b)), ("a".to_owned(), "b".to_owned()));
+    b.nack(true).await.expect("nack b");
+    let c = next_delivery(&mut stream, "after nacking b").await;
+    assert_eq!((body(&c), c.redelivered), ("c".to_owned(), false));
+    a.nack(true).await.expect("nack a");
+    let mut order = vec![(body(&c), c.redelivered)];
+    ack(c).await;
+    for _ in 0..3 {
+        let delivery = next_delivery(&mut stream, "the rest").await;
+        order.push((body(&delivery), delivery.redelivered));
+        ack(delivery).await;
+    }
+    let expected = |bodies: [(&str, bool); 4]| bodies.map(|(body, again)| (body.to_owned(), again));
+    assert_eq!(
+        order,
+        expected([("c", false), ("d", false), ("b", true), ("a", true)])
+    );
+    // Cancelled with e and f held: they go back to the front. (New bodies:
+    // the RabbitMQ broker sends a message it just had confirmed only once.)
+    for body in ["e", "f", "g", "h"] {
+        send(broker, &queue, body).await;
+    }
+    let held = [
+        next_delivery(&mut stream, "e").await,
+        next_delivery(&mut stream, "f").await,
+    ];
+    drop(stream);
+    // The cancellation is not answered: give it time to reach the queue
+    // before the held deliveries go (their own requeue would race it).
+    tokio::time::sleep(QUIET).await;
+    drop(held);
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let delivery = get_eventually(broker, &queue).await;
+        order.push((body(&delivery), delivery.redelivered));
+        ack(delivery).await;
+    }
+    assert_eq!(
+        order,
+        expected([("e", true), ("f", true), ("g", false), ("h", false)])
+    );
+    delete_queues(broker, &[&queue]).await;
 }

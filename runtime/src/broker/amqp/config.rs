@@ -1,5 +1,5 @@
 //! Connection settings for [`AmqpBroker`](super::AmqpBroker), parsed from an
-//! `amqp://` / `amqps://` URL.
+//! `amqp://` / `amqps://` URL, or several: the nodes of a RabbitMQ cluster.
 
 use std::fmt;
 use std::path::Path;
@@ -19,6 +19,15 @@ pub const PASSWORD_ENV: &str = "PULSE_PASSWORD";
 
 /// How to reach RabbitMQ and how hard to try.
 ///
+/// Several node URLs (a cluster) are given as a list
+/// ([`from_urls`](Self::from_urls)) or as one comma-separated value
+/// ([`from_url`](Self::from_url)), as other AMQP clients take them. The
+/// broker connects to the first node it can reach, in the order given, and
+/// after losing a connection tries the nodes that follow the lost one first.
+/// All nodes must use the same user name and virtual host (queue names are
+/// `queue/<user>/...`, and the topology is re-declared on whichever node is
+/// reached); a URL without credentials takes them from the environment.
+///
 /// ```
 /// # use exchange_runtime::broker::amqp::AmqpConfig;
 /// # use std::time::Duration;
@@ -28,10 +37,20 @@ pub const PASSWORD_ENV: &str = "PULSE_PASSWORD";
 ///     .with_heartbeat(Duration::from_secs(15));
 /// assert_eq!(config.username(), "alice");
 /// assert_eq!(config.endpoint(), "amqps://pulse.example.com:5671/%2F");
+///
+/// let cluster = AmqpConfig::from_url(
+///     "amqp://alice:s3cret@rabbit-1:5672/%2f,amqp://alice:s3cret@rabbit-2:5672/%2f",
+/// )
+/// .unwrap();
+/// assert_eq!(
+///     cluster.endpoints(),
+///     ["amqp://rabbit-1:5672/%2F", "amqp://rabbit-2:5672/%2F"]
+/// );
 /// ```
 #[derive(Clone)]
 pub struct AmqpConfig {
-    uri: AMQPUri,
+    /// The nodes, in the order they are tried; at least one.
+    nodes: Vec<AMQPUri>,
     connection_name: String,
     heartbeat: Duration,
     connect_timeout: Duration,
@@ -61,8 +80,11 @@ impl fmt::Debug for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Parses an `amqp://` or `amqps://` URL. Credentials come from the URL,
-    /// or else from the `PULSE_USERNAME` / `PULSE_PASSWORD` environment variables.
+    /// Parses an `amqp://` or `amqps://` URL, or several separated by commas
+    /// (`amqp://u:p@node-1/%2f,amqp://u:p@node-2/%2f`: the nodes of a
+    /// cluster). Credentials come from each URL, or else from the
+    /// `PULSE_USERNAME` / `PULSE_PASSWORD` environment variables. The
+    /// heartbeat and connection timeout are the first URL's.
     pub fn from_url(url: &str) -> Result<Self, BrokerError> {
         Self::from_url_and_env(url, |name| std::env::var(name).ok())
     }
@@ -73,36 +95,62 @@ impl AmqpConfig {
         url: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, BrokerError> {
-        let authority = Authority::split(url)?;
-        let mut uri: AMQPUri = url.parse().map_err(|error| {
-            BrokerError::Invalid(format!("AMQP URL `{}`: {error}", redact(url)))
-        })?;
-        // amq-protocol-uri only takes domain names as hosts; an IP literal would silently become `localhost`.
-        uri.authority.host = authority.host.to_owned();
-        if !authority.has_credentials {
-            match (env(USERNAME_ENV), env(PASSWORD_ENV)) {
-                (Some(username), Some(password)) if !username.is_empty() => {
-                    uri.authority.userinfo.username = username;
-                    uri.authority.userinfo.password = password;
-                }
-                _ => {
-                    return Err(BrokerError::Invalid(format!(
-                        "AMQP URL `{}` has no credentials and {USERNAME_ENV} / {PASSWORD_ENV} are not both set",
-                        redact(url)
-                    )));
+        Self::from_urls_and_env(split_urls(url)?, env)
+    }
+
+    /// The nodes of a cluster, one URL each (each parsed as by
+    /// [`from_url`](Self::from_url), without commas), tried in this order.
+    /// An empty list, or nodes that differ in user name or virtual host,
+    /// are [`BrokerError::Invalid`].
+    pub fn from_urls<I>(urls: I) -> Result<Self, BrokerError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        Self::from_urls_and_env(urls, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`from_urls`](Self::from_urls), reading the environment through `env`.
+    pub fn from_urls_and_env<I>(
+        urls: I,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, BrokerError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let mut nodes: Vec<AMQPUri> = Vec::new();
+        let mut first_url = String::new();
+        for url in urls {
+            let url = url.as_ref();
+            let uri = parse_node(url, &env)?;
+            match nodes.first() {
+                None => first_url = redact(url),
+                Some(first) => {
+                    let (user, vhost) = (&uri.authority.userinfo.username, &uri.vhost);
+                    let (first_user, first_vhost) =
+                        (&first.authority.userinfo.username, &first.vhost);
+                    if user != first_user || vhost != first_vhost {
+                        return Err(BrokerError::Invalid(format!(
+                            "AMQP URL `{}` names user `{user}` and virtual host `{vhost}`, but \
+                             `{first_url}` names user `{first_user}` and virtual host \
+                             `{first_vhost}`: the nodes of one broker must share both",
+                            redact(url)
+                        )));
+                    }
                 }
             }
+            nodes.push(uri);
         }
-        if uri.authority.userinfo.username.is_empty() {
-            return Err(BrokerError::Invalid(format!(
-                "AMQP URL `{}` has an empty user name",
-                redact(url)
-            )));
-        }
+        let Some(uri) = nodes.first() else {
+            return Err(BrokerError::Invalid(
+                "no AMQP URL given: at least one node is needed".to_owned(),
+            ));
+        };
         let heartbeat = Duration::from_secs(uri.query.heartbeat.map_or(30, u64::from));
         let connect_timeout = Duration::from_millis(uri.query.connection_timeout.unwrap_or(10_000));
         Ok(AmqpConfig {
-            uri,
+            nodes,
             connection_name: "exchange-runtime".to_owned(),
             heartbeat,
             connect_timeout,
@@ -207,7 +255,7 @@ impl AmqpConfig {
 
     /// The user name the broker authenticates as (the `<user>` of Pulse's `queue/<user>/...`).
     pub fn username(&self) -> &str {
-        &self.uri.authority.userinfo.username
+        &self.nodes[0].authority.userinfo.username
     }
 
     /// The connection name.
@@ -225,18 +273,64 @@ impl AmqpConfig {
         self.operation_timeout
     }
 
-    /// Where the broker connects, without credentials: `amqp://host:port/vhost`.
+    /// Where the broker connects, without credentials: `amqp://host:port/vhost`,
+    /// or for several nodes their endpoints separated by `, `.
     pub fn endpoint(&self) -> String {
-        let scheme = match self.uri.scheme {
-            AMQPScheme::AMQP => "amqp",
-            AMQPScheme::AMQPS => "amqps",
-        };
-        format!(
-            "{scheme}://{}:{}/{}",
-            self.uri.authority.host,
-            self.uri.authority.port,
-            percent_encode_vhost(&self.uri.vhost)
-        )
+        self.endpoints().join(", ")
+    }
+
+    /// Each node's endpoint (`amqp://host:port/vhost`, no credentials), in
+    /// the order they are tried.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(node_endpoint).collect()
+    }
+
+    /// How many nodes the configuration names (at least one).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The configuration of node number `index` alone (`index` modulo
+    /// [`node_count`](Self::node_count)).
+    pub(crate) fn node(&self, index: usize) -> AmqpConfig {
+        let mut node = self.clone();
+        node.nodes = vec![self.nodes[index % self.nodes.len()].clone()];
+        node
+    }
+
+    /// Runs `attempt` with each node's configuration alone (and its number),
+    /// from node `first` on, wrapping, until one succeeds. A connection
+    /// failure moves on to the next node; another error ends the round at
+    /// once. Fails naming every node tried and why (a single node's error
+    /// as it is).
+    pub(crate) async fn on_first_answering<T, F, Fut>(
+        &self,
+        first: usize,
+        mut attempt: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnMut(AmqpConfig, usize) -> Fut,
+        Fut: Future<Output = Result<T, BrokerError>>,
+    {
+        let count = self.node_count();
+        let mut failures = Vec::new();
+        for offset in 0..count {
+            let node = (first + offset) % count;
+            match attempt(self.node(node), node).await {
+                Ok(value) => {
+                    if !failures.is_empty() {
+                        tracing::info!(endpoint = %self.node(node).endpoint(), unreachable = ?failures, "AMQP connected to another node");
+                    }
+                    return Ok(value);
+                }
+                Err(BrokerError::Connection(reason)) if count > 1 => failures.push(reason),
+                Err(error) => return Err(error),
+            }
+        }
+        Err(BrokerError::Connection(format!(
+            "none of the {count} nodes answered: {}",
+            failures.join("; ")
+        )))
     }
 
     /// The reconnect delay before attempt number `attempt` (0-based): capped exponential.
@@ -251,9 +345,10 @@ impl AmqpConfig {
         self.connect_timeout
     }
 
-    /// The URI lapin connects with (heartbeat and timeout applied).
+    /// The URI lapin connects to the first node with (heartbeat and timeout
+    /// applied); see [`node`](Self::node) for the others.
     pub(crate) fn lapin_uri(&self) -> AMQPUri {
-        let mut uri = self.uri.clone();
+        let mut uri = self.nodes[0].clone();
         uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
         uri.query.connection_timeout =
             Some(u64::try_from(self.connect_timeout.as_millis()).unwrap_or(u64::MAX));
@@ -267,6 +362,90 @@ impl AmqpConfig {
             cert_chain: self.ca_certificates.as_ref().map(|(pem, _)| pem.clone()),
         }
     }
+}
+
+/// `amqp://host:port/vhost` of one node, without credentials.
+fn node_endpoint(uri: &AMQPUri) -> String {
+    let scheme = match uri.scheme {
+        AMQPScheme::AMQP => "amqp",
+        AMQPScheme::AMQPS => "amqps",
+    };
+    format!(
+        "{scheme}://{}:{}/{}",
+        uri.authority.host,
+        uri.authority.port,
+        percent_encode_vhost(&uri.vhost)
+    )
+}
+
+/// Splits a comma-separated list of node URLs: at each comma that a new
+/// `amqp://` or `amqps://` follows (whitespace around it is dropped). A
+/// comma elsewhere stays in its URL (a password may hold one).
+fn split_urls(value: &str) -> Result<Vec<&str>, BrokerError> {
+    let starts_url = |rest: &str| {
+        let rest = rest.trim_start();
+        rest.starts_with("amqp://") || rest.starts_with("amqps://")
+    };
+    if value.trim_end().ends_with(',') {
+        // Not a virtual host ending in a comma (that is written `%2C`).
+        return Err(BrokerError::Invalid(format!(
+            "AMQP URL list `{}` ends with a comma",
+            redact_list(value)
+        )));
+    }
+    let mut urls = Vec::new();
+    let mut start = 0;
+    for (index, _) in value.match_indices(',') {
+        if starts_url(&value[index + 1..]) {
+            urls.push(value[start..index].trim());
+            start = index + 1;
+        }
+    }
+    urls.push(value[start..].trim());
+    if let Some(position) = urls.iter().position(|url| url.is_empty()) {
+        return Err(BrokerError::Invalid(format!(
+            "AMQP URL list `{}`: URL number {} is empty",
+            redact_list(value),
+            position + 1
+        )));
+    }
+    Ok(urls)
+}
+
+/// A comma-separated URL list with every password replaced by `***`.
+fn redact_list(value: &str) -> String {
+    value.split(',').map(redact).collect::<Vec<_>>().join(",")
+}
+
+/// Parses one node's URL: credentials from it or else from the environment.
+fn parse_node(url: &str, env: &impl Fn(&str) -> Option<String>) -> Result<AMQPUri, BrokerError> {
+    let authority = Authority::split(url)?;
+    let mut uri: AMQPUri = url
+        .parse()
+        .map_err(|error| BrokerError::Invalid(format!("AMQP URL `{}`: {error}", redact(url))))?;
+    // amq-protocol-uri only takes domain names as hosts; an IP literal would silently become `localhost`.
+    uri.authority.host = authority.host.to_owned();
+    if !authority.has_credentials {
+        match (env(USERNAME_ENV), env(PASSWORD_ENV)) {
+            (Some(username), Some(password)) if !username.is_empty() => {
+                uri.authority.userinfo.username = username;
+                uri.authority.userinfo.password = password;
+            }
+            _ => {
+                return Err(BrokerError::Invalid(format!(
+                    "AMQP URL `{}` has no credentials and {USERNAME_ENV} / {PASSWORD_ENV} are not both set",
+                    redact(url)
+                )));
+            }
+        }
+    }
+    if uri.authority.userinfo.username.is_empty() {
+        return Err(BrokerError::Invalid(format!(
+            "AMQP URL `{}` has an empty user name",
+            redact(url)
+        )));
+    }
+    Ok(uri)
 }
 
 /// The number of certificates in `pem`; an error describing the problem if
@@ -317,6 +496,13 @@ impl<'a> Authority<'a> {
         if host.is_empty() {
             return Err(BrokerError::Invalid(format!(
                 "AMQP URL `{}` has no host",
+                redact(url)
+            )));
+        }
+        if host_port.contains(',') {
+            return Err(BrokerError::Invalid(format!(
+                "AMQP URL `{}` has a comma in its host: several nodes are given as whole \
+                 URLs separated by commas (`amqp://u:p@node-1/%2f,amqp://u:p@node-2/%2f`)",
                 redact(url)
             )));
         }
@@ -376,8 +562,8 @@ mod tests {
             AmqpConfig::from_url_and_env("amqp://guest:pa%40ss@127.0.0.1:5672/%2f", no_env)
                 .expect("valid URL");
         assert_eq!(config.username(), "guest");
-        assert_eq!(config.uri.authority.userinfo.password, "pa@ss");
-        assert_eq!(config.uri.authority.host, "127.0.0.1");
+        assert_eq!(config.nodes[0].authority.userinfo.password, "pa@ss");
+        assert_eq!(config.nodes[0].authority.host, "127.0.0.1");
         assert_eq!(config.endpoint(), "amqp://127.0.0.1:5672/%2F");
     }
 
@@ -391,7 +577,7 @@ mod tests {
         let config =
             AmqpConfig::from_url_and_env("amqps://pulse.example.com/vh", env).expect("valid");
         assert_eq!(config.username(), "pulse-user");
-        assert_eq!(config.uri.authority.userinfo.password, "pulse-pass");
+        assert_eq!(config.nodes[0].authority.userinfo.password, "pulse-pass");
         assert_eq!(config.endpoint(), "amqps://pulse.example.com:5671/vh");
     }
 
@@ -427,6 +613,68 @@ mod tests {
         assert_eq!(config.backoff(3), Duration::from_millis(800));
         assert_eq!(config.backoff(4), Duration::from_secs(1));
         assert_eq!(config.backoff(1000), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn several_nodes_from_a_comma_separated_value_or_a_list() {
+        let value = "amqp://u:p,w@10.0.0.1:5673/%2f, amqps://u:q@rabbit-2/%2f ,amqp://rabbit-3/%2f";
+        let env = |name: &str| match name {
+            USERNAME_ENV => Some("u".to_owned()),
+            PASSWORD_ENV => Some("env-pass".to_owned()),
+            _ => None,
+        };
+        let config = AmqpConfig::from_url_and_env(value, env).expect("three nodes");
+        assert_eq!(
+            config.endpoints(),
+            [
+                "amqp://10.0.0.1:5673/%2F",
+                "amqps://rabbit-2:5671/%2F",
+                "amqp://rabbit-3:5672/%2F"
+            ]
+        );
+        assert_eq!(config.node_count(), 3);
+        assert_eq!(
+            config.endpoint(),
+            "amqp://10.0.0.1:5673/%2F, amqps://rabbit-2:5671/%2F, amqp://rabbit-3:5672/%2F"
+        );
+        // A comma inside a password does not split; each node keeps its credentials.
+        assert_eq!(config.nodes[0].authority.userinfo.password, "p,w");
+        assert_eq!(config.nodes[2].authority.userinfo.password, "env-pass");
+        let second = config.node(1);
+        assert_eq!(second.endpoints(), ["amqps://rabbit-2:5671/%2F"]);
+        assert_eq!(second.lapin_uri().authority.userinfo.password, "q");
+        assert_eq!(config.node(4).endpoint(), "amqps://rabbit-2:5671/%2F");
+        assert!(!format!("{config:?}").contains("p,w"));
+
+        let listed =
+            AmqpConfig::from_urls_and_env(["amqp://u:p@a:1/%2f", "amqp://u:p@b:2/%2f"], no_env)
+                .expect("a list");
+        assert_eq!(listed.endpoints(), ["amqp://a:1/%2F", "amqp://b:2/%2F"]);
+    }
+
+    #[test]
+    fn bad_node_lists_are_errors_naming_the_url_without_its_password() {
+        let cases = [
+            (
+                "amqp://u:secret@a/%2f,amqp://other:secret@b/%2f",
+                "user `other`",
+            ),
+            ("amqp://u:secret@a/%2f,amqp://u:secret@b/vh", "virtual host"),
+            ("amqp://u:secret@a/%2f,", "ends with a comma"),
+            (",amqp://u:secret@a/%2f", "URL number 1 is empty"),
+            ("amqp://u:secret@a,b/%2f", "comma in its host"),
+        ];
+        for (value, expected) in cases {
+            let message = AmqpConfig::from_url_and_env(value, no_env)
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(expected), "{value}: {message}");
+            assert!(!message.contains("secret"), "{value}: {message}");
+        }
+        let message = AmqpConfig::from_urls_and_env(Vec::<String>::new(), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("at least one node"), "{message}");
     }
 
     fn self_signed_pem() -> (String, String) {

@@ -252,6 +252,12 @@ pub(crate) fn queue_arguments(
             AMQPValue::LongString("quorum".into()),
         );
     }
+    if let Some(limit) = options.delivery_limit {
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(i64::from(limit)),
+        );
+    }
     if let Some(exchange) = &options.dead_letter_exchange {
         short("dead-letter exchange", exchange)?;
         arguments.insert(

@@ -24,6 +24,10 @@ use crate::broker::{BrokerError, ExchangeOptions, QueueOptions};
 pub(crate) struct Link {
     /// Counts connections made by this broker: 1 for the first.
     pub(crate) generation: u64,
+    /// The configuration's node this connection reached (its number, and
+    /// that node's configuration alone).
+    pub(crate) node: usize,
+    pub(crate) node_config: AmqpConfig,
     pub(crate) connection: Connection,
     /// Confirm-mode channel shared by concurrent publishes; reopened when closed.
     publisher: Mutex<Option<Channel>>,
@@ -198,10 +202,27 @@ pub(crate) struct Topology {
 /// Connection events (errors, blocked, ...).
 pub(crate) type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event> + Send>>;
 
-/// Opens a connection and returns it with its event stream (created before
-/// anything can fail, so no error event is missed).
+/// Opens a connection to the first node that answers, trying the
+/// configuration's nodes once each from number `first` on (wrapping), and
+/// returns it with its event stream (created before anything can fail, so no
+/// error event is missed). Fails naming every node tried and why.
 pub(crate) async fn open(
     config: &AmqpConfig,
+    role: Role,
+    generation: u64,
+    first: usize,
+) -> Result<(Arc<Link>, Events), BrokerError> {
+    config
+        .on_first_answering(first, |node_config, node| {
+            open_node(node_config, node, role, generation)
+        })
+        .await
+}
+
+/// Opens a connection to the one node `config` names (number `node`).
+async fn open_node(
+    config: AmqpConfig,
+    node: usize,
     role: Role,
     generation: u64,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
@@ -252,6 +273,8 @@ pub(crate) async fn open(
     let events: Events = Box::pin(connection.events_listener());
     let link = Arc::new(Link {
         generation,
+        node,
+        node_config: config,
         connection,
         publisher: Mutex::new(None),
         operations: Mutex::new(None),
@@ -292,7 +315,7 @@ impl Lane {
         readers: Arc<Readers>,
         poison: broadcast::Sender<PoisonEvent>,
     ) -> Result<Lane, BrokerError> {
-        let (link, events) = open(config, role, 1).await?;
+        let (link, events) = open(config, role, 1, 0).await?;
         let lane = Lane {
             state: Arc::new(watch::Sender::new(LinkState::Up(link.clone()))),
             topology: Arc::default(),
@@ -662,11 +685,11 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                         break error.to_string();
                     }
                     Some(Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(endpoint = %config.endpoint(), ?role, %reason, "RabbitMQ blocks the AMQP connection");
+                        tracing::warn!(endpoint = %link.node_config.endpoint(), ?role, %reason, "RabbitMQ blocks the AMQP connection");
                         link.set_blocked(Some(reason));
                     }
                     Some(Event::ConnectionUnblocked) => {
-                        tracing::info!(endpoint = %config.endpoint(), ?role, "RabbitMQ unblocked the AMQP connection");
+                        tracing::info!(endpoint = %link.node_config.endpoint(), ?role, "RabbitMQ unblocked the AMQP connection");
                         link.set_blocked(None);
                     }
                     None if !link.is_up() => break "connection ended".to_owned(),
@@ -691,8 +714,10 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
             }
         };
         link.dead.send_replace(true);
+        // The nodes after the lost one are tried first (it may be going away).
+        let next_node = link.node + 1;
         tracing::warn!(
-            endpoint = %config.endpoint(),
+            endpoint = %link.node_config.endpoint(),
             generation = link.generation,
             %reason,
             "AMQP connection lost; reconnecting"
@@ -729,14 +754,15 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 _ = closed.wait_for(|state| matches!(state, LinkState::Closed)) => return,
             }
             attempt = attempt.saturating_add(1);
-            let (candidate, candidate_events) = match open(&config, role, generation).await {
-                Ok(opened) => opened,
-                Err(error) => {
-                    tracing::warn!(%error, attempt, "AMQP reconnect failed");
-                    set_down(&state, error.to_string());
-                    continue;
-                }
-            };
+            let (candidate, candidate_events) =
+                match open(&config, role, generation, next_node).await {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        tracing::warn!(%error, attempt, "AMQP reconnect failed");
+                        set_down(&state, error.to_string());
+                        continue;
+                    }
+                };
             let Some(snapshot) = topology
                 .upgrade()
                 .map(|topology| topology.lock().unwrap_or_else(|e| e.into_inner()).clone())
@@ -746,7 +772,9 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
             match replay(&candidate, &snapshot).await {
                 Ok(()) => {
                     if parse_failure {
-                        if sweep_poison(&config, &snapshot, &readers, &poison).await > 0 {
+                        // On the node this connection reached: the messages are there.
+                        let node = &candidate.node_config;
+                        if sweep_poison(node, &snapshot, &readers, &poison).await > 0 {
                             unexplained_parse_failures = 0;
                         } else {
                             unexplained_parse_failures =
@@ -768,7 +796,7 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
             return;
         }
         recoveries.fetch_add(1, Ordering::SeqCst);
-        tracing::info!(endpoint = %config.endpoint(), generation = link.generation, "AMQP connection recovered");
+        tracing::info!(endpoint = %link.node_config.endpoint(), generation = link.generation, "AMQP connection recovered");
         sender.send_replace(LinkState::Up(link.clone()));
     }
 }

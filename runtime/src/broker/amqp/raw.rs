@@ -216,8 +216,17 @@ const QUEUE: u16 = 50;
 const CONFIRM: u16 = 85;
 
 impl RawConnection {
-    /// Connects and logs in as `config` says (TCP or TLS, user, virtual host).
+    /// Connects and logs in as `config` says (TCP or TLS, user, virtual
+    /// host): to the first of its nodes that answers, in order. Fails naming
+    /// every node tried and why.
     pub async fn connect(config: &AmqpConfig) -> Result<Self, BrokerError> {
+        config
+            .on_first_answering(0, |node, _| async move { Self::connect_node(&node).await })
+            .await
+    }
+
+    /// Connects to the one node `config` names.
+    async fn connect_node(config: &AmqpConfig) -> Result<Self, BrokerError> {
         let endpoint = config.endpoint();
         let fail = |what: String| {
             BrokerError::Connection(format!("raw AMQP connection to {endpoint}: {what}"))

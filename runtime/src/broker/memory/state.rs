@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{MemoryAck, Shared};
 use crate::broker::{
     BrokerError, DEFAULT_EXCHANGE, Delivery, ExchangeOptions, MAX_DELAY, OutgoingMessage,
-    PendingMessage, QueueOptions,
+    PendingMessage, QueueOptions, QueueType,
 };
 use crate::topic::TopicTrie;
 
@@ -178,10 +178,15 @@ pub(super) struct Content {
 }
 
 struct Queued {
-    /// Position in the queue; a requeued message goes back to it.
+    /// Position in the queue; a requeued message goes back to it (classic queues).
     seq: u64,
     content: Arc<Content>,
     redelivered: bool,
+    /// How many times it came back unsettled (counted by quorum queues).
+    returns: u32,
+    /// In a quorum queue's returns (a cancelled consumer's, a closed
+    /// channel's): delivered before the other messages.
+    in_returns: bool,
     expires_at: Option<Instant>,
 }
 
@@ -215,6 +220,8 @@ pub(super) enum Settlement {
 enum Death {
     Rejected,
     Expired,
+    /// Came back to a quorum queue more often than its delivery limit.
+    DeliveryLimit,
 }
 
 /// A queue as `declare_queue` leaves it, for the caller to start its tasks.
@@ -326,6 +333,11 @@ fn differences(old: &QueueOptions, new: &QueueOptions) -> Vec<String> {
         "message_ttl",
         format!("{:?}", old.message_ttl),
         format!("{:?}", new.message_ttl),
+    );
+    check(
+        "delivery_limit",
+        format!("{:?}", old.delivery_limit),
+        format!("{:?}", new.delivery_limit),
     );
     differ
 }
@@ -651,6 +663,8 @@ impl State {
             seq,
             content,
             redelivered: false,
+            returns: 0,
+            in_returns: false,
             // A TTL too long to represent never expires.
             expires_at: queue
                 .options
@@ -741,9 +755,10 @@ impl State {
             return;
         };
         let routing_key = options.dead_letter_routing_key.clone();
+        // RabbitMQ breaks dead-letter cycles for every reason but a rejection.
         let expired_from = match death {
             Death::Rejected => Vec::new(),
-            Death::Expired => {
+            Death::Expired | Death::DeliveryLimit => {
                 let mut expired_from = message.content.expired_from.clone();
                 expired_from.push(from.to_owned());
                 expired_from
@@ -799,6 +814,13 @@ impl State {
             let Some(index) = queue.consumers.iter().position(|c| !c.blocked) else {
                 return;
             };
+            if queue.consumers[index].sender.is_closed() {
+                // Its stream was dropped (its watcher has not run yet): as on
+                // RabbitMQ, whose channel is closed by then, it gets nothing more.
+                let consumer_id = queue.consumers[index].id;
+                self.cancel_consumer(name, consumer_id);
+                continue;
+            }
             let consumer = &mut queue.consumers[index];
             if consumer.in_flight >= consumer.prefetch {
                 consumer.blocked = true;
@@ -879,11 +901,21 @@ impl State {
             .filter(|(_, unacked)| unacked.consumer == Some(consumer_id))
             .map(|(tag, _)| *tag)
             .collect();
+        // In delivery order, as RabbitMQ returns them.
+        let mut tags = tags;
+        tags.sort_unstable();
+        let mut over_limit = Vec::new();
         for tag in tags {
             if let Some(unacked) = queue.unacked.remove(&tag) {
-                requeue(queue, unacked.message);
+                over_limit.extend(requeue(queue, unacked.message, Return::Cancelled));
             }
         }
+        for message in over_limit {
+            self.dead_letter(name, &message, Death::DeliveryLimit);
+        }
+        let Some(queue) = self.queues.get_mut(name) else {
+            return;
+        };
         if queue.consumers.is_empty() && queue.options.auto_delete {
             self.remove_queue(name);
         } else {
@@ -916,6 +948,20 @@ impl State {
                 "delivery {tag} from queue `{name}` is no longer outstanding (its consumer was cancelled and it was requeued)"
             )));
         };
+        if settlement == Settlement::Requeue
+            && let Some(consumer) = unacked.consumer
+            && queue
+                .consumers
+                .iter()
+                .any(|c| c.id == consumer && c.sender.is_closed())
+        {
+            // Its consumer's stream is gone: on RabbitMQ its channel is
+            // closing, and everything it held comes back as from a
+            // cancelled consumer (a quorum queue puts it at the front).
+            queue.unacked.insert(tag, unacked);
+            self.cancel_consumer(name, consumer);
+            return Ok(());
+        }
         if let Some(index) = queue
             .consumers
             .iter()
@@ -932,7 +978,11 @@ impl State {
         }
         match settlement {
             Settlement::Ack => {}
-            Settlement::Requeue => requeue(queue, unacked.message),
+            Settlement::Requeue => {
+                if let Some(over_limit) = requeue(queue, unacked.message, Return::Nacked) {
+                    self.dead_letter(name, &over_limit, Death::DeliveryLimit);
+                }
+            }
             Settlement::DeadLetter => self.dead_letter(name, &unacked.message, Death::Rejected),
         }
         self.dispatch(name);
@@ -972,10 +1022,10 @@ impl State {
     ) -> Result<Vec<PendingMessage>, BrokerError> {
         self.check_queue(name, connection)?;
         self.expire(name);
-        let Some(queue) = self.queues.get(name) else {
+        let Some(queue) = self.queues.get_mut(name) else {
             return Err(BrokerError::QueueNotFound(name.to_owned()));
         };
-        Ok(queue
+        let listed = queue
             .ready
             .iter()
             .map(|queued| {
@@ -987,7 +1037,21 @@ impl State {
                     body: content.message.body.clone(),
                 }
             })
-            .collect())
+            .collect();
+        if queue.options.queue_type == QueueType::Quorum {
+            // RabbitMQ lists by taking every message and returning them all,
+            // in order: a quorum queue counts each return.
+            let taken = std::mem::take(&mut queue.ready);
+            let over_limit: Vec<Queued> = taken
+                .into_iter()
+                .filter_map(|message| requeue(queue, message, Return::Cancelled))
+                .collect();
+            for message in over_limit {
+                self.dead_letter(name, &message, Death::DeliveryLimit);
+            }
+            self.dispatch(name);
+        }
+        Ok(listed)
     }
 
     /// For the expiry task: expires what is due in queue `name` (number
@@ -1013,14 +1077,54 @@ fn check_owner(name: &str, queue: &QueueState, connection: u64) -> Result<(), Br
     }
 }
 
-/// Puts a message back at its original place, flagged redelivered.
-fn requeue(queue: &mut QueueState, mut message: Queued) {
+/// How a message came back unsettled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Return {
+    /// `nack` with requeue (a dropped delivery's too).
+    Nacked,
+    /// Its consumer was cancelled or its channel closed (a listing's too).
+    Cancelled,
+}
+
+/// Puts a message that came back unsettled into the queue again, flagged
+/// redelivered, as RabbitMQ (3.10) does: a classic queue at its original
+/// place; a quorum queue counts it and puts a nacked one at the back, a
+/// cancelled consumer's ahead of the messages not returned (after those
+/// returned before) — or, past its delivery limit, hands it back to be
+/// dead-lettered (reason `delivery_limit`).
+#[must_use]
+fn requeue(queue: &mut QueueState, mut message: Queued, how: Return) -> Option<Queued> {
     message.redelivered = true;
-    let position = queue.ready.partition_point(|m| m.seq < message.seq);
-    queue.ready.insert(position, message);
+    if queue.options.queue_type == QueueType::Quorum {
+        message.returns = message.returns.saturating_add(1);
+        if queue
+            .options
+            .delivery_limit
+            .is_some_and(|limit| message.returns > limit)
+        {
+            return Some(message);
+        }
+        match how {
+            Return::Nacked => {
+                message.seq = queue.next_seq;
+                queue.next_seq += 1;
+                message.in_returns = false;
+                queue.ready.push_back(message);
+            }
+            Return::Cancelled => {
+                message.in_returns = true;
+                let position = queue.ready.partition_point(|m| m.in_returns);
+                queue.ready.insert(position, message);
+            }
+        }
+    } else {
+        let position = queue.ready.partition_point(|m| m.seq < message.seq);
+        queue.ready.insert(position, message);
+    }
     if let Some(expiry) = &queue.expiry {
         expiry.notify_one();
     }
+    None
 }
 
 fn make_delivery(
