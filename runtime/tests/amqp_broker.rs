@@ -582,6 +582,73 @@ async fn deleting_a_consumed_queue_ends_the_stream_with_queue_not_found() {
     assert!(stream.next().await.is_none(), "stream ends after the error");
 }
 
+/// The channels RabbitMQ counts on this test's main connection.
+fn channels_of(connection_name: &str) -> usize {
+    let listing = Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "client_properties", "channels"])
+        .output()
+        .expect("rabbitmqctl must be installed to count channels");
+    assert!(
+        listing.status.success(),
+        "rabbitmqctl list_connections failed"
+    );
+    let stdout = String::from_utf8_lossy(&listing.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.contains(&format!("\"{connection_name}\"")))
+        .unwrap_or_else(|| panic!("no connection named {connection_name}: {stdout}"));
+    line.split_whitespace()
+        .last()
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no channel count in {line}"))
+}
+
+/// A consumer the broker cancels (its queue deleted) leaves no channel open
+/// behind it: its ack batcher lets go of the channel once nothing holds it.
+#[tokio::test]
+async fn a_cancelled_consumer_leaves_no_channel_open() {
+    let connection_name = unique("exchange-runtime-channels");
+    let broker = connect_named(&connection_name).await;
+    let queue = broker
+        .declare_queue(
+            &broker.qualify_queue_name(&unique("cancelled")),
+            transient_queue(),
+        )
+        .await
+        .expect("declare");
+    let before = tokio::task::spawn_blocking({
+        let name = connection_name.clone();
+        move || channels_of(&name)
+    })
+    .await
+    .expect("count");
+    let mut stream = broker.consume(&queue, 5).await.expect("consume");
+    broker.delete_queue(&queue).await.expect("delete");
+    let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
+    assert!(
+        matches!(end, Ok(Some(Err(BrokerError::QueueNotFound(_))))),
+        "{end:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = tokio::task::spawn_blocking({
+            let name = connection_name.clone();
+            move || channels_of(&name)
+        })
+        .await
+        .expect("count");
+        if now <= before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{now} channels open, {before} before the consumer"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(stream);
+}
+
 /// The connection is closed from the server three times while N confirmed
 /// publishes are consumed with manual acks: every confirmed message arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

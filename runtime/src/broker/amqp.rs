@@ -756,9 +756,7 @@ async fn forward_deliveries(
                 () = link::until_dead(&mut died) => break,
                 item = consumer.next() => match item {
                     Some(Ok(delivery)) => {
-                        let tag = delivery.delivery_tag;
-                        batcher.delivered(tag);
-                        let acker = acks::BatchedAcker::new(batcher.clone(), tag, dead.clone());
+                        let acker = batcher.delivered(delivery.delivery_tag, dead.clone());
                         let delivery = convert::delivery(delivery, Box::new(acker));
                         if sender.send(Ok(delivery)).await.is_err() {
                             return;

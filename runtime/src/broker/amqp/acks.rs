@@ -15,6 +15,7 @@
 //! redelivers the message, as it would after any loss.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lapin::Channel;
@@ -36,23 +37,28 @@ pub(crate) struct AckBatcher {
     /// Delivered and not yet sent: `None` while unsettled.
     outstanding: Mutex<BTreeMap<u64, Option<Settle>>>,
     recorded: Notify,
+    /// The consumer's [`Batching`] and the unsettled deliveries' ackers: the
+    /// flusher ends once none is left (each lets go, then wakes it).
+    holders: AtomicUsize,
 }
 
 impl AckBatcher {
-    /// A batcher for `channel`, with its flusher task running.
-    pub(crate) fn start(channel: Channel) -> Arc<AckBatcher> {
+    /// A batcher for `channel`, with its flusher task running, held by the returned handle.
+    pub(crate) fn start(channel: Channel) -> Batching {
         let batcher = Arc::new(AckBatcher {
             channel,
             outstanding: Mutex::new(BTreeMap::new()),
             recorded: Notify::new(),
+            holders: AtomicUsize::new(1),
         });
         tokio::spawn(flush_until_unused(batcher.clone()));
-        batcher
+        Batching(batcher)
     }
 
-    /// Records a delivery handed out (tags grow on a channel).
-    pub(crate) fn delivered(&self, tag: u64) {
-        self.lock().insert(tag, None);
+    /// Counts one holder less, then wakes the flusher (in that order, so that it sees the count).
+    fn let_go(&self) {
+        self.holders.fetch_sub(1, Ordering::SeqCst);
+        self.recorded.notify_one();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Option<Settle>>> {
@@ -157,17 +163,46 @@ enum Frame {
     Nack(u64, bool),
 }
 
-/// Sends recorded settlements until nothing but this task holds the batcher.
+/// Sends recorded settlements until neither the consumer nor a delivery holds the batcher.
 async fn flush_until_unused(batcher: Arc<AckBatcher>) {
     loop {
         batcher.recorded.notified().await;
         // Let the handlers that finished together record theirs too.
         tokio::task::yield_now().await;
         batcher.flush().await;
-        if Arc::strong_count(&batcher) == 1 {
+        if batcher.holders.load(Ordering::SeqCst) == 0 {
             batcher.flush().await;
             return;
         }
+    }
+}
+
+/// A consumer's hold on its channel's [`AckBatcher`]: records deliveries and
+/// makes their ackers; dropping it lets the flusher end once the deliveries are settled.
+pub(crate) struct Batching(Arc<AckBatcher>);
+
+impl Batching {
+    /// Records a delivery handed out (tags grow on a channel) and returns its acker.
+    pub(crate) fn delivered(&self, tag: u64, dead: watch::Receiver<bool>) -> BatchedAcker {
+        self.0.lock().insert(tag, None);
+        self.0.holders.fetch_add(1, Ordering::SeqCst);
+        BatchedAcker {
+            batcher: self.0.clone(),
+            tag,
+            dead,
+        }
+    }
+
+    /// Sends what was recorded so far and waits for lapin to write it:
+    /// before the channel is closed, which would requeue what was acked.
+    pub(crate) async fn flush(&self) {
+        self.0.flush().await;
+    }
+}
+
+impl Drop for Batching {
+    fn drop(&mut self) {
+        self.0.let_go();
     }
 }
 
@@ -180,10 +215,6 @@ pub(crate) struct BatchedAcker {
 }
 
 impl BatchedAcker {
-    pub(crate) fn new(batcher: Arc<AckBatcher>, tag: u64, dead: watch::Receiver<bool>) -> Self {
-        BatchedAcker { batcher, tag, dead }
-    }
-
     fn settle(&self, settle: Settle) -> Result<(), BrokerError> {
         if *self.dead.borrow() || !self.batcher.channel.status().connected() {
             return Err(BrokerError::AckFailed(
@@ -205,8 +236,7 @@ impl Drop for BatchedAcker {
     fn drop(&mut self) {
         self.batcher
             .record(self.tag, Settle::Nack { requeue: true });
-        // The flusher ends once every delivery and the consumer let go of the batcher.
-        self.batcher.recorded.notify_one();
+        self.batcher.let_go();
     }
 }
 
