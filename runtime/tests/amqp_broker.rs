@@ -61,19 +61,25 @@ fn transient_queue() -> QueueOptions {
     }
 }
 
-/// Closes this test's own connection(s) from the server side (by connection name),
-/// leaving other connections to the node alone.
-fn close_connections_named(connection_name: &str) -> usize {
+/// `rabbitmqctl list_connections` of the given fields, one connection a line.
+fn list_connections(fields: &[&str]) -> String {
     let listing = Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
+        .args(["-q", "list_connections"])
+        .args(fields)
         .output()
-        .expect("rabbitmqctl must be installed to run the connection-loss tests");
+        .expect("rabbitmqctl must be installed to run the connection tests");
     assert!(
         listing.status.success(),
         "rabbitmqctl list_connections failed: {}",
         String::from_utf8_lossy(&listing.stderr)
     );
-    let stdout = String::from_utf8_lossy(&listing.stdout);
+    String::from_utf8_lossy(&listing.stdout).into_owned()
+}
+
+/// Closes this test's own connection(s) from the server side (by connection name),
+/// leaving other connections to the node alone.
+fn close_connections_named(connection_name: &str) -> usize {
+    let stdout = list_connections(&["pid", "client_properties"]);
     let pids: Vec<&str> = stdout
         .lines()
         // Both of the broker's connections: the main one and the publishing one.
@@ -583,16 +589,11 @@ async fn deleting_a_consumed_queue_ends_the_stream_with_queue_not_found() {
 }
 
 /// The channels RabbitMQ counts on this test's main connection.
-fn channels_of(connection_name: &str) -> usize {
-    let listing = Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "client_properties", "channels"])
-        .output()
-        .expect("rabbitmqctl must be installed to count channels");
-    assert!(
-        listing.status.success(),
-        "rabbitmqctl list_connections failed"
-    );
-    let stdout = String::from_utf8_lossy(&listing.stdout);
+async fn channels_of(connection_name: &str) -> usize {
+    let stdout =
+        tokio::task::spawn_blocking(|| list_connections(&["client_properties", "channels"]))
+            .await
+            .expect("rabbitmqctl task");
     let line = stdout
         .lines()
         .find(|line| line.contains(&format!("\"{connection_name}\"")))
@@ -616,12 +617,7 @@ async fn a_cancelled_consumer_leaves_no_channel_open() {
         )
         .await
         .expect("declare");
-    let before = tokio::task::spawn_blocking({
-        let name = connection_name.clone();
-        move || channels_of(&name)
-    })
-    .await
-    .expect("count");
+    let before = channels_of(&connection_name).await;
     let mut stream = broker.consume(&queue, 5).await.expect("consume");
     broker.delete_queue(&queue).await.expect("delete");
     let end = tokio::time::timeout(Duration::from_secs(10), stream.next()).await;
@@ -631,12 +627,7 @@ async fn a_cancelled_consumer_leaves_no_channel_open() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let now = tokio::task::spawn_blocking({
-            let name = connection_name.clone();
-            move || channels_of(&name)
-        })
-        .await
-        .expect("count");
+        let now = channels_of(&connection_name).await;
         if now <= before {
             break;
         }

@@ -82,9 +82,8 @@ impl AckBatcher {
         recorded
     }
 
-    /// Sends what was recorded so far and waits for lapin to write it:
-    /// before the channel is closed, which would requeue what was acked.
-    pub(crate) async fn flush(&self) {
+    /// Sends what was recorded so far and waits for lapin to write it.
+    async fn flush(&self) {
         let frames = self.take_ready();
         if !frames.is_empty() {
             self.send(frames).await;
