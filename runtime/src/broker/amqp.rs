@@ -86,6 +86,7 @@ mod config;
 mod convert;
 mod copies;
 mod link;
+mod pipe;
 pub mod raw;
 mod wire;
 
@@ -99,13 +100,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, Confirmation, ExchangeKind};
+use lapin::{Channel, ExchangeKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -113,7 +113,8 @@ pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
 use copies::Copies;
 use copies::{CopyKey, CopyOutcome, SentCopy};
-use link::{Lane, Link, LinkState, Readers, Role, Topology};
+use link::{Lane, Link, LinkState, Readers, Supervised, Topology};
+use pipe::{Pipe, PublishLane};
 pub use raw::PoisonEvent;
 pub use wire::{InvalidField, WireError};
 
@@ -132,8 +133,9 @@ struct Shared {
     config: AmqpConfig,
     /// Declarations, consumers, gets and acks.
     main: Lane,
-    /// Publishes only: a connection RabbitMQ blocks in an alarm must not hold up acks.
-    publishing: Lane,
+    /// Publishes only: a connection RabbitMQ blocks in an alarm must not hold
+    /// up acks. Runs on this runtime's tasks ([`pipe`]), not lapin's thread.
+    publishing: PublishLane,
     readers: Arc<Readers>,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
     /// Copies sent and not yet confirmed (or confirmed moments ago).
@@ -175,49 +177,19 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
     }
 }
 
-/// Sends one copy on `link`'s confirm channel and waits for its confirm.
+/// Sends one copy on the publishing connection and waits for its confirm.
 /// (A plain function: its future is boxed at once, not kept inside every
 /// publish's own future.)
 async fn send_copy(
-    link: Arc<Link>,
+    pipe: Arc<Pipe>,
     exchange: ShortString,
     routing_key: ShortString,
-    options: BasicPublishOptions,
-    properties: lapin::BasicProperties,
+    mandatory: bool,
+    properties: Arc<Vec<u8>>,
     body: Arc<Vec<u8>>,
 ) -> CopyOutcome {
-    let sending = async {
-        let channel = link.publisher().await?;
-        let result = async {
-            channel
-                .basic_publish(exchange, routing_key, options, &body, properties)
-                .await?
-                .await
-        }
-        .await;
-        if result.is_err() {
-            // It may still be closing: the next publish opens another.
-            link.discard_publisher(channel.id()).await;
-        }
-        result
-    };
-    tokio::select! {
-        result = sending => copy_outcome(result),
-        () = link.died() => CopyOutcome::Lost,
-    }
-}
-
-/// What a confirm (or the failure to get one) says of a copy.
-fn copy_outcome(result: Result<Confirmation, lapin::Error>) -> CopyOutcome {
-    match result {
-        Ok(Confirmation::Ack(None)) => CopyOutcome::Acked,
-        Ok(Confirmation::Ack(Some(returned))) => {
-            CopyOutcome::Returned(returned.reply_text.to_string())
-        }
-        Ok(Confirmation::Nack(_)) => CopyOutcome::Nacked,
-        Ok(Confirmation::NotRequested) => CopyOutcome::NotRequested,
-        Err(error) => CopyOutcome::Failed(error),
-    }
+    pipe.publish(&exchange, &routing_key, mandatory, &properties, &body)
+        .await
 }
 
 /// How many fresh channels an operation tries when its channel is closed under it.
@@ -235,10 +207,8 @@ impl AmqpBroker {
     pub async fn connect(config: AmqpConfig) -> Result<Self, BrokerError> {
         let readers = Arc::new(Readers::default());
         let (poison, _) = tokio::sync::broadcast::channel(POISON_EVENTS_KEPT);
-        let main = Lane::start(&config, Role::Main, readers.clone(), poison.clone()).await?;
-        // Publishes read nothing: no queue to sweep after a parse failure there.
-        let publishing =
-            Lane::start(&config, Role::Publish, Arc::default(), poison.clone()).await?;
+        let main = Lane::start(&config, readers.clone(), poison.clone()).await?;
+        let publishing = PublishLane::start(&config).await?;
         Ok(AmqpBroker {
             shared: Arc::new(Shared {
                 config,
@@ -263,22 +233,24 @@ impl AmqpBroker {
 
     /// Whether both connections (the main one and the publishing one) are up right now.
     pub fn is_connected(&self) -> bool {
-        [&self.shared.main, &self.shared.publishing]
-            .iter()
-            .all(|lane| matches!(&*lane.state.borrow(), LinkState::Up(link) if link.is_up()))
+        is_up(&self.shared.main.state) && is_up(&self.shared.publishing.state)
     }
 
     /// The node (`amqp://host:port/vhost`, no credentials) the main
     /// connection (declarations, consumers, gets) is connected to now; `None`
     /// while it reconnects or after [`close`](Self::close).
     pub fn connected_node(&self) -> Option<String> {
-        lane_node(&self.shared.main)
+        lane_node(&self.shared.main.state)
     }
 
     /// The node the publishing connection is connected to now; `None`
     /// while it reconnects or after [`close`](Self::close).
     pub fn publishing_node(&self) -> Option<String> {
-        lane_node(&self.shared.publishing)
+        let state = self.shared.publishing.state.borrow();
+        match &*state {
+            LinkState::Up(pipe) if pipe.is_up() => Some(pipe.node_config.endpoint()),
+            _ => None,
+        }
     }
 
     /// How many times the main connection (declarations, consumers, gets)
@@ -303,16 +275,17 @@ impl AmqpBroker {
     /// Closes the connections. Operations afterwards fail with
     /// [`BrokerError::Closed`]; consumers' streams end.
     pub async fn close(&self) {
-        for lane in [&self.shared.main, &self.shared.publishing] {
-            if let Some(link) = lane.close()
-                && link.is_up()
-            {
-                // Best effort: the server cleans up after a dropped connection as well.
-                let _ = link
-                    .connection
-                    .close(200, "closed by application".into())
-                    .await;
-            }
+        if let Some(link) = self.shared.main.close()
+            && link.is_up()
+        {
+            // Best effort: the server cleans up after a dropped connection as well.
+            let _ = link
+                .connection
+                .close(200, "closed by application".into())
+                .await;
+        }
+        if let Some(pipe) = self.shared.publishing.close() {
+            pipe.close().await;
         }
     }
 
@@ -355,17 +328,21 @@ impl AmqpBroker {
 
     /// The current main link, waiting for recovery until `deadline`.
     async fn link(&self, deadline: Instant) -> Result<Arc<Link>, BrokerError> {
-        self.lane_link(&self.shared.main, deadline).await
+        self.lane_link(&self.shared.main.state, deadline).await
     }
 
-    /// `lane`'s current link, waiting for recovery until `deadline`.
-    async fn lane_link(&self, lane: &Lane, deadline: Instant) -> Result<Arc<Link>, BrokerError> {
-        let mut watcher = lane.state.subscribe();
+    /// A lane's current connection, waiting for recovery until `deadline`.
+    async fn lane_link<L: Supervised>(
+        &self,
+        state: &watch::Sender<LinkState<L>>,
+        deadline: Instant,
+    ) -> Result<Arc<L>, BrokerError> {
+        let mut watcher = state.subscribe();
         loop {
             let last_failure = match &*watcher.borrow_and_update() {
                 LinkState::Up(link) if link.is_up() => return Ok(link.clone()),
                 LinkState::Up(link) => {
-                    link.broken.notify_one();
+                    link.report_broken();
                     "connection lost".to_owned()
                 }
                 LinkState::Down(reason) => reason.clone(),
@@ -464,11 +441,7 @@ impl AmqpBroker {
     ) -> Result<(), BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
-        let properties = convert::properties(&message, cc_header)?;
-        let options = BasicPublishOptions {
-            mandatory,
-            immediate: false,
-        };
+        let properties = Arc::new(pipe::encode_properties(&message, cc_header)?);
         let target = Target::exchange(exchange);
         let copy_key = CopyKey::new(exchange, routing_key, &message);
         // Shared by every copy sent: a resend copies no body.
@@ -490,7 +463,10 @@ impl AmqpBroker {
         // Whether a copy went out during this call: then its fate may be unknown.
         let mut sent = false;
         loop {
-            let link = match self.lane_link(&self.shared.publishing, deadline).await {
+            let link = match self
+                .lane_link(&self.shared.publishing.state, deadline)
+                .await
+            {
                 Ok(link) => link,
                 Err(BrokerError::Connection(reason)) if sent => {
                     return Err(BrokerError::Unconfirmed(attempt(format!(
@@ -517,7 +493,7 @@ impl AmqpBroker {
                         link.clone(),
                         exchange_name.clone(),
                         key.clone(),
-                        options,
+                        mandatory,
                         properties.clone(),
                         body.clone(),
                     );
@@ -564,15 +540,18 @@ impl AmqpBroker {
                     let full = Box::pin(self.find_full_queue(exchange, routing_key, &cc)).await;
                     return Err(BrokerError::QueueFull(full));
                 }
-                CopyOutcome::NotRequested => {
-                    return Err(BrokerError::NotConfirmed {
-                        exchange: exchange.to_owned(),
-                        routing_key: routing_key.to_owned(),
-                        reason: "channel not in confirm mode".to_owned(),
-                    });
+                CopyOutcome::ChannelClosed { code, text } => {
+                    match ShortString::try_new(text.clone())
+                        .ok()
+                        .and_then(|text| AMQPError::from_id(code, text))
+                    {
+                        Some(error) if matches!(error.kind(), AMQPErrorKind::Soft(_)) => {
+                            Failure::Soft(error)
+                        }
+                        _ => Failure::ChannelLost(format!("channel closed: {code} {text}")),
+                    }
                 }
-                CopyOutcome::Failed(error) => classify(&error, &link),
-                CopyOutcome::Lost => Failure::ConnectionLost("connection lost".to_owned()),
+                CopyOutcome::Lost(reason) => Failure::ConnectionLost(reason),
             };
             let not_confirmed = |reason: String| BrokerError::NotConfirmed {
                 exchange: exchange.to_owned(),
@@ -798,11 +777,15 @@ async fn forward_deliveries(
 }
 
 /// The endpoint of `lane`'s live connection, if it has one.
-fn lane_node(lane: &Lane) -> Option<String> {
-    match &*lane.state.borrow() {
+fn lane_node(state: &watch::Sender<LinkState>) -> Option<String> {
+    match &*state.borrow() {
         LinkState::Up(link) if link.is_up() => Some(link.node_config.endpoint()),
         _ => None,
     }
+}
+
+fn is_up<L: Supervised>(state: &watch::Sender<LinkState<L>>) -> bool {
+    matches!(&*state.borrow(), LinkState::Up(link) if link.is_up())
 }
 
 impl Broker for AmqpBroker {

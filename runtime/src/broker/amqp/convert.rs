@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 
 use crate::broker::{
-    AckHandle, BoxFuture, BrokerError, DELAYED_CC_HEADER, Delivery, OutgoingMessage,
-    PendingMessage, QueueOptions, QueueType,
+    AckHandle, BoxFuture, BrokerError, DELAYED_CC_HEADER, Delivery, PendingMessage, QueueOptions,
+    QueueType,
 };
 
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
@@ -25,43 +25,6 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError>
             value.len()
         ))
     })
-}
-
-/// The AMQP properties of an outgoing message; its CC keys go under
-/// `cc_header` ([`CC_HEADER`], or [`DELAYED_CC_HEADER`] through a delay queue).
-pub(crate) fn properties(
-    message: &OutgoingMessage,
-    cc_header: &str,
-) -> Result<BasicProperties, BrokerError> {
-    let mut properties =
-        BasicProperties::default().with_delivery_mode(if message.persistent { 2 } else { 1 });
-    if let Some(content_type) = &message.content_type {
-        properties = properties.with_content_type(short("content type", content_type)?);
-    }
-    if let Some(message_id) = &message.message_id {
-        properties = properties.with_message_id(short("message id", message_id)?);
-    }
-    message.check_headers()?;
-    let mut headers = FieldTable::default();
-    for (name, value) in &message.headers {
-        headers.insert(
-            short("header name", name)?,
-            AMQPValue::LongString(LongString::from(value.as_bytes())),
-        );
-    }
-    if !message.cc.is_empty() {
-        let mut keys = FieldArray::default();
-        for key in &message.cc {
-            // Routing keys are short strings; check now rather than have RabbitMQ ignore the key.
-            short("CC routing key", key)?;
-            keys.push(AMQPValue::LongString(LongString::from(key.as_bytes())));
-        }
-        headers.insert(short("CC header", cc_header)?, AMQPValue::FieldArray(keys));
-    }
-    if !headers.inner().is_empty() {
-        properties = properties.with_headers(headers);
-    }
-    Ok(properties)
 }
 
 /// Application headers and CC keys of a received message. Broker-added `x-`
@@ -451,29 +414,7 @@ mod tests {
     }
 
     #[test]
-    fn headers_and_cc_round_trip_through_amqp_properties() {
-        let message = OutgoingMessage {
-            body: b"{}".to_vec(),
-            content_type: Some("application/json".into()),
-            message_id: Some("job-1".into()),
-            persistent: true,
-            headers: BTreeMap::from([("attempt".to_owned(), "3".to_owned())]),
-            cc: vec!["route.a".into(), "route.b".into()],
-        };
-        let properties = properties(&message, CC_HEADER).expect("valid message");
-        assert_eq!(*properties.delivery_mode(), Some(2));
-        let (headers, cc) = received_headers(&properties);
-        assert_eq!(headers, message.headers);
-        assert_eq!(cc, message.cc);
-    }
-
-    #[test]
-    fn reserved_headers_and_long_names_are_rejected() {
-        let mut message = OutgoingMessage::default();
-        message.headers.insert("x-attempt".into(), "1".into());
-        assert!(
-            matches!(properties(&message, CC_HEADER), Err(BrokerError::Invalid(m)) if m.contains("x-attempt"))
-        );
+    fn long_names_are_rejected() {
         let error = short("queue", &"q".repeat(256)).unwrap_err();
         assert!(error.to_string().contains("256 bytes"), "{error}");
     }

@@ -49,18 +49,8 @@ impl CopyKey {
     }
 }
 
-/// What became of one sent copy.
-#[derive(Debug, Clone)]
-pub(super) enum CopyOutcome {
-    Acked,
-    /// Returned as unroutable (mandatory), with the broker's reply text.
-    Returned(String),
-    Nacked,
-    NotRequested,
-    Failed(lapin::Error),
-    /// Its connection died first: it may or may not have reached the broker.
-    Lost,
-}
+/// What became of one sent copy: its publish's confirm.
+pub(super) use super::pipe::Confirm as CopyOutcome;
 
 /// Where one sent copy's outcome appears.
 pub(super) type CopyWatch = watch::Receiver<Option<CopyOutcome>>;
@@ -175,7 +165,7 @@ impl SentCopy {
     /// Waits for the copy's outcome (cancel-safe: dropped before it, the wait goes on in a task).
     pub(super) async fn settled(&mut self) -> CopyOutcome {
         let Some(in_flight) = self.in_flight.as_mut() else {
-            return CopyOutcome::Lost;
+            return CopyOutcome::Lost("already settled".to_owned());
         };
         let outcome = in_flight.sending.as_mut().await;
         if let Some(in_flight) = self.in_flight.take() {
@@ -201,11 +191,17 @@ impl Drop for SentCopy {
     }
 }
 
+fn lost(why: &str) -> CopyOutcome {
+    CopyOutcome::Lost(why.to_owned())
+}
+
 /// Waits for the outcome of a copy someone else sent.
 pub(super) async fn joined(mut outcome: CopyWatch) -> CopyOutcome {
     match outcome.wait_for(Option::is_some).await {
-        Ok(result) => result.clone().unwrap_or(CopyOutcome::Lost),
-        Err(_) => CopyOutcome::Lost,
+        Ok(result) => result
+            .clone()
+            .unwrap_or_else(|| lost("no outcome recorded")),
+        Err(_) => lost("the copy's sender went away"),
     }
 }
 
@@ -230,7 +226,7 @@ mod tests {
         let copies = Arc::new(Mutex::new(Copies::default()));
         let (release, released) = tokio::sync::oneshot::channel::<CopyOutcome>();
         let mut copy = SentCopy::start(&copies, key("a"), 1, async move {
-            released.await.unwrap_or(CopyOutcome::Lost)
+            released.await.unwrap_or_else(|_| lost("test"))
         });
         let joiner = copies
             .lock()
@@ -260,7 +256,7 @@ mod tests {
         let copies = Arc::new(Mutex::new(Copies::default()));
         let (release, released) = tokio::sync::oneshot::channel::<CopyOutcome>();
         let copy = SentCopy::start(&copies, key("c"), 1, async move {
-            released.await.unwrap_or(CopyOutcome::Lost)
+            released.await.unwrap_or_else(|_| lost("test"))
         });
         let joiner = copies
             .lock()

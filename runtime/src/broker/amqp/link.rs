@@ -7,9 +7,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
-};
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Event, ExchangeKind};
@@ -29,8 +27,6 @@ pub(crate) struct Link {
     pub(crate) node: usize,
     pub(crate) node_config: AmqpConfig,
     pub(crate) connection: Connection,
-    /// Confirm-mode channel shared by concurrent publishes; reopened when closed.
-    publisher: Mutex<Option<Channel>>,
     /// The channel declarations, bindings and deletions take turns on;
     /// reopened after an error closed it. (A channel per operation exhausted
     /// the connection's channel ids on a long-running service.)
@@ -43,8 +39,6 @@ pub(crate) struct Link {
     channels_closed_by_broker: AtomicU32,
     /// Set once the connection is to be replaced before its channel ids wrap.
     retiring: AtomicBool,
-    /// Since when and why the broker blocks this connection (resource alarm), if it does.
-    blocked: std::sync::Mutex<Option<(tokio::time::Instant, String)>>,
     /// Set by the supervisor once it saw the connection die: some lapin
     /// futures (`basic.get` after a parse failure) never resolve, so
     /// operations wait on this too.
@@ -54,19 +48,6 @@ pub(crate) struct Link {
 impl Link {
     pub(crate) fn is_up(&self) -> bool {
         self.connection.status().connected()
-    }
-
-    /// Since when and why the broker blocks this connection, if it does.
-    pub(crate) fn blocked(&self) -> Option<(tokio::time::Instant, String)> {
-        self.blocked
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_blocked(&self, reason: Option<String>) {
-        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
-        *blocked = reason.map(|reason| (tokio::time::Instant::now(), reason));
     }
 
     /// Turns true once the supervisor has seen this connection die.
@@ -141,29 +122,23 @@ impl Link {
         }
         result
     }
+}
 
-    /// Forgets the publisher channel `id` (failed: it may be closing), unless already replaced.
-    pub(crate) async fn discard_publisher(&self, id: u16) {
-        let mut slot = self.publisher.lock().await;
-        if slot.as_ref().is_some_and(|channel| channel.id() == id) {
-            *slot = None;
-        }
+/// A supervised connection, as operations waiting for one see it.
+pub(crate) trait Supervised {
+    /// Whether it is usable right now.
+    fn is_up(&self) -> bool;
+    /// Tells the supervisor an operation found it down (it may not know yet).
+    fn report_broken(&self);
+}
+
+impl Supervised for Link {
+    fn is_up(&self) -> bool {
+        Link::is_up(self)
     }
 
-    /// The shared publisher channel, in confirm mode.
-    pub(crate) async fn publisher(&self) -> Result<Channel, lapin::Error> {
-        let mut slot = self.publisher.lock().await;
-        if let Some(channel) = slot.as_ref()
-            && channel.status().connected()
-        {
-            return Ok(channel.clone());
-        }
-        let channel = self.open_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        *slot = Some(channel.clone());
-        Ok(channel)
+    fn report_broken(&self) {
+        self.broken.notify_one();
     }
 }
 
@@ -173,17 +148,16 @@ pub(crate) async fn until_dead(dead: &mut watch::Receiver<bool>) {
 }
 
 /// Resolves once the lane `state` is closed (or gone).
-pub(crate) async fn until_closed(state: &mut watch::Receiver<LinkState>) {
+pub(crate) async fn until_closed<L>(state: &mut watch::Receiver<LinkState<L>>) {
     let _ = state
         .wait_for(|state| matches!(state, LinkState::Closed))
         .await;
 }
 
 /// The state operations look at to find the connection.
-#[derive(Clone)]
-pub(crate) enum LinkState {
+pub(crate) enum LinkState<L = Link> {
     /// Connected, topology replayed.
-    Up(Arc<Link>),
+    Up(Arc<L>),
     /// Reconnecting; the last failure.
     Down(String),
     /// [`AmqpBroker::close`](super::AmqpBroker::close) was called.
@@ -208,13 +182,12 @@ pub(crate) type Events = std::pin::Pin<Box<dyn futures_util::Stream<Item = Event
 /// error event is missed). Fails naming every node tried and why.
 pub(crate) async fn open(
     config: &AmqpConfig,
-    role: Role,
     generation: u64,
     first: usize,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
     config
         .on_first_answering(first, |node_config, node| {
-            open_node(node_config, node, role, generation)
+            open_node(node_config, node, generation)
         })
         .await
 }
@@ -223,13 +196,9 @@ pub(crate) async fn open(
 async fn open_node(
     config: AmqpConfig,
     node: usize,
-    role: Role,
     generation: u64,
 ) -> Result<(Arc<Link>, Events), BrokerError> {
-    let name = match role {
-        Role::Main => config.connection_name().to_owned(),
-        Role::Publish => format!("{} (publish)", config.connection_name()),
-    };
+    let name = config.connection_name().to_owned();
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime().map_err(|error| {
         BrokerError::Connection(format!(
@@ -276,27 +245,14 @@ async fn open_node(
         node,
         node_config: config,
         connection,
-        publisher: Mutex::new(None),
         operations: Mutex::new(None),
         channels_opened: AtomicU32::new(0),
         channels_closed_by_broker: AtomicU32::new(0),
         retiring: AtomicBool::new(false),
         broken: Notify::new(),
         dead: watch::Sender::new(false),
-        blocked: std::sync::Mutex::new(None),
     });
     Ok((link, events))
-}
-
-/// What a connection is for. RabbitMQ blocks a connection that publishes
-/// during a resource alarm, and a blocked connection sends nothing — acks
-/// included — so publishes get a connection of their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
-    /// Declarations, consumers, gets and their acks.
-    Main,
-    /// `basic.publish` only.
-    Publish,
 }
 
 /// One supervised connection: the state operations wait on, and what its
@@ -311,11 +267,10 @@ impl Lane {
     /// Connects (one attempt) and starts the supervisor.
     pub(crate) async fn start(
         config: &AmqpConfig,
-        role: Role,
         readers: Arc<Readers>,
         poison: broadcast::Sender<PoisonEvent>,
     ) -> Result<Lane, BrokerError> {
-        let (link, events) = open(config, role, 1, 0).await?;
+        let (link, events) = open(config, 1, 0).await?;
         let lane = Lane {
             state: Arc::new(watch::Sender::new(LinkState::Up(link.clone()))),
             topology: Arc::default(),
@@ -323,7 +278,6 @@ impl Lane {
         };
         let handles = SupervisorHandles {
             config: config.clone(),
-            role,
             state: Arc::downgrade(&lane.state),
             topology: Arc::downgrade(&lane.topology),
             recoveries: lane.recoveries.clone(),
@@ -336,10 +290,7 @@ impl Lane {
 
     /// Marks the lane closed (ending its supervisor) and returns the link that was up.
     pub(crate) fn close(&self) -> Option<Arc<Link>> {
-        match self.state.send_replace(LinkState::Closed) {
-            LinkState::Up(link) => Some(link),
-            _ => None,
-        }
+        close_lane(&self.state)
     }
 }
 
@@ -534,7 +485,6 @@ impl Drop for ReadGuard {
 /// every broker handle ends it.
 pub(crate) struct SupervisorHandles {
     pub(crate) config: AmqpConfig,
-    pub(crate) role: Role,
     pub(crate) state: Weak<watch::Sender<LinkState>>,
     pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
     pub(crate) recoveries: Arc<AtomicU64>,
@@ -656,7 +606,6 @@ async fn sweep_poison(
 pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, mut events: Events) {
     let SupervisorHandles {
         config,
-        role,
         state,
         topology,
         recoveries,
@@ -685,12 +634,10 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                         break error.to_string();
                     }
                     Some(Event::ConnectionBlocked(reason)) => {
-                        tracing::warn!(endpoint = %link.node_config.endpoint(), ?role, %reason, "RabbitMQ blocks the AMQP connection");
-                        link.set_blocked(Some(reason));
+                        tracing::warn!(endpoint = %link.node_config.endpoint(), %reason, "RabbitMQ blocks the AMQP connection");
                     }
                     Some(Event::ConnectionUnblocked) => {
-                        tracing::info!(endpoint = %link.node_config.endpoint(), ?role, "RabbitMQ unblocked the AMQP connection");
-                        link.set_blocked(None);
+                        tracing::info!(endpoint = %link.node_config.endpoint(), "RabbitMQ unblocked the AMQP connection");
                     }
                     None if !link.is_up() => break "connection ended".to_owned(),
                     Some(_) => {}
@@ -754,15 +701,14 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
                 _ = closed.wait_for(|state| matches!(state, LinkState::Closed)) => return,
             }
             attempt = attempt.saturating_add(1);
-            let (candidate, candidate_events) =
-                match open(&config, role, generation, next_node).await {
-                    Ok(opened) => opened,
-                    Err(error) => {
-                        tracing::warn!(%error, attempt, "AMQP reconnect failed");
-                        set_down(&state, error.to_string());
-                        continue;
-                    }
-                };
+            let (candidate, candidate_events) = match open(&config, generation, next_node).await {
+                Ok(opened) => opened,
+                Err(error) => {
+                    tracing::warn!(%error, attempt, "AMQP reconnect failed");
+                    set_down(&state, error.to_string());
+                    continue;
+                }
+            };
             let Some(snapshot) = topology
                 .upgrade()
                 .map(|topology| topology.lock().unwrap_or_else(|e| e.into_inner()).clone())
@@ -801,7 +747,16 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>, m
     }
 }
 
-fn set_down(state: &Weak<watch::Sender<LinkState>>, reason: String) {
+/// Marks a lane closed and returns the connection that was up.
+pub(crate) fn close_lane<L>(state: &watch::Sender<LinkState<L>>) -> Option<Arc<L>> {
+    match state.send_replace(LinkState::Closed) {
+        LinkState::Up(link) => Some(link),
+        _ => None,
+    }
+}
+
+/// Records why a lane is down (unless it was closed meanwhile).
+pub(crate) fn set_down<L>(state: &Weak<watch::Sender<LinkState<L>>>, reason: String) {
     if let Some(sender) = state.upgrade() {
         sender.send_if_modified(|current| {
             if matches!(current, LinkState::Closed) {

@@ -170,8 +170,58 @@ pub(crate) struct SweepTarget {
 }
 
 /// The I/O the connection runs over: TCP or TLS, as lapin connects.
-trait RawIo: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait RawIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> RawIo for T {}
+
+/// How a connection introduces itself in the handshake.
+#[derive(Debug, Default)]
+pub(crate) struct ClientInfo {
+    /// Shown by RabbitMQ (management UI, `rabbitmqctl list_connections
+    /// client_properties`); none: no client properties at all.
+    pub(crate) connection_name: Option<String>,
+    /// Heartbeat interval proposed, in seconds (0: none).
+    pub(crate) heartbeat: u16,
+}
+
+impl ClientInfo {
+    /// The client-properties table: the name, and the capabilities that make
+    /// RabbitMQ send `connection.blocked` and `basic.nack`.
+    fn properties(&self) -> Result<Vec<u8>, WireError> {
+        let Some(name) = &self.connection_name else {
+            return Ok(Vec::new());
+        };
+        let text = |value: &[u8]| {
+            let mut bytes = (value.len() as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(value);
+            FieldValue::Scalar(b'S', bytes)
+        };
+        let yes = || FieldValue::Scalar(b't', vec![1]);
+        let capabilities = Table(vec![
+            (b"publisher_confirms".to_vec(), yes()),
+            (b"basic.nack".to_vec(), yes()),
+            (b"connection.blocked".to_vec(), yes()),
+            (b"authentication_failure_close".to_vec(), yes()),
+        ]);
+        Table(vec![
+            (b"product".to_vec(), text(b"tc-exchanges")),
+            (b"connection_name".to_vec(), text(name.as_bytes())),
+            (b"capabilities".to_vec(), FieldValue::Table(capabilities)),
+        ])
+        .encode()
+    }
+}
+
+/// A connection after its handshake, taken apart for the publishing connection's tasks.
+pub(crate) struct Opened {
+    pub(crate) io: Box<dyn RawIo>,
+    /// Bytes read past the handshake.
+    pub(crate) buffer: Vec<u8>,
+    pub(crate) frame_max: u32,
+    /// Negotiated heartbeat interval in seconds (0: none).
+    pub(crate) heartbeat: u16,
+    /// The channel opened in confirm mode.
+    pub(crate) channel: u16,
+}
 
 /// A channel the server closed: its reply code and text.
 struct ChannelClosed {
@@ -196,6 +246,8 @@ pub struct RawConnection {
     buffer: Vec<u8>,
     frame_max: u32,
     next_channel: u16,
+    /// Negotiated heartbeat interval in seconds (0: none).
+    heartbeat: u16,
     endpoint: String,
     /// The longest one call may take.
     timeout: std::time::Duration,
@@ -221,12 +273,17 @@ impl RawConnection {
     /// every node tried and why.
     pub async fn connect(config: &AmqpConfig) -> Result<Self, BrokerError> {
         config
-            .on_first_answering(0, |node, _| async move { Self::connect_node(&node).await })
+            .on_first_answering(0, |node, _| async move {
+                Self::connect_node(&node, &ClientInfo::default()).await
+            })
             .await
     }
 
-    /// Connects to the one node `config` names.
-    async fn connect_node(config: &AmqpConfig) -> Result<Self, BrokerError> {
+    /// Connects to the one node `config` names, introducing itself as `client` says.
+    pub(crate) async fn connect_node(
+        config: &AmqpConfig,
+        client: &ClientInfo,
+    ) -> Result<Self, BrokerError> {
         let endpoint = config.endpoint();
         let fail = |what: String| {
             BrokerError::Connection(format!("raw AMQP connection to {endpoint}: {what}"))
@@ -250,10 +307,11 @@ impl RawConnection {
             buffer: Vec::new(),
             frame_max: 0,
             next_channel: 1,
+            heartbeat: 0,
             endpoint: endpoint.clone(),
             timeout: config.operation_timeout(),
         };
-        let handshake = connection.handshake(&uri);
+        let handshake = connection.handshake(&uri, client);
         match tokio::time::timeout(config.connect_timeout(), handshake).await {
             Ok(result) => result.map(|()| connection),
             Err(_) => Err(fail(format!(
@@ -263,7 +321,11 @@ impl RawConnection {
         }
     }
 
-    async fn handshake(&mut self, uri: &lapin::uri::AMQPUri) -> Result<(), BrokerError> {
+    async fn handshake(
+        &mut self,
+        uri: &lapin::uri::AMQPUri,
+        client: &ClientInfo,
+    ) -> Result<(), BrokerError> {
         self.write(b"AMQP\x00\x00\x09\x01").await?;
         self.expect(0, CONNECTION, 10).await.map_err(Self::hard)?;
         let user = &uri.authority.userinfo;
@@ -272,19 +334,33 @@ impl RawConnection {
         response.push(0);
         response.extend_from_slice(user.password.as_bytes());
         let mut start_ok = Writer::method(CONNECTION, 11);
-        start_ok.long(&[]); // No client properties.
+        start_ok.long(&client.properties().map_err(|e| self.protocol(e))?);
         self.wire(start_ok.short("mechanism", b"PLAIN"))?
             .long(&response);
         self.wire(start_ok.short("locale", b"en_US"))?;
         self.send_method(0, start_ok).await?;
         let tune = self.expect(0, CONNECTION, 30).await.map_err(Self::hard)?;
         let (_, _, mut args) = tune.method().map_err(|e| self.protocol(e))?;
-        let parsed = (|| Ok::<_, WireError>((args.u16("channel max")?, args.u32("frame max")?)))();
-        let (channel_max, frame_max) = parsed.map_err(|e| self.protocol(e))?;
+        let parsed = (|| {
+            Ok::<_, WireError>((
+                args.u16("channel max")?,
+                args.u32("frame max")?,
+                args.u16("heartbeat")?,
+            ))
+        })();
+        let (channel_max, frame_max, server_heartbeat) = parsed.map_err(|e| self.protocol(e))?;
         self.frame_max = if frame_max == 0 { 131_072 } else { frame_max };
+        // The lower of the two proposals; ours 0: none (a short-lived connection).
+        self.heartbeat = match (client.heartbeat, server_heartbeat) {
+            (0, _) => 0,
+            (ours, 0) => ours,
+            (ours, theirs) => ours.min(theirs),
+        };
         let mut tune_ok = Writer::method(CONNECTION, 31);
-        // No heartbeats: the connection lives for one short task.
-        tune_ok.u16(channel_max).u32(self.frame_max).u16(0);
+        tune_ok
+            .u16(channel_max)
+            .u32(self.frame_max)
+            .u16(self.heartbeat);
         self.send_method(0, tune_ok).await?;
         let mut open = Writer::method(CONNECTION, 40);
         self.wire(open.short("virtual host", uri.vhost.as_bytes()))?;
@@ -292,6 +368,24 @@ impl RawConnection {
         self.send_method(0, open).await?;
         self.expect(0, CONNECTION, 41).await.map_err(Self::hard)?;
         Ok(())
+    }
+
+    /// Opens a channel in confirm mode and hands the connection over.
+    pub(crate) async fn into_confirm_channel(mut self) -> Result<Opened, BrokerError> {
+        let channel = self.open_channel().await.map_err(Self::hard)?;
+        let mut select = Writer::method(CONFIRM, 10);
+        select.u8(0);
+        self.send_method(channel, select).await?;
+        self.expect(channel, CONFIRM, 11)
+            .await
+            .map_err(Self::hard)?;
+        Ok(Opened {
+            io: self.io,
+            buffer: self.buffer,
+            frame_max: self.frame_max,
+            heartbeat: self.heartbeat,
+            channel,
+        })
     }
 
     /// Publishes `message` as it is, bytes and all, and waits for the

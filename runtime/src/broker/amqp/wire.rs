@@ -378,7 +378,7 @@ impl Table {
         Ok(Table(fields))
     }
 
-    fn encode(&self) -> Result<Vec<u8>, WireError> {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, WireError> {
         let mut writer = Writer::default();
         for (name, value) in &self.0 {
             writer.short("table field name", name)?;
