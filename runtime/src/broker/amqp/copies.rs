@@ -11,10 +11,10 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::pin::Pin;
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::broker::OutgoingMessage;
@@ -52,14 +52,41 @@ impl CopyKey {
 /// What became of one sent copy: its publish's confirm.
 pub(super) use super::pipe::Confirm as CopyOutcome;
 
-/// Where one sent copy's outcome appears.
-pub(super) type CopyWatch = watch::Receiver<Option<CopyOutcome>>;
+/// Where one sent copy's outcome appears (a few dozen bytes a copy: a
+/// watch channel cost ten times that).
+#[derive(Default)]
+pub(super) struct CopyWatch {
+    outcome: OnceLock<CopyOutcome>,
+    known: Notify,
+}
+
+impl CopyWatch {
+    fn set(&self, outcome: CopyOutcome) {
+        let _ = self.outcome.set(outcome);
+        self.known.notify_waiters();
+    }
+}
+
+/// A copy a retry can wait for instead of sending another.
+pub(super) enum Joinable {
+    /// Confirmed moments ago.
+    Acked,
+    /// Under way.
+    InFlight(Arc<CopyWatch>),
+}
+
+/// What is remembered of one message's copy.
+enum Entry {
+    /// Sent on the connection of this generation, outcome pending or a failure.
+    Sent(u64, Arc<CopyWatch>),
+    /// Confirmed (within [`CONFIRMED_KEPT`]).
+    Acked,
+}
 
 /// The copies under way, and the confirmed ones still remembered.
 #[derive(Default)]
 pub(super) struct Copies {
-    /// By message: the generation of the connection it was sent on, and its outcome.
-    by_key: HashMap<CopyKey, (u64, CopyWatch)>,
+    by_key: HashMap<CopyKey, Entry>,
     /// Confirmed copies in the order they were confirmed, to forget after [`CONFIRMED_KEPT`].
     confirmed: VecDeque<(Instant, CopyKey)>,
 }
@@ -67,28 +94,35 @@ pub(super) struct Copies {
 impl Copies {
     /// The outcome of a copy of `key` still unconfirmed on the connection of
     /// `generation`, or confirmed moments ago (a retry racing the confirm sends nothing new).
-    pub(super) fn joinable(&self, key: &CopyKey, generation: u64) -> Option<CopyWatch> {
-        self.by_key
-            .get(key)
-            .filter(|(sent_on, outcome)| {
-                *sent_on == generation || matches!(*outcome.borrow(), Some(CopyOutcome::Acked))
-            })
-            .map(|(_, outcome)| outcome.clone())
+    pub(super) fn joinable(&self, key: &CopyKey, generation: u64) -> Option<Joinable> {
+        match self.by_key.get(key)? {
+            Entry::Acked => Some(Joinable::Acked),
+            Entry::Sent(_, outcome)
+                if matches!(outcome.outcome.get(), Some(CopyOutcome::Acked)) =>
+            {
+                Some(Joinable::Acked)
+            }
+            Entry::Sent(sent_on, outcome) if *sent_on == generation => {
+                Some(Joinable::InFlight(outcome.clone()))
+            }
+            Entry::Sent(..) => None,
+        }
     }
 
-    fn insert(&mut self, key: CopyKey, generation: u64, outcome: CopyWatch) {
-        self.by_key.insert(key, (generation, outcome));
+    fn insert(&mut self, key: CopyKey, generation: u64, outcome: Arc<CopyWatch>) {
+        self.by_key.insert(key, Entry::Sent(generation, outcome));
     }
 
     /// Records the end, at `now`, of the copy whose outcome `mine` watches.
-    fn finished(&mut self, key: CopyKey, mine: &CopyWatch, acked: bool, now: Instant) {
+    fn finished(&mut self, key: CopyKey, mine: &Arc<CopyWatch>, acked: bool, now: Instant) {
+        let entry = self.by_key.get_mut(&key);
+        let ours = matches!(&entry, Some(Entry::Sent(_, outcome)) if Arc::ptr_eq(outcome, mine));
         if acked {
+            if let Some(entry) = entry.filter(|_| ours) {
+                *entry = Entry::Acked;
+            }
             self.confirmed.push_back((now, key));
-        } else if self
-            .by_key
-            .get(&key)
-            .is_some_and(|(_, outcome)| outcome.same_channel(mine))
-        {
+        } else if ours {
             self.by_key.remove(&key);
         }
         while let Some((at, _)) = self.confirmed.front()
@@ -98,11 +132,7 @@ impl Copies {
                 break;
             };
             // An acked entry is never replaced, so the entry is that copy's.
-            if self
-                .by_key
-                .get(&old)
-                .is_some_and(|(_, outcome)| matches!(*outcome.borrow(), Some(CopyOutcome::Acked)))
-            {
+            if matches!(self.by_key.get(&old), Some(Entry::Acked)) {
                 self.by_key.remove(&old);
             }
         }
@@ -119,8 +149,7 @@ pub(super) struct SentCopy {
 
 struct InFlight {
     sending: Sending,
-    record: watch::Sender<Option<CopyOutcome>>,
-    watch: CopyWatch,
+    watch: Arc<CopyWatch>,
     key: CopyKey,
     copies: Weak<Mutex<Copies>>,
 }
@@ -128,7 +157,7 @@ struct InFlight {
 impl InFlight {
     fn finish(self, outcome: CopyOutcome) {
         let acked = matches!(outcome, CopyOutcome::Acked);
-        self.record.send_replace(Some(outcome));
+        self.watch.set(outcome);
         if let Some(copies) = self.copies.upgrade() {
             copies
                 .lock()
@@ -141,12 +170,12 @@ impl InFlight {
 impl SentCopy {
     /// Registers the copy of `key` that `sending` sends on the connection of `generation`.
     pub(super) fn start(
-        copies: &std::sync::Arc<Mutex<Copies>>,
+        copies: &Arc<Mutex<Copies>>,
         key: CopyKey,
         generation: u64,
         sending: impl Future<Output = CopyOutcome> + Send + 'static,
     ) -> SentCopy {
-        let (record, watch) = watch::channel(None);
+        let watch = Arc::new(CopyWatch::default());
         copies
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -154,10 +183,9 @@ impl SentCopy {
         SentCopy {
             in_flight: Some(InFlight {
                 sending: Box::pin(sending),
-                record,
                 watch,
                 key,
-                copies: std::sync::Arc::downgrade(copies),
+                copies: Arc::downgrade(copies),
             }),
         }
     }
@@ -180,13 +208,16 @@ impl Drop for SentCopy {
         let Some(in_flight) = self.in_flight.take() else {
             return;
         };
-        // Without a runtime the watch closes: joiners see the copy as lost (and resend).
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut in_flight = in_flight;
-                let outcome = in_flight.sending.as_mut().await;
-                in_flight.finish(outcome);
-            });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let mut in_flight = in_flight;
+                    let outcome = in_flight.sending.as_mut().await;
+                    in_flight.finish(outcome);
+                });
+            }
+            // Joiners see the copy as lost (and resend).
+            Err(_) => in_flight.finish(lost("no runtime left to wait for its confirm")),
         }
     }
 }
@@ -196,12 +227,19 @@ fn lost(why: &str) -> CopyOutcome {
 }
 
 /// Waits for the outcome of a copy someone else sent.
-pub(super) async fn joined(mut outcome: CopyWatch) -> CopyOutcome {
-    match outcome.wait_for(Option::is_some).await {
-        Ok(result) => result
-            .clone()
-            .unwrap_or_else(|| lost("no outcome recorded")),
-        Err(_) => lost("the copy's sender went away"),
+pub(super) async fn joined(copy: Joinable) -> CopyOutcome {
+    let watch = match copy {
+        Joinable::Acked => return CopyOutcome::Acked,
+        Joinable::InFlight(watch) => watch,
+    };
+    loop {
+        let known = watch.known.notified();
+        tokio::pin!(known);
+        known.as_mut().enable();
+        if let Some(outcome) = watch.outcome.get() {
+            return outcome.clone();
+        }
+        known.await;
     }
 }
 
@@ -273,10 +311,9 @@ mod tests {
         let mut copies = Copies::default();
         let start = Instant::now();
         for (name, at) in [("d", start), ("e", start + CONFIRMED_KEPT)] {
-            let (record, watch) = watch::channel(Some(CopyOutcome::Acked));
+            let watch = Arc::new(CopyWatch::default());
             copies.insert(key(name), 1, watch.clone());
             copies.finished(key(name), &watch, true, at);
-            drop(record);
         }
         assert!(copies.joinable(&key("d"), 2).is_none(), "kept its time");
         assert!(copies.joinable(&key("e"), 2).is_some());

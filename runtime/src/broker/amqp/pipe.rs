@@ -897,4 +897,289 @@ mod tests {
         assert_eq!(sent, body);
         assert!(parsed[2..].iter().all(|f| f.payload.len() <= 4088));
     }
+
+    /// A broker played by the test, over loopback: it speaks just enough
+    /// AMQP to open a confirm channel, then does what each test scripts.
+    mod scripted {
+        use super::super::super::wire::{FRAME_HEARTBEAT, Frame, Writer};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::{TcpListener, TcpStream};
+
+        pub(crate) struct Peer {
+            stream: TcpStream,
+            buffer: Vec<u8>,
+        }
+
+        impl Peer {
+            /// The next frame that is not a heartbeat; `None` once the client hung up.
+            pub(crate) async fn frame(&mut self) -> Option<Frame> {
+                loop {
+                    if let Some((frame, used)) =
+                        Frame::parse(&self.buffer, 0).expect("client frames are well formed")
+                    {
+                        self.buffer.drain(..used);
+                        if frame.kind == FRAME_HEARTBEAT {
+                            continue;
+                        }
+                        return Some(frame);
+                    }
+                    let mut chunk = [0; 4096];
+                    let read = self.stream.read(&mut chunk).await.ok()?;
+                    if read == 0 {
+                        return None;
+                    }
+                    self.buffer.extend_from_slice(&chunk[..read]);
+                }
+            }
+
+            /// The next method's class and id (skipping content frames).
+            pub(crate) async fn method(&mut self) -> Option<(u16, u16)> {
+                loop {
+                    let frame = self.frame().await?;
+                    if frame.kind == super::FRAME_METHOD {
+                        let (class, method, _) = frame.method().unwrap();
+                        return Some((class, method));
+                    }
+                }
+            }
+
+            pub(crate) async fn send(&mut self, channel: u16, method: Writer) {
+                self.raw(&Frame::encode(super::FRAME_METHOD, channel, &method.0))
+                    .await;
+            }
+
+            pub(crate) async fn raw(&mut self, bytes: &[u8]) {
+                let _ = self.stream.write_all(bytes).await;
+            }
+
+            /// Settles delivery `tag`: `basic.ack` (80) or `basic.nack` (120).
+            pub(crate) async fn confirm(&mut self, method: u16, tag: u64, multiple: bool) {
+                let mut confirm = Writer::method(super::CLASS_BASIC, method);
+                confirm.u64(tag).u8(u8::from(multiple));
+                self.send(1, confirm).await;
+            }
+        }
+
+        /// Listens on a loopback port; the config connects there with `heartbeat` seconds.
+        pub(crate) async fn broker(heartbeat: u16) -> (TcpListener, super::AmqpConfig) {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let config =
+                super::AmqpConfig::from_url(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
+                    .unwrap()
+                    .with_heartbeat(std::time::Duration::from_secs(heartbeat.into()))
+                    .with_connect_timeout(std::time::Duration::from_secs(5));
+            (listener, config)
+        }
+
+        /// Accepts one connection and opens it up to a confirm channel 1.
+        pub(crate) async fn accept(listener: &TcpListener, heartbeat: u16) -> Peer {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut peer = Peer {
+                stream,
+                buffer: Vec::new(),
+            };
+            let mut header = [0; 8];
+            peer.stream.read_exact(&mut header).await.unwrap();
+            assert_eq!(&header, b"AMQP\x00\x00\x09\x01");
+            let mut start = Writer::method(10, 10);
+            start.u8(0).u8(9).long(&[]).long(b"PLAIN").long(b"en_US");
+            peer.send(0, start).await;
+            assert_eq!(peer.method().await, Some((10, 11)));
+            let mut tune = Writer::method(10, 30);
+            tune.u16(2047).u32(131_072).u16(heartbeat);
+            peer.send(0, tune).await;
+            assert_eq!(peer.method().await, Some((10, 31)));
+            assert_eq!(peer.method().await, Some((10, 40)));
+            let mut open_ok = Writer::method(10, 41);
+            open_ok.short("reserved", b"").unwrap();
+            peer.send(0, open_ok).await;
+            assert_eq!(peer.method().await, Some((20, 10)));
+            let mut channel_ok = Writer::method(20, 11);
+            channel_ok.long(&[]);
+            peer.send(1, channel_ok).await;
+            assert_eq!(peer.method().await, Some((85, 10)));
+            peer.send(1, Writer::method(85, 11)).await;
+            peer
+        }
+    }
+
+    fn key(text: &str) -> ShortString {
+        ShortString::try_new(text.to_owned()).unwrap()
+    }
+
+    /// Publishes `name` on `pipe` in a task; mandatory when `name` says so.
+    fn publish(pipe: &Arc<Pipe>, name: &'static str) -> tokio::task::JoinHandle<Confirm> {
+        let pipe = pipe.clone();
+        tokio::spawn(async move {
+            let properties = encode_properties(&OutgoingMessage::default(), "CC").unwrap();
+            let mandatory = name.starts_with("mandatory");
+            pipe.publish(
+                &key("ex"),
+                &key(name),
+                mandatory,
+                &properties,
+                name.as_bytes(),
+            )
+            .await
+        })
+    }
+
+    /// Waits until `count` publishes reached the peer (method, header, body each).
+    async fn publishes_arrive(peer: &mut scripted::Peer, count: usize) {
+        for _ in 0..count {
+            assert_eq!(peer.method().await, Some((CLASS_BASIC, 40)));
+        }
+    }
+
+    #[tokio::test]
+    async fn confirms_settle_only_their_own_publishes_whatever_order_the_broker_sends() {
+        let (listener, config) = scripted::broker(0).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.expect("connects to the scripted broker");
+        let first = publish(&pipe, "first");
+        publishes_arrive(&mut peer, 1).await;
+        let second = publish(&pipe, "second");
+        publishes_arrive(&mut peer, 1).await;
+        let third = publish(&pipe, "mandatory.third");
+        publishes_arrive(&mut peer, 1).await;
+        // Out of order, a tag never sent, a return before its ack, a nack last.
+        peer.confirm(80, 2, false).await;
+        peer.confirm(80, 99, true).await;
+        let mut returned = Writer::method(CLASS_BASIC, 50);
+        returned.u16(312);
+        returned.short("text", b"NO_ROUTE").unwrap();
+        returned.short("exchange", b"ex").unwrap();
+        returned.short("key", b"mandatory.third").unwrap();
+        peer.send(1, returned).await;
+        peer.confirm(80, 3, false).await;
+        peer.confirm(80, 2, false).await; // again: settled already
+        peer.confirm(120, 1, false).await;
+        assert_eq!(second.await.unwrap(), Confirm::Acked);
+        assert_eq!(
+            third.await.unwrap(),
+            Confirm::Returned("312 NO_ROUTE".to_owned())
+        );
+        assert_eq!(first.await.unwrap(), Confirm::Nacked);
+        assert!(pipe.is_up(), "odd confirms do not end the connection");
+        let fourth = publish(&pipe, "fourth");
+        publishes_arrive(&mut peer, 1).await;
+        peer.confirm(80, 4, true).await;
+        assert_eq!(fourth.await.unwrap(), Confirm::Acked);
+    }
+
+    #[tokio::test]
+    async fn a_channel_the_broker_closes_fails_its_publishes_and_opens_again() {
+        let (listener, config) = scripted::broker(0).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.unwrap();
+        let doomed = [publish(&pipe, "a"), publish(&pipe, "b")];
+        publishes_arrive(&mut peer, 2).await;
+        let mut close = Writer::method(CHANNEL, 40);
+        close.u16(404);
+        close
+            .short("text", b"NOT_FOUND - no exchange 'ex' in vhost '/'")
+            .unwrap();
+        close.u16(CLASS_BASIC).u16(40);
+        peer.send(1, close).await;
+        for publish in doomed {
+            assert!(
+                matches!(publish.await.unwrap(), Confirm::ChannelClosed { code: 404, ref text } if text.contains("'ex'"))
+            );
+        }
+        assert_eq!(peer.method().await, Some((CHANNEL, 41)), "close-ok");
+        // Publishes wait while the channel reopens.
+        let later = publish(&pipe, "later");
+        assert_eq!(peer.method().await, Some((CHANNEL, 10)), "opened again");
+        let mut channel_ok = Writer::method(CHANNEL, 11);
+        channel_ok.long(&[]);
+        peer.send(1, channel_ok).await;
+        assert_eq!(peer.method().await, Some((CONFIRM, 10)));
+        peer.send(1, Writer::method(CONFIRM, 11)).await;
+        publishes_arrive(&mut peer, 1).await;
+        peer.confirm(80, 1, false).await;
+        assert_eq!(
+            later.await.unwrap(),
+            Confirm::Acked,
+            "tags start again at 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn blocked_and_unblocked_notices_are_recorded() {
+        let (listener, config) = scripted::broker(0).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.unwrap();
+        let mut blocked = Writer::method(CONNECTION, 60);
+        blocked.short("reason", b"low on memory").unwrap();
+        peer.send(0, blocked).await;
+        let until = |blocked: bool| {
+            let pipe = pipe.clone();
+            async move {
+                while pipe.blocked().is_some() != blocked {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), until(true))
+            .await
+            .expect("blocked");
+        assert_eq!(pipe.blocked().unwrap().1, "low on memory");
+        peer.send(0, Writer::method(CONNECTION, 61)).await;
+        tokio::time::timeout(Duration::from_secs(5), until(false))
+            .await
+            .expect("unblocked");
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_broker_ends_the_connection_and_every_publish_hears_of_it() {
+        let (listener, config) = scripted::broker(0).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.unwrap();
+        let waiting = publish(&pipe, "waiting");
+        publishes_arrive(&mut peer, 1).await;
+        // A method frame whose frame-end byte is wrong.
+        peer.raw(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 0, 80, 0x00]).await;
+        assert!(
+            matches!(waiting.await.unwrap(), Confirm::Lost(reason) if reason.contains("malformed frame")),
+        );
+        tokio::time::timeout(Duration::from_secs(5), pipe.died())
+            .await
+            .expect("the connection is dead");
+        assert!(matches!(
+            publish(&pipe, "after").await.unwrap(),
+            Confirm::Lost(_)
+        ));
+        let hung_up = async { while peer.frame().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(5), hung_up)
+            .await
+            .expect("the client hangs up");
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_goes_silent_is_left_after_two_heartbeats() {
+        let (listener, config) = scripted::broker(1).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 1));
+        let pipe = pipe.unwrap();
+        let waiting = publish(&pipe, "unanswered");
+        publishes_arrive(&mut peer, 1).await;
+        let started = Instant::now();
+        let confirm = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the publish does not wait forever")
+            .unwrap();
+        assert!(matches!(confirm, Confirm::Lost(reason) if reason.contains("no heartbeat")));
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
+            "left after {waited:?}"
+        );
+        // Meanwhile the client kept its side alive.
+        drop(peer);
+    }
 }
