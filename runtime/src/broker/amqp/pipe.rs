@@ -573,6 +573,7 @@ pub(crate) fn encode_properties(
 /// Sends what publishers queued: everything queued since the last write, in one write.
 async fn write_loop(pipe: Arc<Pipe>, mut writer: WriteHalf<Box<dyn RawIo>>, heartbeat: Duration) {
     let mut batch = Vec::new();
+    let mut dead = pipe.dead.subscribe();
     // Heartbeats at half the negotiated interval, when nothing else was sent.
     let idle = (!heartbeat.is_zero()).then(|| heartbeat / 2);
     loop {
@@ -605,7 +606,13 @@ async fn write_loop(pipe: Arc<Pipe>, mut writer: WriteHalf<Box<dyn RawIo>>, hear
             writer.write_all(&batch).await?;
             writer.flush().await
         };
-        if let Err(error) = written.await {
+        // A write stuck on a peer that stopped reading ends when the reader
+        // declares the connection dead (silence), not when TCP gives up.
+        let written = tokio::select! {
+            written = written => written,
+            _ = dead.wait_for(|dead| *dead) => break,
+        };
+        if let Err(error) = written {
             pipe.die(format!(
                 "writing to {}: {error}",
                 pipe.node_config.endpoint()
@@ -1158,6 +1165,42 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), hung_up)
             .await
             .expect("the client hangs up");
+    }
+
+    /// A peer that neither reads nor speaks: the writer stuck on a full
+    /// socket ends with the connection, and publishers waiting for room hear of it.
+    #[tokio::test]
+    async fn a_broker_that_stops_reading_does_not_hold_the_writer() {
+        let (listener, config) = scripted::broker(1).await;
+        let (pipe, peer) = tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 1));
+        let pipe = pipe.unwrap();
+        let body = vec![b'x'; 1 << 20];
+        let properties = encode_properties(&OutgoingMessage::default(), "CC").unwrap();
+        let publishes: Vec<_> = (0..48)
+            .map(|_| {
+                let (pipe, body, properties) = (pipe.clone(), body.clone(), properties.clone());
+                tokio::spawn(async move {
+                    pipe.publish(&key("ex"), &key("k"), false, &properties, &body)
+                        .await
+                })
+            })
+            .collect();
+        for publish in publishes {
+            let confirm = tokio::time::timeout(Duration::from_secs(10), publish)
+                .await
+                .expect("no publish waits forever")
+                .unwrap();
+            assert!(matches!(confirm, Confirm::Lost(_)), "{confirm:?}");
+        }
+        let ended = async {
+            while Arc::strong_count(&pipe) > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("the writer and reader tasks end");
+        drop(peer);
     }
 
     #[tokio::test]
