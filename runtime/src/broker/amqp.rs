@@ -1,4 +1,7 @@
-//! RabbitMQ (AMQP 0-9-1) broker over [`lapin`], following Pulse's conventions.
+//! RabbitMQ (AMQP 0-9-1) broker, following Pulse's conventions: declarations,
+//! consumers and gets over [`lapin`], publishes over a connection of this
+//! module's own that runs on the tokio runtime (`pipe`: lapin's I/O thread
+//! cost more CPU per publish than the rest of the publish).
 //!
 //! - Named queues are `queue/<user>/<name>` ([`Broker::qualify_queue_name`]);
 //!   an unnamed queue (`declare_queue("")`) gets a client-generated name
@@ -28,11 +31,16 @@
 //! - Two connections: publishes go over their own (`<name> (publish)`),
 //!   because RabbitMQ blocks a connection that publishes during a resource
 //!   alarm and a blocked connection sends nothing, acks included; everything
-//!   else goes over the main one.
+//!   else goes over the main one. The publishing connection is two tasks on
+//!   the caller's runtime (one writes what publishers queued, one write per
+//!   batch; one reads confirms), with heartbeats both ways: a broker silent
+//!   for two heartbeat intervals is left and reconnected. Publishers wait
+//!   while 256 KiB are queued for the socket, so a blocked or slow
+//!   connection does not grow the client's memory.
 //! - Channel errors (404, 406, ...) cost only the channel: declarations,
 //!   bindings and deletions take turns on one operations channel, replaced
 //!   after an error; each consumer, `get` and `pending` has a channel of its
-//!   own; publishes share one confirm channel, replaced after an error (a
+//!   own; publishes share one confirm channel, reopened after an error (a
 //!   publish that another publish's error cut off is resent). lapin fails a
 //!   reused channel id with the error of the channel the broker closed under
 //!   it, so a connection with such closed channels is replaced, as after a
@@ -190,6 +198,44 @@ async fn send_copy(
 ) -> CopyOutcome {
     pipe.publish(&exchange, &routing_key, mandatory, &properties, &body)
         .await
+}
+
+/// A message made ready to send, every field checked.
+struct Outgoing {
+    exchange_name: ShortString,
+    key: ShortString,
+    mandatory: bool,
+    /// The content header's properties, encoded once for every copy.
+    properties: Arc<Vec<u8>>,
+    copy_key: CopyKey,
+    /// Shared by every copy sent: a resend copies no body.
+    body: Arc<Vec<u8>>,
+    cc: Vec<String>,
+}
+
+impl Outgoing {
+    fn prepare(
+        exchange: &str,
+        routing_key: &str,
+        message: OutgoingMessage,
+        mandatory: bool,
+        cc_header: &str,
+    ) -> Result<Self, BrokerError> {
+        let exchange_name = short("exchange", exchange)?;
+        let key = short("routing key", routing_key)?;
+        let properties = Arc::new(pipe::encode_properties(&message, cc_header)?);
+        let copy_key = CopyKey::new(exchange, routing_key, &message);
+        let OutgoingMessage { body, cc, .. } = message;
+        Ok(Outgoing {
+            exchange_name,
+            key,
+            mandatory,
+            properties,
+            copy_key,
+            body: Arc::new(body),
+            cc,
+        })
+    }
 }
 
 /// How many fresh channels an operation tries when its channel is closed under it.
@@ -431,22 +477,38 @@ impl AmqpBroker {
     /// message whose earlier copy still waits for its confirm on the live
     /// connection waits for that copy instead of sending another. A copy
     /// whose connection died is sent again on the next one (its fate is unknown).
-    async fn publish_confirmed(
-        &self,
-        exchange: &str,
-        routing_key: &str,
+    ///
+    /// (A plain function returning the future: the message is taken apart
+    /// before it, so the future, alive as long as the publish is in flight,
+    /// does not keep room for it.)
+    fn publish_confirmed<'s, 'e, 'r>(
+        &'s self,
+        exchange: &'e str,
+        routing_key: &'r str,
         message: OutgoingMessage,
         mandatory: bool,
         cc_header: &str,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
+        let prepared = Outgoing::prepare(exchange, routing_key, message, mandatory, cc_header);
+        async move { self.send_confirmed(exchange, routing_key, prepared?).await }
+    }
+
+    /// The retry loop of [`publish_confirmed`](Self::publish_confirmed).
+    async fn send_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        outgoing: Outgoing,
     ) -> Result<(), BrokerError> {
-        let exchange_name = short("exchange", exchange)?;
-        let key = short("routing key", routing_key)?;
-        let properties = Arc::new(pipe::encode_properties(&message, cc_header)?);
-        let target = Target::exchange(exchange);
-        let copy_key = CopyKey::new(exchange, routing_key, &message);
-        // Shared by every copy sent: a resend copies no body.
-        let OutgoingMessage { body, cc, .. } = message;
-        let body = Arc::new(body);
+        let Outgoing {
+            exchange_name,
+            key,
+            mandatory,
+            properties,
+            copy_key,
+            body,
+            cc,
+        } = outgoing;
         let started = Instant::now();
         let attempt = |reason: String| {
             Box::new(super::PublishAttempt {
@@ -463,10 +525,16 @@ impl AmqpBroker {
         // Whether a copy went out during this call: then its fate may be unknown.
         let mut sent = false;
         loop {
-            let link = match self
-                .lane_link(&self.shared.publishing.state, deadline)
-                .await
-            {
+            // Up: no waiting future in the common case (it would take room in every publish's).
+            let current = match &*self.shared.publishing.state.borrow() {
+                LinkState::Up(pipe) if pipe.is_up() => Some(pipe.clone()),
+                _ => None,
+            };
+            let found = match current {
+                Some(pipe) => Ok(pipe),
+                None => Box::pin(self.lane_link(&self.shared.publishing.state, deadline)).await,
+            };
+            let link = match found {
                 Ok(link) => link,
                 Err(BrokerError::Connection(reason)) if sent => {
                     return Err(BrokerError::Unconfirmed(attempt(format!(
@@ -560,8 +628,10 @@ impl AmqpBroker {
             };
             match failure {
                 // The shared channel also fails for other publishers' errors: only ours are final.
-                Failure::Soft(error) if target.mentioned_in(&error) => {
-                    return Err(target.soft_error("publish to exchange", &error));
+                Failure::Soft(error) if Target::exchange(exchange).mentioned_in(&error) => {
+                    return Err(
+                        Target::exchange(exchange).soft_error("publish to exchange", &error)
+                    );
                 }
                 // Another publish's error closed the channel before the broker took
                 // this one: resent on a fresh channel (each round one publish gets
@@ -951,17 +1021,17 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
-    async fn publish(
+    fn publish(
         &self,
         exchange: &str,
         routing_key: &str,
         message: OutgoingMessage,
-    ) -> Result<(), BrokerError> {
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
         // Straight to a queue: a missing queue is reported, not a silent drop.
         let mandatory = exchange == DEFAULT_EXCHANGE;
         let message = message.with_message_id();
+        // Not an `async fn`: the returned future holds no copy of the message.
         self.publish_confirmed(exchange, routing_key, message, mandatory, CC_HEADER)
-            .await
     }
 
     async fn publish_delayed(
