@@ -418,6 +418,13 @@ impl Pipe {
             }
             (ours, CHANNEL, 40) if ours == channel => {
                 let (code, text) = closing(&mut args)?;
+                if !self.lock().ready {
+                    // Refused while being reopened: reopening again at once
+                    // could go on forever; a new connection comes with backoff.
+                    return Err(format!(
+                        "the broker closed the publishing channel while it was being opened: {code} {text}"
+                    ));
+                }
                 tracing::debug!(code, %text, "the broker closed the publishing channel; reopening it");
                 self.channel_closed(code, text);
             }
@@ -1112,6 +1119,34 @@ mod tests {
             Confirm::Acked,
             "tags start again at 1"
         );
+    }
+
+    /// A channel refused again while being reopened ends the connection
+    /// (the supervisor reconnects with backoff) instead of reopening forever.
+    #[tokio::test]
+    async fn a_channel_refused_while_reopening_ends_the_connection() {
+        let (listener, config) = scripted::broker(0).await;
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.unwrap();
+        let close = || {
+            let mut close = Writer::method(CHANNEL, 40);
+            close.u16(406);
+            close.short("text", b"PRECONDITION_FAILED").unwrap();
+            close.u16(0).u16(0);
+            close
+        };
+        peer.send(1, close()).await;
+        assert_eq!(peer.method().await, Some((CHANNEL, 41)));
+        assert_eq!(peer.method().await, Some((CHANNEL, 10)));
+        let waiting = publish(&pipe, "waiting");
+        peer.send(1, close()).await;
+        assert!(
+            matches!(waiting.await.unwrap(), Confirm::Lost(reason) if reason.contains("while it was being opened"))
+        );
+        tokio::time::timeout(Duration::from_secs(5), pipe.died())
+            .await
+            .expect("the connection ends");
     }
 
     #[tokio::test]
