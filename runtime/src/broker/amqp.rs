@@ -186,30 +186,41 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
 }
 
 /// Sends one copy on the publishing connection and waits for its confirm.
-/// (A plain function: its future is boxed at once, not kept inside every
-/// publish's own future.)
-async fn send_copy(
+/// (A plain function returning an `async move` block: its future holds each
+/// argument once; it is boxed at once, not kept inside the publish's own.)
+#[expect(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+fn send_copy(
     pipe: Arc<Pipe>,
-    exchange: ShortString,
-    routing_key: ShortString,
+    copy: Arc<Copyable>,
     mandatory: bool,
-    properties: Arc<Vec<u8>>,
-    body: Arc<Vec<u8>>,
-) -> CopyOutcome {
-    pipe.publish(&exchange, &routing_key, mandatory, &properties, &body)
+) -> impl Future<Output = CopyOutcome> + Send + 'static {
+    async move {
+        pipe.publish(
+            &copy.exchange,
+            &copy.routing_key,
+            mandatory,
+            &copy.properties,
+            &copy.body,
+        )
         .await
+    }
 }
 
-/// A message made ready to send, every field checked.
+/// What every copy of a message sends, checked and encoded once.
+struct Copyable {
+    exchange: ShortString,
+    routing_key: ShortString,
+    /// The content header's property flags and values.
+    properties: Vec<u8>,
+    body: Vec<u8>,
+}
+
+/// A message made ready to send.
 struct Outgoing {
-    exchange_name: ShortString,
-    key: ShortString,
+    /// Shared by every copy sent: a resend copies nothing.
+    copy: Arc<Copyable>,
     mandatory: bool,
-    /// The content header's properties, encoded once for every copy.
-    properties: Arc<Vec<u8>>,
     copy_key: CopyKey,
-    /// Shared by every copy sent: a resend copies no body.
-    body: Arc<Vec<u8>>,
     cc: Vec<String>,
 }
 
@@ -223,16 +234,18 @@ impl Outgoing {
     ) -> Result<Self, BrokerError> {
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing key", routing_key)?;
-        let properties = Arc::new(pipe::encode_properties(&message, cc_header)?);
+        let properties = pipe::encode_properties(&message, cc_header)?;
         let copy_key = CopyKey::new(exchange, routing_key, &message);
         let OutgoingMessage { body, cc, .. } = message;
         Ok(Outgoing {
-            exchange_name,
-            key,
+            copy: Arc::new(Copyable {
+                exchange: exchange_name,
+                routing_key: key,
+                properties,
+                body,
+            }),
             mandatory,
-            properties,
             copy_key,
-            body: Arc::new(body),
             cc,
         })
     }
@@ -489,164 +502,165 @@ impl AmqpBroker {
         mandatory: bool,
         cc_header: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
-        let prepared = Outgoing::prepare(exchange, routing_key, message, mandatory, cc_header);
-        async move { self.send_confirmed(exchange, routing_key, prepared?).await }
+        match Outgoing::prepare(exchange, routing_key, message, mandatory, cc_header) {
+            Ok(outgoing) => futures_util::future::Either::Left(self.send_confirmed(
+                exchange,
+                routing_key,
+                outgoing,
+            )),
+            Err(error) => futures_util::future::Either::Right(std::future::ready(Err(error))),
+        }
     }
 
-    /// The retry loop of [`publish_confirmed`](Self::publish_confirmed).
-    async fn send_confirmed(
-        &self,
-        exchange: &str,
-        routing_key: &str,
+    /// The retry loop of [`publish_confirmed`](Self::publish_confirmed). (An
+    /// `async move` block, not an `async fn`: that would keep each argument twice.)
+    #[expect(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+    fn send_confirmed<'s, 'e, 'r>(
+        &'s self,
+        exchange: &'e str,
+        routing_key: &'r str,
         outgoing: Outgoing,
-    ) -> Result<(), BrokerError> {
-        let Outgoing {
-            exchange_name,
-            key,
-            mandatory,
-            properties,
-            copy_key,
-            body,
-            cc,
-        } = outgoing;
-        let started = Instant::now();
-        let attempt = |reason: String| {
-            Box::new(super::PublishAttempt {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-                message_id: copy_key.message_id.clone(),
-                waited: started.elapsed(),
-                reason,
-            })
-        };
-        let deadline = self.deadline();
-        let timeout = self.shared.config.operation_timeout();
-        let mut channel_failures = 0;
-        // Whether a copy went out during this call: then its fate may be unknown.
-        let mut sent = false;
-        loop {
-            // Up: no waiting future in the common case (it would take room in every publish's).
-            let current = match &*self.shared.publishing.state.borrow() {
-                LinkState::Up(pipe) if pipe.is_up() => Some(pipe.clone()),
-                _ => None,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
+        async move {
+            let Outgoing {
+                copy,
+                mandatory,
+                copy_key,
+                cc,
+            } = &outgoing;
+            let mandatory = *mandatory;
+            let started = Instant::now();
+            let attempt = |reason: String| {
+                Box::new(super::PublishAttempt {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    message_id: copy_key.message_id.clone(),
+                    waited: started.elapsed(),
+                    reason,
+                })
             };
-            let found = match current {
-                Some(pipe) => Ok(pipe),
-                None => Box::pin(self.lane_link(&self.shared.publishing.state, deadline)).await,
-            };
-            let link = match found {
-                Ok(link) => link,
-                Err(BrokerError::Connection(reason)) if sent => {
-                    return Err(BrokerError::Unconfirmed(attempt(format!(
-                        "the connection was lost after sending, and not back in time: {reason}"
-                    ))));
-                }
-                Err(BrokerError::Connection(reason)) => {
-                    return Err(BrokerError::Unreachable(attempt(reason)));
-                }
-                Err(error) => return Err(error),
-            };
-            let joinable = self
-                .shared
-                .copies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .joinable(&copy_key, link.generation);
-            let mut own_copy = None;
-            let settled = match joinable {
-                Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
-                None => {
-                    sent = true;
-                    let send = send_copy(
-                        link.clone(),
-                        exchange_name.clone(),
-                        key.clone(),
-                        mandatory,
-                        properties.clone(),
-                        body.clone(),
-                    );
-                    let copy = own_copy.insert(SentCopy::start(
-                        &self.shared.copies,
-                        copy_key.clone(),
-                        link.generation,
-                        send,
-                    ));
-                    futures_util::future::Either::Right(copy.settled())
-                }
-            };
-            let result = match tokio::time::timeout_at(deadline, settled).await {
-                Ok(result) => result,
-                Err(_) => {
-                    // Dropping `own_copy` leaves its wait (and outcome) to a task of its own.
-                    let reason = match link.blocked() {
-                        Some((since, why)) => format!(
-                            "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
+            let deadline = self.deadline();
+            let timeout = self.shared.config.operation_timeout();
+            let mut channel_failures = 0;
+            // Whether a copy went out during this call: then its fate may be unknown.
+            let mut sent = false;
+            loop {
+                // Up: no waiting future in the common case (it would take room in every publish's).
+                let current = match &*self.shared.publishing.state.borrow() {
+                    LinkState::Up(pipe) if pipe.is_up() => Some(pipe.clone()),
+                    _ => None,
+                };
+                let found = match current {
+                    Some(pipe) => Ok(pipe),
+                    None => Box::pin(self.lane_link(&self.shared.publishing.state, deadline)).await,
+                };
+                let link = match found {
+                    Ok(link) => link,
+                    Err(BrokerError::Connection(reason)) if sent => {
+                        return Err(BrokerError::Unconfirmed(attempt(format!(
+                            "the connection was lost after sending, and not back in time: {reason}"
+                        ))));
+                    }
+                    Err(BrokerError::Connection(reason)) => {
+                        return Err(BrokerError::Unreachable(attempt(reason)));
+                    }
+                    Err(error) => return Err(error),
+                };
+                let joinable = self
+                    .shared
+                    .copies
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .joinable(copy_key, link.generation);
+                let mut own_copy = None;
+                let settled = match joinable {
+                    Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
+                    None => {
+                        sent = true;
+                        let send = send_copy(link.clone(), copy.clone(), mandatory);
+                        let copy = own_copy.insert(SentCopy::start(
+                            &self.shared.copies,
+                            copy_key.clone(),
+                            link.generation,
+                            send,
+                        ));
+                        futures_util::future::Either::Right(copy.settled())
+                    }
+                };
+                let result = match tokio::time::timeout_at(deadline, settled).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        // Dropping `own_copy` leaves its wait (and outcome) to a task of its own.
+                        let reason = match link.blocked() {
+                            Some((since, why)) => format!(
+                                "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
                              the copy waits in the client and goes out when it is unblocked",
-                            since.elapsed()
-                        ),
-                        None => format!("no confirm within {timeout:?}"),
-                    };
-                    return Err(BrokerError::Unconfirmed(attempt(reason)));
-                }
-            };
-            let failure = match result {
-                CopyOutcome::Acked => return Ok(()),
-                CopyOutcome::Returned(reply_text) => {
-                    return Err(if exchange == DEFAULT_EXCHANGE {
-                        BrokerError::QueueNotFound(routing_key.to_owned())
-                    } else {
-                        BrokerError::NotConfirmed {
-                            exchange: exchange.to_owned(),
-                            routing_key: routing_key.to_owned(),
-                            reason: format!("returned as unroutable: {reply_text}"),
-                        }
-                    });
-                }
-                // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
-                CopyOutcome::Nacked => {
-                    // Boxed: a rare path, kept out of every publish's future.
-                    let full = Box::pin(self.find_full_queue(exchange, routing_key, &cc)).await;
-                    return Err(BrokerError::QueueFull(full));
-                }
-                CopyOutcome::ChannelClosed { code, text } => {
-                    match ShortString::try_new(text.clone())
-                        .ok()
-                        .and_then(|text| AMQPError::from_id(code, text))
-                    {
-                        Some(error) if matches!(error.kind(), AMQPErrorKind::Soft(_)) => {
-                            Failure::Soft(error)
-                        }
-                        _ => Failure::ChannelLost(format!("channel closed: {code} {text}")),
+                                since.elapsed()
+                            ),
+                            None => format!("no confirm within {timeout:?}"),
+                        };
+                        return Err(BrokerError::Unconfirmed(attempt(reason)));
                     }
-                }
-                CopyOutcome::Lost(reason) => Failure::ConnectionLost(reason),
-            };
-            let not_confirmed = |reason: String| BrokerError::NotConfirmed {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-                reason,
-            };
-            match failure {
-                // The shared channel also fails for other publishers' errors: only ours are final.
-                Failure::Soft(error) if Target::exchange(exchange).mentioned_in(&error) => {
-                    return Err(
-                        Target::exchange(exchange).soft_error("publish to exchange", &error)
-                    );
-                }
-                // Another publish's error closed the channel before the broker took
-                // this one: resent on a fresh channel (each round one publish gets
-                // through), until the operation deadline.
-                Failure::Soft(error) => {
-                    tracing::debug!(reason = %error.get_message(), "publish: channel closed by another publish; resending");
-                }
-                Failure::ChannelLost(reason) => {
-                    channel_failures += 1;
-                    if channel_failures > CHANNEL_RETRIES {
-                        return Err(not_confirmed(reason));
+                };
+                let failure = match result {
+                    CopyOutcome::Acked => return Ok(()),
+                    CopyOutcome::Returned(reply_text) => {
+                        return Err(if exchange == DEFAULT_EXCHANGE {
+                            BrokerError::QueueNotFound(routing_key.to_owned())
+                        } else {
+                            BrokerError::NotConfirmed {
+                                exchange: exchange.to_owned(),
+                                routing_key: routing_key.to_owned(),
+                                reason: format!("returned as unroutable: {reply_text}"),
+                            }
+                        });
                     }
-                }
-                Failure::ConnectionLost(reason) => {
-                    tracing::debug!(%reason, "publish: waiting for AMQP connection recovery, then resending");
+                    // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
+                    CopyOutcome::Nacked => {
+                        // Boxed: a rare path, kept out of every publish's future.
+                        let full = Box::pin(self.find_full_queue(exchange, routing_key, cc)).await;
+                        return Err(BrokerError::QueueFull(full));
+                    }
+                    CopyOutcome::ChannelClosed { code, text } => {
+                        match ShortString::try_new(text.clone())
+                            .ok()
+                            .and_then(|text| AMQPError::from_id(code, text))
+                        {
+                            Some(error) if matches!(error.kind(), AMQPErrorKind::Soft(_)) => {
+                                Failure::Soft(error)
+                            }
+                            _ => Failure::ChannelLost(format!("channel closed: {code} {text}")),
+                        }
+                    }
+                    CopyOutcome::Lost(reason) => Failure::ConnectionLost(reason),
+                };
+                let not_confirmed = |reason: String| BrokerError::NotConfirmed {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.to_owned(),
+                    reason,
+                };
+                match failure {
+                    // The shared channel also fails for other publishers' errors: only ours are final.
+                    Failure::Soft(error) if Target::exchange(exchange).mentioned_in(&error) => {
+                        return Err(
+                            Target::exchange(exchange).soft_error("publish to exchange", &error)
+                        );
+                    }
+                    // Another publish's error closed the channel before the broker took
+                    // this one: resent on a fresh channel (each round one publish gets
+                    // through), until the operation deadline.
+                    Failure::Soft(error) => {
+                        tracing::debug!(reason = %error.get_message(), "publish: channel closed by another publish; resending");
+                    }
+                    Failure::ChannelLost(reason) => {
+                        channel_failures += 1;
+                        if channel_failures > CHANNEL_RETRIES {
+                            return Err(not_confirmed(reason));
+                        }
+                    }
+                    Failure::ConnectionLost(reason) => {
+                        tracing::debug!(%reason, "publish: waiting for AMQP connection recovery, then resending");
+                    }
                 }
             }
         }
