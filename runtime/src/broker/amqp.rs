@@ -534,7 +534,7 @@ impl AmqpBroker {
                 Box::new(super::PublishAttempt {
                     exchange: exchange.to_owned(),
                     routing_key: routing_key.to_owned(),
-                    message_id: copy_key.message_id.clone(),
+                    message_id: copy_key.message_id.to_string(),
                     waited: started.elapsed(),
                     reason,
                 })

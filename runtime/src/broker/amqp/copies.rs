@@ -26,7 +26,8 @@ pub(super) const CONFIRMED_KEPT: Duration = Duration::from_secs(60);
 /// fingerprint of what is sent (a job re-sent with a new attempt count is another message).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct CopyKey {
-    pub(super) message_id: String,
+    /// Shared by the clones kept while the copy is under way and remembered.
+    pub(super) message_id: Arc<str>,
     fingerprint: u64,
 }
 
@@ -43,7 +44,7 @@ impl CopyKey {
             .hash(&mut hasher);
         (&message.content_type, message.persistent).hash(&mut hasher);
         CopyKey {
-            message_id: message.message_id.clone().unwrap_or_default(),
+            message_id: message.message_id.as_deref().unwrap_or_default().into(),
             fingerprint: hasher.finish(),
         }
     }
