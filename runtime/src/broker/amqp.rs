@@ -188,7 +188,10 @@ fn classify(error: &lapin::Error, link: &Link) -> Failure {
 /// Sends one copy on the publishing connection and waits for its confirm.
 /// (A plain function returning an `async move` block: its future holds each
 /// argument once; it is boxed at once, not kept inside the publish's own.)
-#[expect(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps each argument twice"
+)]
 fn send_copy(
     pipe: Arc<Pipe>,
     copy: Arc<Copyable>,
@@ -514,7 +517,10 @@ impl AmqpBroker {
 
     /// The retry loop of [`publish_confirmed`](Self::publish_confirmed). (An
     /// `async move` block, not an `async fn`: that would keep each argument twice.)
-    #[expect(clippy::manual_async_fn, reason = "an async fn keeps each argument twice")]
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
     fn send_confirmed<'s, 'e, 'r>(
         &'s self,
         exchange: &'e str,

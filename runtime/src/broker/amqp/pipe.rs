@@ -79,6 +79,8 @@ struct State {
     channel: u16,
     /// Whether `channel` is open in confirm mode (not while it is reopened).
     ready: bool,
+    /// Since when the channel is being reopened, if it is.
+    reopening: Option<Instant>,
     /// The delivery tag of `pending[0]`.
     first_tag: u64,
     pending: VecDeque<Slot>,
@@ -154,6 +156,7 @@ impl Pipe {
                 out: Vec::new(),
                 channel: opened.channel,
                 ready: true,
+                reopening: None,
                 first_tag: 1,
                 pending: VecDeque::new(),
                 dead: None,
@@ -371,6 +374,7 @@ impl Pipe {
         // Frames queued for the closed channel belong to the publishes just failed.
         state.out.clear();
         state.ready = false;
+        state.reopening = Some(Instant::now());
         let channel = state.channel;
         self.send(&mut state, channel, Writer::method(CHANNEL, 41));
         let mut open = Writer::method(CHANNEL, 10);
@@ -435,7 +439,10 @@ impl Pipe {
                 self.send(&mut state, channel, select);
             }
             (ours, CONFIRM, 11) if ours == channel => {
-                self.lock().ready = true;
+                let mut state = self.lock();
+                state.ready = true;
+                state.reopening = None;
+                drop(state);
                 self.room.notify_waiters();
             }
             (ours, CHANNEL, 20) if ours == channel => {
@@ -665,12 +672,21 @@ async fn read_loop(
         }
         buffer.drain(..start);
         start = 0;
+        // Silence past two heartbeats ends the connection, and so does a
+        // channel the broker does not reopen within the connect timeout.
+        let now = Instant::now();
+        let silent_at = silence.map(|silence| now + silence);
+        let reopened_by = pipe
+            .lock()
+            .reopening
+            .map(|since| since + pipe.node_config.connect_timeout());
+        let wake_at = silent_at.into_iter().chain(reopened_by).min();
         let read = async {
-            match silence {
-                Some(silence) => tokio::time::timeout(silence, reader.read(&mut chunk))
+            match wake_at {
+                Some(at) => tokio::time::timeout_at(at, reader.read(&mut chunk))
                     .await
-                    .map_err(|_| format!("no heartbeat from {endpoint} for {silence:?}")),
-                None => Ok(reader.read(&mut chunk).await),
+                    .ok(),
+                None => Some(reader.read(&mut chunk).await),
             }
         };
         // A connection that died elsewhere (the writer failed) stops reading too.
@@ -679,10 +695,23 @@ async fn read_loop(
             _ = dead.wait_for(|dead| *dead) => return,
         };
         match read {
-            Ok(Ok(0)) => break format!("{endpoint} closed the connection"),
-            Ok(Ok(read)) => buffer.extend_from_slice(&chunk[..read]),
-            Ok(Err(error)) => break format!("reading from {endpoint}: {error}"),
-            Err(silent) => break silent,
+            Some(Ok(0)) => break format!("{endpoint} closed the connection"),
+            Some(Ok(read)) => buffer.extend_from_slice(&chunk[..read]),
+            Some(Err(error)) => break format!("reading from {endpoint}: {error}"),
+            None => {
+                let now = Instant::now();
+                if reopened_by.is_some_and(|by| now >= by) && pipe.lock().reopening.is_some() {
+                    break format!(
+                        "{endpoint} did not reopen the publishing channel within {:?}",
+                        pipe.node_config.connect_timeout()
+                    );
+                }
+                if let (Some(at), Some(silence)) = (silent_at, silence)
+                    && now >= at
+                {
+                    break format!("no heartbeat from {endpoint} for {silence:?}");
+                }
+            }
         }
     };
     pipe.die(reason);
@@ -1147,6 +1176,37 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), pipe.died())
             .await
             .expect("the connection ends");
+    }
+
+    /// A broker that closes the channel and never answers the reopening:
+    /// the connection ends within the connect timeout.
+    #[tokio::test]
+    async fn a_channel_never_reopened_ends_the_connection() {
+        let (listener, config) = scripted::broker(0).await;
+        let config = config.with_connect_timeout(Duration::from_secs(1));
+        let (pipe, mut peer) =
+            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
+        let pipe = pipe.unwrap();
+        let mut close = Writer::method(CHANNEL, 40);
+        close.u16(406);
+        close.short("text", b"PRECONDITION_FAILED").unwrap();
+        close.u16(0).u16(0);
+        peer.send(1, close).await;
+        assert_eq!(peer.method().await, Some((CHANNEL, 41)));
+        assert_eq!(
+            peer.method().await,
+            Some((CHANNEL, 10)),
+            "asked to reopen; no answer"
+        );
+        let waiting = publish(&pipe, "waiting");
+        let confirm = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the publish does not wait forever")
+            .unwrap();
+        assert!(
+            matches!(&confirm, Confirm::Lost(reason) if reason.contains("did not reopen")),
+            "{confirm:?}"
+        );
     }
 
     #[tokio::test]
