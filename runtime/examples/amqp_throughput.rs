@@ -40,17 +40,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use exchange_runtime::DecodeError;
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
 use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage, QueueOptions};
 use exchange_runtime::consumer::{ConsumerBuilder, DeliveryInfo, HandlerError};
 use exchange_runtime::publisher::Publisher;
-use exchange_runtime::{Binding, DecodeError, Exchange, RoutingKeyWord};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use taskcluster_exchanges::queue::{TaskPending, TaskPendingMessage};
+use taskcluster_exchanges::queue::TaskPendingMessage;
+
+#[path = "../benches/support/mod.rs"]
+mod support;
+use support::{BenchPending, EXCHANGE, binding, task_pending_message};
 
 const PREFETCH: u16 = 100;
-const EXCHANGE: &str = "exchange/tc-exchanges-bench/v1/task-pending";
 /// How long a phase may take before the bench gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(600);
 
@@ -102,70 +105,6 @@ fn reset_peak() -> usize {
     let held = HELD.load(Ordering::Relaxed);
     PEAK.store(held, Ordering::Relaxed);
     held
-}
-
-/// The task-pending binding on the bench's own exchange.
-#[derive(Debug, Clone, Default)]
-struct BenchPending(TaskPending);
-
-impl Exchange for BenchPending {
-    type Message = TaskPendingMessage;
-    const EXCHANGE: &'static str = EXCHANGE;
-    const ENTRY: &'static str = TaskPending::ENTRY;
-    const ROUTING_KEY: &'static [RoutingKeyWord] = TaskPending::ROUTING_KEY;
-}
-
-impl Binding for BenchPending {
-    fn word_values(&self) -> Vec<Option<&str>> {
-        self.0.word_values()
-    }
-    fn from_word_values(values: Vec<Option<String>>) -> Self {
-        BenchPending(TaskPending::from_word_values(values))
-    }
-}
-
-/// A schema-valid task-pending message of about 1 KiB (eight runs).
-fn task_pending_message() -> Result<TaskPendingMessage, String> {
-    let task_id = "fXYEnLHcQ3GLbTQb7lhNNQ";
-    let runs: Vec<_> = (0..8)
-        .map(|run| {
-            serde_json::json!({
-                "runId": run,
-                "state": if run < 7 { "exception" } else { "pending" },
-                "reasonCreated": if run == 0 { "scheduled" } else { "retry" },
-                "scheduled": "2026-11-26T10:00:00.000Z",
-            })
-        })
-        .collect();
-    serde_json::from_value(serde_json::json!({
-        "version": 1,
-        "status": {
-            "taskId": task_id,
-            "provisionerId": "proj-bench",
-            "workerType": "bench-worker",
-            "schedulerId": "-",
-            "taskGroupId": task_id,
-            "deadline": "2026-11-27T10:00:00.000Z",
-            "expires": "2027-11-26T10:00:00.000Z",
-            "retriesLeft": 5,
-            "state": "pending",
-            "runs": runs,
-        },
-        "runId": 7,
-    }))
-    .map_err(|error| format!("the bench message does not fit TaskPendingMessage: {error}"))
-}
-
-fn binding() -> BenchPending {
-    BenchPending(TaskPending {
-        task_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
-        run_id: Some("7".into()),
-        provisioner_id: Some("proj-bench".into()),
-        worker_type: Some("bench-worker".into()),
-        scheduler_id: Some("-".into()),
-        task_group_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
-        ..TaskPending::default()
-    })
 }
 
 /// User + system CPU time of this process.

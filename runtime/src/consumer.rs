@@ -547,25 +547,27 @@ impl<B: Broker, M: Decode> ConsumerDispatch<B, M> {
         Ok(queue)
     }
 
-    fn info(&self, delivery: &Delivery) -> DeliveryInfo {
+    /// The handler's facts about a delivery, its strings moved out of it
+    /// (the delivery keeps what settling it needs).
+    fn info(&self, delivery: &mut Delivery) -> DeliveryInfo {
         let fields = match self.words.get(&delivery.exchange).copied().flatten() {
             Some(words) => parse_fields(&delivery.exchange, words, &delivery.routing_key),
             None => Ok(RoutingFields::new()),
         };
+        let cc = std::mem::take(&mut delivery.cc);
         DeliveryInfo {
             exchange: delivery.exchange.clone(),
             routing_key: delivery.routing_key.clone(),
             fields,
             redelivered: delivery.redelivered,
-            routes: delivery
-                .cc
+            routes: cc
                 .iter()
                 .filter_map(|key| key.strip_prefix(ROUTE_PREFIX))
                 .map(str::to_owned)
                 .collect(),
-            cc: delivery.cc.clone(),
-            message_id: delivery.message_id.clone(),
-            headers: delivery.headers.clone(),
+            cc,
+            message_id: delivery.message_id.take(),
+            headers: std::mem::take(&mut delivery.headers),
         }
     }
 }
@@ -577,12 +579,14 @@ fn parse_fields(
     key: &str,
 ) -> Result<RoutingFields, RoutingKeyError> {
     let values = routing::parse_key(exchange, words, key)?;
-    Ok(words
-        .iter()
-        .zip(values)
-        .filter(|(word, _)| word.constant.is_none())
-        .map(|(word, value)| (word.name, value))
-        .collect())
+    // Inserted one by one: collecting would sort a vector of them first.
+    let mut fields = RoutingFields::new();
+    for (word, value) in words.iter().zip(values) {
+        if word.constant.is_none() {
+            fields.insert(word.name, value);
+        }
+    }
+    Ok(fields)
 }
 
 /// Declares the durable queue `queue` (a full name) and its durable
@@ -640,10 +644,13 @@ impl<B: Broker, M: Decode> Dispatch for ConsumerDispatch<B, M> {
         mut interrupt: Interrupt,
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            let info = self.info(&delivery);
+            let mut delivery = delivery;
             let message = M::decode(&delivery.exchange, &delivery.body);
-            let exchange = delivery.exchange.clone();
-            let routing_key = delivery.routing_key.clone();
+            // The body is decoded: free it before the handler runs.
+            delivery.body = Vec::new();
+            let info = self.info(&mut delivery);
+            let exchange = std::mem::take(&mut delivery.exchange);
+            let routing_key = std::mem::take(&mut delivery.routing_key);
             let mut delivery = Some(delivery);
             if self.ack_mode == AckMode::Auto
                 && let Some(delivery) = delivery.take()

@@ -1,7 +1,7 @@
 //! Publishing typed messages, validated against their schema, with publisher
 //! confirms and retries across reconnections.
 //!
-//! A message is serialized, checked against [`Message::SCHEMA`](crate::Message::SCHEMA)
+//! A message is serialized once, its bytes checked against [`Message::SCHEMA`](crate::Message::SCHEMA)
 //! (nothing is sent if it breaks the schema), and published persistent as
 //! `application/json` with the binding's concrete routing key. Task-specific
 //! routes are added as CC routing keys `route.<route>`.
@@ -153,22 +153,14 @@ impl<B: Broker> Publisher<B> {
         let exchange = Bd::EXCHANGE;
         let routing_key = binding.routing_key()?;
         let cc = cc_keys(exchange, &routing_key, routes)?;
-        // Serialized once: the value checked against the schema is the one whose bytes are sent.
-        let body = validate::validate(message)
-            .and_then(|value| {
-                let mut body = Vec::with_capacity(self.body_size_hint.load(Ordering::Relaxed));
-                serde_json::to_writer(&mut body, &value).map_err(|e| ValidationError {
-                    schema_id: <Bd::Message as crate::Message>::SCHEMA_ID.to_owned(),
-                    kind: validate::ValidationErrorKind::Serialize(e.to_string()),
-                })?;
-                self.body_size_hint.store(body.len(), Ordering::Relaxed);
-                Ok(body)
-            })
+        // Serialized once: the bytes checked against the schema are the bytes sent.
+        let body = validate::validated_body(message, self.body_size_hint.load(Ordering::Relaxed))
             .map_err(|source| PublishError::InvalidMessage {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.clone(),
-                source,
-            })?;
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.clone(),
+            source,
+        })?;
+        self.body_size_hint.store(body.len(), Ordering::Relaxed);
         let outgoing = OutgoingMessage {
             body,
             content_type: Some("application/json".to_owned()),

@@ -233,7 +233,13 @@ pub fn concrete_key(
     values: &[Option<&str>],
 ) -> Result<String, RoutingKeyError> {
     check_len(exchange, words, values)?;
-    let mut key = String::new();
+    // One allocation: every value (or `_`, or a constant) and the dots between them.
+    let room = words
+        .iter()
+        .zip(values)
+        .map(|(word, value)| word.constant.or(*value).map_or(1, str::len) + 1)
+        .sum();
+    let mut key = String::with_capacity(room);
     for (word, value) in words.iter().zip(values) {
         if !key.is_empty() {
             key.push('.');
@@ -302,12 +308,16 @@ pub fn parse_key(
     }
     let spare = parts.len() - fixed;
     let mut values = Vec::with_capacity(words.len());
+    // Each entry's value is a run of the key's words: a slice of the key, copied only when kept.
     let mut rest = parts.as_slice();
+    let mut start = 0;
     for word in words {
         let take = if word.multiple_words { spare } else { 1 };
         let (mine, tail) = rest.split_at(take);
         rest = tail;
-        let value = mine.join(".");
+        let len = mine.iter().map(|part| part.len()).sum::<usize>() + take.saturating_sub(1);
+        let value = key.get(start..start + len).unwrap_or_default();
+        start += len + usize::from(take > 0);
         if let Some(constant) = word.constant {
             if value != constant {
                 return Err(error(
@@ -315,7 +325,7 @@ pub fn parse_key(
                     RoutingKeyErrorKind::ConstantMismatch {
                         word: word.name,
                         expected: constant,
-                        found: value,
+                        found: value.to_owned(),
                     },
                 ));
             }
@@ -323,7 +333,7 @@ pub fn parse_key(
         } else if value.is_empty() || (value == ABSENT_WORD && !word.required) {
             values.push(None);
         } else {
-            values.push(Some(value));
+            values.push(Some(value.to_owned()));
         }
     }
     Ok(values)

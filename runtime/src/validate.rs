@@ -9,6 +9,13 @@
 //! known draft (Taskcluster's own metaschema) is read as draft-06, which that
 //! metaschema extends. Validators are compiled once per
 //! [`Message::SCHEMA_ID`] and cached for the life of the process.
+//!
+//! [`validated_body`] serializes a message once, straight into the bytes to
+//! publish, and validates those bytes in place (an index of the values that
+//! `serde_json` wrote, built as it writes them), without a
+//! `serde_json::Value` in between.
+
+mod tape;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -109,7 +116,13 @@ impl fmt::Display for ValidationError {
 
 impl std::error::Error for ValidationError {}
 
-type Cache = Mutex<HashMap<&'static str, Arc<jsonschema::Validator>>>;
+/// A schema's validators: for `serde_json::Value`s and for serialized [`tape::Document`]s.
+struct Compiled {
+    value: jsonschema::Validator,
+    tape: jsonschema::Validator<tape::Tape>,
+}
+
+type Cache = Mutex<HashMap<&'static str, Arc<Compiled>>>;
 
 fn cache() -> &'static Cache {
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -121,7 +134,7 @@ fn validator(
     schema_id: &'static str,
     schema: &'static str,
     dependencies: &[SchemaDocument],
-) -> Result<Arc<jsonschema::Validator>, ValidationError> {
+) -> Result<Arc<Compiled>, ValidationError> {
     // A poisoned lock only means another thread panicked while inserting;
     // the map itself is still consistent.
     if let Some(found) = cache()
@@ -177,7 +190,7 @@ fn compile(
     schema_id: &str,
     schema: &str,
     dependencies: &[SchemaDocument],
-) -> Result<jsonschema::Validator, ValidationErrorKind> {
+) -> Result<Compiled, ValidationErrorKind> {
     let root = parse(schema_id, schema)?;
     let draft = draft_of(&root);
     let mut resources = vec![(absolute_uri(schema_id), draft.create_resource(root))];
@@ -197,12 +210,19 @@ fn compile(
         .map_err(|e| invalid(&e))?;
     let fragment = schema_id.split_once('#').map_or("", |(_, pointer)| pointer);
     let entry = serde_json::json!({ "$ref": format!("{}#{fragment}", absolute_uri(schema_id)) });
-    jsonschema::options()
+    let value = jsonschema::options()
         .with_draft(draft)
         .with_registry(&registry)
         .offline()
         .build(&entry)
-        .map_err(|e| invalid(&e))
+        .map_err(|e| invalid(&e))?;
+    let tape = jsonschema::options_for::<tape::Tape>()
+        .with_draft(draft)
+        .with_registry(&registry)
+        .offline()
+        .build(&entry)
+        .map_err(|e| invalid(&e))?;
+    Ok(Compiled { value, tape })
 }
 
 /// Checks a JSON value against a self-contained schema given as JSON text,
@@ -224,13 +244,20 @@ pub fn validate_document(
     dependencies: &[SchemaDocument],
     value: &Value,
 ) -> Result<(), ValidationError> {
-    let validator = validator(schema_id, schema, dependencies)?;
+    let validator = &validator(schema_id, schema, dependencies)?.value;
     // The quick check first: collecting errors costs several times more, and valid is the common case.
     if validator.is_valid(value) {
         return Ok(());
     }
-    let violations: Vec<SchemaViolation> = validator
-        .iter_errors(value)
+    violations(schema_id, validator.iter_errors(value))
+}
+
+/// `Ok` when there are no errors, else every violation, in the validator's order.
+fn violations<'i>(
+    schema_id: &str,
+    errors: impl Iterator<Item = jsonschema::ValidationError<'i>>,
+) -> Result<(), ValidationError> {
+    let violations: Vec<SchemaViolation> = errors
         .map(|error| SchemaViolation {
             pointer: error.instance_path().as_str().to_owned(),
             message: error.to_string(),
@@ -249,12 +276,42 @@ pub fn validate_document(
 /// Serializes a message and checks it against [`Message::SCHEMA`]; returns
 /// its JSON value, ready to send.
 pub fn validate<M: Message>(message: &M) -> Result<Value, ValidationError> {
-    let value = serde_json::to_value(message).map_err(|e| ValidationError {
-        schema_id: M::SCHEMA_ID.to_owned(),
-        kind: ValidationErrorKind::Serialize(e.to_string()),
-    })?;
+    let value = serde_json::to_value(message).map_err(serialize_error::<M>)?;
     validate_document(M::SCHEMA_ID, M::SCHEMA, M::SCHEMA_DEPENDENCIES, &value)?;
     Ok(value)
+}
+
+fn serialize_error<M: Message>(error: serde_json::Error) -> ValidationError {
+    ValidationError {
+        schema_id: M::SCHEMA_ID.to_owned(),
+        kind: ValidationErrorKind::Serialize(error.to_string()),
+    }
+}
+
+/// Serializes a message once into its JSON bytes (in a buffer of at least
+/// `capacity` bytes) and checks those bytes against [`Message::SCHEMA`];
+/// returns them, ready to send. The same check as [`validate`], with the
+/// same errors, without building a `serde_json::Value`: the bytes are
+/// validated in place. (A message holding what that in-place index cannot
+/// represent exactly — an `f32`, a number beyond 64 bits, a raw JSON
+/// fragment, a key written twice — takes the [`validate`] path instead.)
+pub fn validated_body<M: Message>(
+    message: &M,
+    capacity: usize,
+) -> Result<Vec<u8>, ValidationError> {
+    let Some(document) =
+        tape::Document::serialize(message, capacity).map_err(serialize_error::<M>)?
+    else {
+        let value = validate(message)?;
+        let mut body = Vec::with_capacity(capacity);
+        serde_json::to_writer(&mut body, &value).map_err(serialize_error::<M>)?;
+        return Ok(body);
+    };
+    let validator = &validator(M::SCHEMA_ID, M::SCHEMA, M::SCHEMA_DEPENDENCIES)?.tape;
+    if !validator.is_valid(document.root()) {
+        violations(M::SCHEMA_ID, validator.iter_errors(document.root()))?;
+    }
+    Ok(document.into_bytes())
 }
 
 #[cfg(test)]
@@ -306,6 +363,70 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains(SCHEMA_ID), "{text}");
         assert!(text.contains("/status/taskId"), "{text}");
+    }
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct UnitStatus {
+        #[serde(rename = "taskId")]
+        task_id: String,
+    }
+
+    #[derive(Debug, serde::Serialize, serde::Deserialize)]
+    struct UnitMessage {
+        version: i64,
+        status: UnitStatus,
+        #[serde(flatten)]
+        extra: std::collections::BTreeMap<String, Value>,
+    }
+
+    impl Message for UnitMessage {
+        const SCHEMA_ID: &'static str = SCHEMA_ID;
+        const SCHEMA: &'static str = SCHEMA;
+    }
+
+    fn unit(version: i64, task_id: &str, extra: Value) -> UnitMessage {
+        UnitMessage {
+            version,
+            status: UnitStatus {
+                task_id: task_id.to_owned(),
+            },
+            extra: serde_json::from_value(extra).unwrap(),
+        }
+    }
+
+    /// The in-place check of the bytes agrees with the `Value` check: the
+    /// same bytes for a valid message, the same violations for an invalid
+    /// one, on the index and on the `Value` fallback (a repeated key).
+    #[test]
+    fn validated_body_checks_the_bytes_as_validate_checks_the_value() {
+        let good = unit(1, "dSlITZ4yQgmvxxAi4A8fHQ", json!({}));
+        assert_eq!(
+            validated_body(&good, 0).unwrap(),
+            serde_json::to_vec(&good).unwrap()
+        );
+        let bad = [
+            unit(2, "short", json!({"extra": true})),
+            unit(1, "short\n\"quoted\"", json!({})),
+            unit(
+                1,
+                "dSlITZ4yQgmvxxAi4A8fHQ",
+                json!({"z": [1.5, {"a": null}]}),
+            ),
+            // `version` twice: the Value path decides, as before.
+            unit(1, "dSlITZ4yQgmvxxAi4A8fHQ", json!({"version": 3})),
+        ];
+        for message in bad {
+            let by_value = validate(&message).unwrap_err();
+            let by_bytes = validated_body(&message, 16).unwrap_err();
+            let sorted = |error: &ValidationError| {
+                let mut violations = error.violations().to_vec();
+                violations.sort_by(|a, b| (&a.pointer, &a.message).cmp(&(&b.pointer, &b.message)));
+                violations
+            };
+            assert!(!by_bytes.violations().is_empty(), "{message:?}");
+            assert_eq!(sorted(&by_bytes), sorted(&by_value), "{message:?}");
+            assert_eq!(by_bytes.schema_id, SCHEMA_ID);
+        }
     }
 
     /// Documents by `$id` with `$ref`s between them (relative and
