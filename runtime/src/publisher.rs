@@ -154,23 +154,41 @@ impl<B: Broker> Publisher<B> {
         let routing_key = binding.routing_key()?;
         let cc = cc_keys(exchange, &routing_key, routes)?;
         // Serialized once: the bytes checked against the schema are the bytes sent.
-        let body = validate::validated_body(message, self.body_size_hint.load(Ordering::Relaxed))
-            .map_err(|source| PublishError::InvalidMessage {
-            exchange: exchange.to_owned(),
-            routing_key: routing_key.clone(),
-            source,
-        })?;
+        let serialize = || {
+            validate::validated_body(message, self.body_size_hint.load(Ordering::Relaxed)).map_err(
+                |source| PublishError::InvalidMessage {
+                    exchange: exchange.to_owned(),
+                    routing_key: routing_key.clone(),
+                    source,
+                },
+            )
+        };
+        let body = serialize()?;
         self.body_size_hint.store(body.len(), Ordering::Relaxed);
-        let outgoing = OutgoingMessage {
+        // One id for every retry of this call: consumers can deduplicate by it.
+        let message_id = uuid::Uuid::new_v4().to_string();
+        let outgoing = |body| OutgoingMessage {
             body,
             content_type: Some("application/json".to_owned()),
-            // One id for every retry of this call: consumers can deduplicate by it.
-            message_id: Some(uuid::Uuid::new_v4().to_string()),
+            message_id: Some(message_id.clone()),
             persistent: true,
             headers: Default::default(),
-            cc,
+            cc: cc.clone(),
         };
-        self.send(exchange, &routing_key, outgoing).await
+        // A retry (rare) serializes the body again: the same bytes, and no
+        // second copy of them kept by every publish in flight.
+        let again = || serialize().map(outgoing);
+        self.send(exchange, &routing_key, outgoing(body), again)
+            .await
+    }
+
+    /// Whether `exchange` was declared by this publisher already.
+    fn declared(&self, exchange: &'static str) -> bool {
+        self.declared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(exchange)
+            .is_some_and(|cell| cell.initialized())
     }
 
     /// Declares `exchange` (durable) once for this publisher.
@@ -195,22 +213,32 @@ impl<B: Broker> Publisher<B> {
         .map(|_| ())
     }
 
+    /// Publishes `first`, and after a retryable failure the message `again`
+    /// makes, with backoff, until the publisher's deadline.
     async fn send(
         &self,
         exchange: &'static str,
         routing_key: &str,
-        message: OutgoingMessage,
+        first: OutgoingMessage,
+        again: impl Fn() -> Result<OutgoingMessage, PublishError>,
     ) -> Result<(), PublishError> {
         let deadline = deadline::after(self.options.deadline);
         let mut backoff = self.options.initial_backoff;
         let mut attempts = 0;
+        let mut first = Some(first);
         loop {
             attempts += 1;
+            let message = match first.take() {
+                Some(message) => message,
+                None => again()?,
+            };
             let attempt = async {
-                self.declare_once(exchange).await?;
-                self.broker
-                    .publish(exchange, routing_key, message.clone())
-                    .await
+                if !self.declared(exchange) {
+                    // Boxed: only the first publishes wait for it, and its
+                    // future would otherwise take room in every publish's.
+                    Box::pin(self.declare_once(exchange)).await?;
+                }
+                self.broker.publish(exchange, routing_key, message).await
             };
             // The broker bounds one attempt (its operation timeout) and says
             // what became of the message; the deadline bounds the retries.

@@ -343,12 +343,16 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// What one publish attempt sent: its message id and body.
+pub type SentAttempt = (Option<String>, Vec<u8>);
+
 /// Wraps a `MemoryBroker` to fail on purpose: the next `fail_publishes`
 /// publishes fail with a connection error, the next `broken_streams`
 /// subscriptions end at once (as a dropped connection ends them), and while
 /// `fail_delays_from` is `Some(least)` every `publish_delayed` with a delay of
 /// at least `least` fails with a connection error. Counts publishes,
-/// exchange declarations and subscriptions.
+/// exchange declarations and subscriptions, and keeps what each publish
+/// attempt sent (message id and body).
 #[derive(Clone)]
 pub struct Flaky {
     pub inner: MemoryBroker,
@@ -356,6 +360,8 @@ pub struct Flaky {
     pub broken_streams: Arc<AtomicU32>,
     pub fail_delays_from: Arc<Mutex<Option<Duration>>>,
     pub publishes: Arc<AtomicU32>,
+    /// `(message id, body)` of every publish attempt, failed ones included.
+    pub sent: Arc<Mutex<Vec<SentAttempt>>>,
     pub declarations: Arc<AtomicU32>,
     /// Milliseconds each exchange declaration takes.
     pub declaration_ms: Arc<AtomicU32>,
@@ -370,6 +376,7 @@ impl Flaky {
             broken_streams: Arc::new(AtomicU32::new(broken_streams)),
             fail_delays_from: Arc::new(Mutex::new(None)),
             publishes: Arc::new(AtomicU32::new(0)),
+            sent: Arc::default(),
             declarations: Arc::new(AtomicU32::new(0)),
             declaration_ms: Arc::new(AtomicU32::new(0)),
             subscriptions: Arc::new(AtomicU32::new(0)),
@@ -426,6 +433,10 @@ impl Broker for Flaky {
         message: OutgoingMessage,
     ) -> Result<(), BrokerError> {
         self.publishes.fetch_add(1, Ordering::SeqCst);
+        self.sent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push((message.message_id.clone(), message.body.clone()));
         if take_one(&self.fail_publishes) {
             return Err(BrokerError::Connection("injected failure".to_owned()));
         }
