@@ -48,6 +48,7 @@ fn own_rabbitmq_node_cases() {
         amqps_recovers_after_close_all_connections,
         memory_alarm_is_raised_and_cleared,
         sigstop_freezes_the_node_and_sigcont_thaws_it,
+        a_frozen_broker_is_left_by_the_publishing_connection_and_found_again,
         stop_app_closes_the_listeners_and_start_app_reopens_them,
         a_memory_alarm_does_not_stall_consuming,
         a_publish_blocked_by_an_alarm_is_unconfirmed_then_delivered_once,
@@ -256,6 +257,58 @@ async fn sigstop_freezes_the_node_and_sigcont_thaws_it(node: Arc<RabbitNode>) {
     blocking(&node, RabbitNode::sigcont).await;
     assert!(error.contains("no answer within"), "{error}");
     connect(quick("tcx-thawed")).await.close().await;
+}
+
+/// A broker frozen mid-connection (SIGSTOP) answers nothing, heartbeats
+/// included: the publishing connection leaves it after two heartbeat
+/// intervals, a publish sent into the freeze fails within the operation
+/// timeout instead of hanging, and publishing recovers once it thaws.
+async fn a_frozen_broker_is_left_by_the_publishing_connection_and_found_again(
+    node: Arc<RabbitNode>,
+) {
+    let config = config(&node.amqp_url(), "tcx-heartbeats")
+        .with_heartbeat(Duration::from_secs(1))
+        .with_connect_timeout(Duration::from_millis(1500))
+        .with_operation_timeout(Duration::from_secs(4));
+    let broker = connect(config).await;
+    let queue = filled_queue(&broker, "frozen", 1).await;
+    assert!(broker.publishing_node().is_some());
+
+    blocking(&node, RabbitNode::sigstop).await;
+    let started = std::time::Instant::now();
+    let frozen = broker.publish("", &queue, json_message("{\"n\":1}")).await;
+    let waited = started.elapsed();
+    let left = broker.publishing_node().is_none();
+    blocking(&node, RabbitNode::sigcont).await;
+    match frozen {
+        Err(BrokerError::Unconfirmed(attempt)) => eprintln!("  during the freeze: {attempt:?}"),
+        other => panic!("a publish into a frozen broker must be unconfirmed, got {other:?}"),
+    }
+    assert!(
+        waited < Duration::from_secs(8),
+        "the publish waited {waited:?}"
+    );
+    assert!(
+        left,
+        "the publishing connection still counted the frozen broker as up"
+    );
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match broker.publish("", &queue, json_message("{\"n\":2}")).await {
+            Ok(()) => break,
+            Err(error) if std::time::Instant::now() < deadline => {
+                eprintln!("  not yet back: {error}");
+            }
+            Err(error) => panic!("publishing did not recover after the thaw: {error}"),
+        }
+    }
+    assert!(
+        broker.publisher_recoveries() >= 1,
+        "the publishing connection was replaced"
+    );
+    let _ = broker.delete_queue(&queue).await;
+    broker.close().await;
 }
 
 async fn stop_app_closes_the_listeners_and_start_app_reopens_them(node: Arc<RabbitNode>) {

@@ -286,7 +286,7 @@ impl RawConnection {
     ) -> Result<Self, BrokerError> {
         let endpoint = config.endpoint();
         let fail = |what: String| {
-            BrokerError::Connection(format!("raw AMQP connection to {endpoint}: {what}"))
+            BrokerError::Connection(format!("AMQP connection to {endpoint}: {what}"))
         };
         let uri = config.lapin_uri();
         let runtime = lapin::runtime::default_runtime().map_err(|e| fail(e.to_string()))?;
@@ -744,7 +744,7 @@ impl RawConnection {
                 .map_err(|e| self.protocol(e))?;
             if read == 0 {
                 return Err(BrokerError::Connection(format!(
-                    "{} closed the raw AMQP connection",
+                    "{} closed the AMQP connection",
                     self.endpoint
                 )));
             }
@@ -774,7 +774,7 @@ impl RawConnection {
 
     /// A failure of this connection (malformed input, I/O), naming the endpoint.
     fn protocol(&self, error: impl fmt::Display) -> BrokerError {
-        BrokerError::Connection(format!("raw AMQP connection to {}: {error}", self.endpoint))
+        BrokerError::Connection(format!("AMQP connection to {}: {error}", self.endpoint))
     }
 
     fn hard(error: RawError) -> BrokerError {
