@@ -609,6 +609,32 @@ fn message_enum_tokens(service: &ServiceModel) -> TokenStream {
     }
 }
 
+/// Date-time fields go through `exchange_runtime::datetime`: chrono's
+/// text, written and read without chrono's general format machinery (dates
+/// were a large part of encoding and decoding a message). schemars reads
+/// serde's `with` as a type, so it is told the field's own type.
+fn date_time_attributes(required: bool, ty: &TypeRef, rust_type: &TokenStream) -> TokenStream {
+    let rust_type_text = rust_type.to_string().replace(' ', "");
+    let schemars = quote! { #[cfg_attr(feature = "schemars", schemars(with = #rust_type_text))] };
+    match (required, ty) {
+        (true, TypeRef::DateTime) => quote! {
+            #[serde(with = "::exchange_runtime::datetime")]
+            #schemars
+        },
+        // A required field that may be null: absent reads as `None`, as serde
+        // does for an `Option` field without `with`.
+        (true, TypeRef::Option(inner)) if **inner == TypeRef::DateTime => quote! {
+            #[serde(default, with = "::exchange_runtime::datetime::option")]
+            #schemars
+        },
+        (false, ty) if *strip_option(ty) == TypeRef::DateTime => quote! {
+            #[serde(with = "::exchange_runtime::datetime::option")]
+            #schemars
+        },
+        _ => quote! {},
+    }
+}
+
 fn type_tokens(service: &ServiceModel, ty: &TypeRef) -> TokenStream {
     match ty {
         TypeRef::String => quote! { ::std::string::String },
@@ -707,10 +733,12 @@ fn type_def_tokens(
                         quote! { #[serde(default, skip_serializing_if = "::std::option::Option::is_none")] },
                     )
                 };
+                let dates = date_time_attributes(field.required, &field.ty, &ty);
                 quote! {
                     #doc
                     #rename
                     #skip
+                    #dates
                     pub #field_name: #ty,
                 }
             });

@@ -1228,6 +1228,11 @@ pub struct Artifact {
     pub content_type: ::std::string::String,
     /// Date and time after which the artifact created will be automatically
     /// deleted by the queue.
+    #[serde(with = "::exchange_runtime::datetime")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::chrono::DateTime<::chrono::Utc>")
+    )]
     pub expires: ::chrono::DateTime<::chrono::Utc>,
     /// Name of the artifact that was created, this is useful if you want to
     /// attempt to fetch the artifact. But keep in mind that just because an
@@ -1358,6 +1363,11 @@ pub struct RunInformation {
     /// state from `running` to either `completed`, `failed` or `exception`.
     /// This property is only present after the run as been resolved.
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
+    #[serde(with = "::exchange_runtime::datetime::option")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::std::option::Option<::chrono::DateTime<::chrono::Utc>>")
+    )]
     pub resolved: ::std::option::Option<::chrono::DateTime<::chrono::Utc>>,
     /// Id of this task run, `run-id`s always starts from `0`
     ///
@@ -1366,11 +1376,21 @@ pub struct RunInformation {
     pub run_id: i64,
     /// Date-time at which this run was scheduled, ie. when the run was
     /// created in state `pending`.
+    #[serde(with = "::exchange_runtime::datetime")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::chrono::DateTime<::chrono::Utc>")
+    )]
     pub scheduled: ::chrono::DateTime<::chrono::Utc>,
     /// Date-time at which this run was claimed, ie. when the run changed
     /// state from `pending` to `running`. This property is only present
     /// after the run has been claimed.
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
+    #[serde(with = "::exchange_runtime::datetime::option")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::std::option::Option<::chrono::DateTime<::chrono::Utc>>")
+    )]
     pub started: ::std::option::Option<::chrono::DateTime<::chrono::Utc>>,
     /// State of this run
     pub state: RunInformationState,
@@ -1378,6 +1398,11 @@ pub struct RunInformation {
     /// run isn't reclaimed. Note, only present after the run has been
     /// claimed.
     #[serde(default, skip_serializing_if = "::std::option::Option::is_none")]
+    #[serde(with = "::exchange_runtime::datetime::option")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::std::option::Option<::chrono::DateTime<::chrono::Utc>>")
+    )]
     pub taken_until: ::std::option::Option<::chrono::DateTime<::chrono::Utc>>,
     /// Identifier for group that worker who executes this run is a part of,
     /// this identifier is mainly used for efficient routing.
@@ -1869,6 +1894,11 @@ pub struct TaskRunningMessage {
     pub status: TaskStatusStructure,
     /// Time at which the run expires and is resolved as `failed`, if the run
     /// isn't reclaimed.
+    #[serde(with = "::exchange_runtime::datetime")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::chrono::DateTime<::chrono::Utc>")
+    )]
     pub taken_until: ::chrono::DateTime<::chrono::Utc>,
     /// Message version
     ///
@@ -1914,10 +1944,20 @@ pub struct TaskStatusStructure {
     /// resolved as **exception** if not resolved by other means
     /// before the deadline. Note, deadline cannot be more than
     /// 5 days into the future
+    #[serde(with = "::exchange_runtime::datetime")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::chrono::DateTime<::chrono::Utc>")
+    )]
     pub deadline: ::chrono::DateTime<::chrono::Utc>,
     /// Task expiration, time at which task definition and
     /// status is deleted. Notice that all artifacts for the task
     /// must have an expiration that is no later than this.
+    #[serde(with = "::exchange_runtime::datetime")]
+    #[cfg_attr(
+        feature = "schemars",
+        schemars(with = "::chrono::DateTime<::chrono::Utc>")
+    )]
     pub expires: ::chrono::DateTime<::chrono::Utc>,
     /// Unique identifier for a provisioner, that can supply specified
     /// `workerType`

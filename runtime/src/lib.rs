@@ -10,6 +10,7 @@
 pub mod binding;
 pub mod broker;
 pub mod consumer;
+pub mod datetime;
 mod deadline;
 pub mod jobs;
 pub mod publisher;
