@@ -995,6 +995,16 @@ mod tests {
                 let _ = self.stream.write_all(bytes).await;
             }
 
+            /// Answers the client's `channel.open` (channel 1) and `confirm.select`.
+            pub(crate) async fn open_confirm_channel(&mut self) {
+                assert_eq!(self.method().await, Some((20, 10)), "channel.open");
+                let mut channel_ok = Writer::method(20, 11);
+                channel_ok.long(&[]);
+                self.send(1, channel_ok).await;
+                assert_eq!(self.method().await, Some((85, 10)), "confirm.select");
+                self.send(1, Writer::method(85, 11)).await;
+            }
+
             /// Settles delivery `tag`: `basic.ack` (80) or `basic.nack` (120).
             pub(crate) async fn confirm(&mut self, method: u16, tag: u64, multiple: bool) {
                 let mut confirm = Writer::method(super::CLASS_BASIC, method);
@@ -1037,13 +1047,32 @@ mod tests {
             let mut open_ok = Writer::method(10, 41);
             open_ok.short("reserved", b"").unwrap();
             peer.send(0, open_ok).await;
-            assert_eq!(peer.method().await, Some((20, 10)));
-            let mut channel_ok = Writer::method(20, 11);
-            channel_ok.long(&[]);
-            peer.send(1, channel_ok).await;
-            assert_eq!(peer.method().await, Some((85, 10)));
-            peer.send(1, Writer::method(85, 11)).await;
+            peer.open_confirm_channel().await;
             peer
+        }
+
+        /// Connects a publishing connection to a scripted broker proposing
+        /// `heartbeat` seconds; the broker side is the returned peer.
+        pub(crate) async fn connected(
+            heartbeat: u16,
+            connect_timeout: std::time::Duration,
+        ) -> (std::sync::Arc<super::Pipe>, Peer) {
+            let (listener, config) = broker(heartbeat).await;
+            let config = config.with_connect_timeout(connect_timeout);
+            let (pipe, peer) = tokio::join!(
+                super::Pipe::open(config, 0, 1),
+                accept(&listener, heartbeat)
+            );
+            (pipe.expect("connects to the scripted broker"), peer)
+        }
+
+        /// A `channel.close` the broker sends, blaming method `class.method`.
+        pub(crate) fn channel_close(code: u16, text: &[u8], class: u16, method: u16) -> Writer {
+            let mut close = Writer::method(20, 40);
+            close.u16(code);
+            close.short("text", text).expect("a short reply text");
+            close.u16(class).u16(method);
+            close
         }
     }
 
@@ -1077,10 +1106,7 @@ mod tests {
 
     #[tokio::test]
     async fn confirms_settle_only_their_own_publishes_whatever_order_the_broker_sends() {
-        let (listener, config) = scripted::broker(0).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.expect("connects to the scripted broker");
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
         let first = publish(&pipe, "first");
         publishes_arrive(&mut peer, 1).await;
         let second = publish(&pipe, "second");
@@ -1114,18 +1140,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_channel_the_broker_closes_fails_its_publishes_and_opens_again() {
-        let (listener, config) = scripted::broker(0).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.unwrap();
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
         let doomed = [publish(&pipe, "a"), publish(&pipe, "b")];
         publishes_arrive(&mut peer, 2).await;
-        let mut close = Writer::method(CHANNEL, 40);
-        close.u16(404);
-        close
-            .short("text", b"NOT_FOUND - no exchange 'ex' in vhost '/'")
-            .unwrap();
-        close.u16(CLASS_BASIC).u16(40);
+        let close = scripted::channel_close(
+            404,
+            b"NOT_FOUND - no exchange 'ex' in vhost '/'",
+            CLASS_BASIC,
+            40,
+        );
         peer.send(1, close).await;
         for publish in doomed {
             assert!(
@@ -1135,12 +1158,8 @@ mod tests {
         assert_eq!(peer.method().await, Some((CHANNEL, 41)), "close-ok");
         // Publishes wait while the channel reopens.
         let later = publish(&pipe, "later");
-        assert_eq!(peer.method().await, Some((CHANNEL, 10)), "opened again");
-        let mut channel_ok = Writer::method(CHANNEL, 11);
-        channel_ok.long(&[]);
-        peer.send(1, channel_ok).await;
-        assert_eq!(peer.method().await, Some((CONFIRM, 10)));
-        peer.send(1, Writer::method(CONFIRM, 11)).await;
+        // Opened again.
+        peer.open_confirm_channel().await;
         publishes_arrive(&mut peer, 1).await;
         peer.confirm(80, 1, false).await;
         assert_eq!(
@@ -1154,17 +1173,8 @@ mod tests {
     /// (the supervisor reconnects with backoff) instead of reopening forever.
     #[tokio::test]
     async fn a_channel_refused_while_reopening_ends_the_connection() {
-        let (listener, config) = scripted::broker(0).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.unwrap();
-        let close = || {
-            let mut close = Writer::method(CHANNEL, 40);
-            close.u16(406);
-            close.short("text", b"PRECONDITION_FAILED").unwrap();
-            close.u16(0).u16(0);
-            close
-        };
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let close = || scripted::channel_close(406, b"PRECONDITION_FAILED", 0, 0);
         peer.send(1, close()).await;
         assert_eq!(peer.method().await, Some((CHANNEL, 41)));
         assert_eq!(peer.method().await, Some((CHANNEL, 10)));
@@ -1182,16 +1192,12 @@ mod tests {
     /// the connection ends within the connect timeout.
     #[tokio::test]
     async fn a_channel_never_reopened_ends_the_connection() {
-        let (listener, config) = scripted::broker(0).await;
-        let config = config.with_connect_timeout(Duration::from_secs(1));
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.unwrap();
-        let mut close = Writer::method(CHANNEL, 40);
-        close.u16(406);
-        close.short("text", b"PRECONDITION_FAILED").unwrap();
-        close.u16(0).u16(0);
-        peer.send(1, close).await;
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(1)).await;
+        peer.send(
+            1,
+            scripted::channel_close(406, b"PRECONDITION_FAILED", 0, 0),
+        )
+        .await;
         assert_eq!(peer.method().await, Some((CHANNEL, 41)));
         assert_eq!(
             peer.method().await,
@@ -1211,10 +1217,7 @@ mod tests {
 
     #[tokio::test]
     async fn blocked_and_unblocked_notices_are_recorded() {
-        let (listener, config) = scripted::broker(0).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.unwrap();
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
         let mut blocked = Writer::method(CONNECTION, 60);
         blocked.short("reason", b"low on memory").unwrap();
         peer.send(0, blocked).await;
@@ -1238,10 +1241,7 @@ mod tests {
 
     #[tokio::test]
     async fn garbage_from_the_broker_ends_the_connection_and_every_publish_hears_of_it() {
-        let (listener, config) = scripted::broker(0).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 0));
-        let pipe = pipe.unwrap();
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
         let waiting = publish(&pipe, "waiting");
         publishes_arrive(&mut peer, 1).await;
         // A method frame whose frame-end byte is wrong.
@@ -1266,9 +1266,7 @@ mod tests {
     /// socket ends with the connection, and publishers waiting for room hear of it.
     #[tokio::test]
     async fn a_broker_that_stops_reading_does_not_hold_the_writer() {
-        let (listener, config) = scripted::broker(1).await;
-        let (pipe, peer) = tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 1));
-        let pipe = pipe.unwrap();
+        let (pipe, peer) = scripted::connected(1, Duration::from_secs(5)).await;
         let body = vec![b'x'; 1 << 20];
         let properties = encode_properties(&OutgoingMessage::default(), "CC").unwrap();
         let publishes: Vec<_> = (0..48)
@@ -1300,10 +1298,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broker_that_goes_silent_is_left_after_two_heartbeats() {
-        let (listener, config) = scripted::broker(1).await;
-        let (pipe, mut peer) =
-            tokio::join!(Pipe::open(config, 0, 1), scripted::accept(&listener, 1));
-        let pipe = pipe.unwrap();
+        let (pipe, mut peer) = scripted::connected(1, Duration::from_secs(5)).await;
         let waiting = publish(&pipe, "unanswered");
         publishes_arrive(&mut peer, 1).await;
         let started = Instant::now();
