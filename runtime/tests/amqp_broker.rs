@@ -955,3 +955,44 @@ async fn delayed_publish_reaches_another_connections_exclusive_queue() {
     owner.close().await;
     other.close().await;
 }
+
+/// A delivery acked just before its consumer stream is dropped stays acked:
+/// the stream's closing waits for a flush already under way, so the channel
+/// is never closed before the ack went out (which would requeue the message).
+/// A race: many rounds, each a fresh consumer; a message put back shows up
+/// as the next round's delivery instead of that round's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_just_before_the_stream_is_dropped_is_not_undone() {
+    let broker = connect().await;
+    let queue = broker
+        .declare_queue(
+            &broker.qualify_queue_name(&unique("ack-then-drop")),
+            transient_queue(),
+        )
+        .await
+        .expect("declare queue");
+    for round in 0..150 {
+        broker
+            .publish("", &queue, message(&format!("{{\"round\":{round}}}")))
+            .await
+            .expect("publish");
+        let mut stream = broker.consume(&queue, 1).await.expect("consume");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("the stream goes on")
+            .expect("a delivery");
+        assert_eq!(
+            String::from_utf8_lossy(&delivery.body),
+            format!("{{\"round\":{round}}}"),
+            "an acked message of an earlier round came back"
+        );
+        delivery.ack().await.expect("ack");
+        drop(stream);
+    }
+    // The last round's channel closes too: nothing comes back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(broker.pending(&queue).await.expect("pending").len(), 0);
+    broker.delete_queue(&queue).await.expect("delete queue");
+    broker.close().await;
+}

@@ -37,6 +37,10 @@ pub(crate) struct AckBatcher {
     /// Delivered and not yet sent: `None` while unsettled.
     outstanding: Mutex<BTreeMap<u64, Option<Settle>>>,
     recorded: Notify,
+    /// Held while frames taken out of `outstanding` are being sent, so that a
+    /// flush returns only after whatever an earlier flush took went out
+    /// (closing the channel in between would put acked messages back).
+    sending: tokio::sync::Mutex<()>,
     /// The consumer's [`Batching`] and the unsettled deliveries' ackers: the
     /// flusher ends once none is left (each lets go, then wakes it).
     holders: AtomicUsize,
@@ -49,6 +53,7 @@ impl AckBatcher {
             channel,
             outstanding: Mutex::new(BTreeMap::new()),
             recorded: Notify::new(),
+            sending: tokio::sync::Mutex::new(()),
             holders: AtomicUsize::new(1),
         });
         tokio::spawn(flush_until_unused(batcher.clone()));
@@ -82,8 +87,10 @@ impl AckBatcher {
         recorded
     }
 
-    /// Sends what was recorded so far and waits for lapin to write it.
+    /// Sends what was recorded so far and waits for lapin to write it, and
+    /// for what another flush (the flusher task's) took before.
     async fn flush(&self) {
+        let _turn = self.sending.lock().await;
         let frames = self.take_ready();
         if !frames.is_empty() {
             self.send(frames).await;
