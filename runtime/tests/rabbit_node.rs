@@ -477,11 +477,14 @@ async fn a_publish_while_the_broker_is_down_is_unreachable(node: Arc<RabbitNode>
     broker.close().await;
 }
 
-/// The set-aside path connects as lapin does: over TLS with the private CA.
+/// Over TLS with the private CA too, a poison message is read and its copy
+/// set aside over the publishing connection.
 async fn poison_messages_are_set_aside_over_tls(node: Arc<RabbitNode>) {
+    use exchange_runtime::broker::amqp::PoisonEvent;
     use exchange_runtime::broker::amqp::raw::{POISON_REASON_HEADER, RawConnection, RawMessage};
     let config = tls_config(&node, &unique("tcx-poison-tls"));
     let broker = connect(config.clone()).await;
+    let mut events = broker.poison_events();
     let queue = filled_queue(&broker, "poison-tls", 0).await;
     let dead = format!("{queue}.dead");
     let mut raw = RawConnection::connect(&config)
@@ -515,6 +518,14 @@ async fn poison_messages_are_set_aside_over_tls(node: Arc<RabbitNode>) {
     assert_eq!(delivery.body, b"valid");
     delivery.ack().await.expect("ack");
     drop(stream);
+    let event = tokio::time::timeout(Duration::from_secs(15), events.recv())
+        .await
+        .expect("the poison is reported")
+        .expect("an event");
+    assert!(
+        matches!(&event, PoisonEvent::SetAside { destination, .. } if destination.contains(&dead)),
+        "{event:?}"
+    );
     let dead_lettered = broker.get(&dead).await.expect("get").expect("the poison");
     assert!(
         dead_lettered

@@ -1,7 +1,8 @@
-//! RabbitMQ (AMQP 0-9-1) broker, following Pulse's conventions: declarations,
-//! consumers and gets over [`lapin`], publishes over a connection of this
-//! module's own that runs on the tokio runtime (`pipe`: lapin's I/O thread
-//! cost more CPU per publish than the rest of the publish).
+//! RabbitMQ (AMQP 0-9-1) broker, following Pulse's conventions, over
+//! connections of this module's own that run on the tokio runtime: `conn`
+//! for declarations, consumers, gets and acks, `pipe` for publishes, both on
+//! the lenient codec in `wire` (an AMQP client's own I/O thread cost more
+//! CPU per message than the rest of the message).
 //!
 //! - Named queues are `queue/<user>/<name>` ([`Broker::qualify_queue_name`]);
 //!   an unnamed queue (`declare_queue("")`) gets a client-generated name
@@ -31,42 +32,38 @@
 //! - Two connections: publishes go over their own (`<name> (publish)`),
 //!   because RabbitMQ blocks a connection that publishes during a resource
 //!   alarm and a blocked connection sends nothing, acks included; everything
-//!   else goes over the main one. The publishing connection is two tasks on
-//!   the caller's runtime (one writes what publishers queued, one write per
-//!   batch; one reads confirms), with heartbeats both ways: a broker silent
-//!   for two heartbeat intervals is left and reconnected. Publishers wait
-//!   while 256 KiB are queued for the socket, so a blocked or slow
-//!   connection does not grow the client's memory.
+//!   else goes over the main one. Each connection is two tasks on the
+//!   caller's runtime (one writes what was queued, one write per batch; one
+//!   reads), with heartbeats both ways: a broker silent for two heartbeat
+//!   intervals is left and reconnected. Publishers wait while 256 KiB are
+//!   queued for the socket, so a blocked or slow connection does not grow
+//!   the client's memory.
 //! - Channel errors (404, 406, ...) cost only the channel: declarations,
 //!   bindings and deletions take turns on one operations channel, replaced
 //!   after an error; each consumer, `get` and `pending` has a channel of its
 //!   own; publishes share one confirm channel, reopened after an error (a
-//!   publish that another publish's error cut off is resent). lapin fails a
-//!   reused channel id with the error of the channel the broker closed under
-//!   it, so a connection with such closed channels is replaced, as after a
-//!   loss, before its channel ids wrap (2,047 on RabbitMQ).
+//!   publish that another publish's error cut off is resent). A channel's id
+//!   is reused only after the broker confirmed its close.
 //! - Every published message has a message id (a UUID when it has none); at
 //!   most one copy of it is unconfirmed at a time, and a failed publish says
 //!   whether it was refused ([`BrokerError::NotConfirmed`],
 //!   [`BrokerError::QueueFull`]), never sent ([`BrokerError::Unreachable`]) or
 //!   sent but unconfirmed ([`BrokerError::Unconfirmed`]: it may be delivered).
-//! - Messages lapin cannot parse (a short string that is not UTF-8) are set
-//!   aside to their queue's dead-letter destination; see [`raw`].
+//! - A message whose routing key, property or header name is not UTF-8
+//!   (RabbitMQ accepts them from any publisher; most clients refuse them, and
+//!   lapin's parser drops the whole connection) is never handed to a
+//!   consumer: it is set aside to its queue's dead-letter destination and
+//!   reported as a [`PoisonEvent`]; the consumer goes on; see [`raw`].
 //! - Dropping every handle closes both connections, even while consumers
 //!   read: their streams end.
 //!
 //! # Connection recovery
 //!
-//! Recovery is this module's own, not lapin's: lapin 4's auto-recovery
-//! replays the topology recorded *per channel* (this broker's short-lived
-//! channels would take theirs with them) and re-declares server-named queues
-//! under their old `amq.gen-` names, which RabbitMQ refuses.
-//! A supervisor task watches the connection (lapin's error events, a 250 ms
-//! status poll, and operations reporting failures); when it dies, it
-//! reconnects with capped exponential backoff (forever, until the broker is
-//! closed or dropped), replays every exchange, queue and binding declared
-//! through this broker (retrying an exclusive queue the dead connection still
-//! holds), and only then publishes the new connection.
+//! A supervisor task per connection watches it; when it dies, it reconnects
+//! with capped exponential backoff (forever, until the broker is closed or
+//! dropped), replays every exchange, queue and binding declared through this
+//! broker (retrying an exclusive queue the dead connection still holds), and
+//! only then publishes the new connection.
 //!
 //! Operations in flight wait for it, up to the configured operation timeout,
 //! and retry; past it they fail with [`BrokerError::Connection`] (a publish
@@ -83,17 +80,20 @@
 //! comma-separated value), each connection goes to the first node that
 //! answers, in the order given; after a loss the supervisor tries the nodes
 //! after the lost one first, one round over all of them per attempt, and
-//! recovers as above on whichever answers (the poison sweep's own
-//! connection goes to that node too). The main and the publishing connection
-//! may end up on different nodes. Queues on a node that went away are not
-//! reachable through the others unless they are replicated (quorum queues,
-//! [`QueueType::Quorum`]); see the README.
+//! recovers as above on whichever answers. The main and the publishing
+//! connection may end up on different nodes. Queues on a node that went away
+//! are not reachable through the others unless they are replicated (quorum
+//! queues, [`QueueType::Quorum`]); see the README.
 
 mod acks;
 mod config;
+mod conn;
+mod consume;
 mod convert;
 mod copies;
+mod io;
 mod link;
+mod methods;
 mod pipe;
 pub mod raw;
 mod wire;
@@ -106,24 +106,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicGetOptions, BasicQosOptions, ExchangeDeclareOptions,
-    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::protocol::{AMQPError, AMQPErrorKind};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{Channel, ExchangeKind};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
+use conn::{AmqpError, Reply};
 use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
 use copies::Copies;
 use copies::{CopyKey, CopyOutcome, SentCopy};
-use link::{Lane, Link, LinkState, Readers, Supervised, Topology};
+use link::{Lane, Link, LinkState, Supervised, Topology};
+use methods::QueueFlags;
 use pipe::{Pipe, PublishLane};
 pub use raw::PoisonEvent;
+use wire::ShortString;
 pub use wire::{InvalidField, WireError};
 
 use super::{
@@ -142,9 +137,8 @@ struct Shared {
     /// Declarations, consumers, gets and acks.
     main: Lane,
     /// Publishes only: a connection RabbitMQ blocks in an alarm must not hold
-    /// up acks. Runs on this runtime's tasks ([`pipe`]), not lapin's thread.
+    /// up acks.
     publishing: PublishLane,
-    readers: Arc<Readers>,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
     /// Copies sent and not yet confirmed (or confirmed moments ago).
     copies: Arc<std::sync::Mutex<Copies>>,
@@ -160,28 +154,23 @@ impl fmt::Debug for AmqpBroker {
     }
 }
 
-/// How an operation's lapin error is handled.
+/// How an operation's failure is handled.
 enum Failure {
-    /// A channel-level AMQP error caused by this operation.
-    Soft(AMQPError),
+    /// A channel-level AMQP error caused by this operation: reply code and text.
+    Soft(u16, String),
     /// The channel closed (someone else's error); the connection is fine: retry on a new channel.
     ChannelLost(String),
     /// The connection is gone: wait for recovery and retry.
     ConnectionLost(String),
 }
 
-fn classify(error: &lapin::Error, link: &Link) -> Failure {
-    if let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
-        && matches!(amqp.kind(), AMQPErrorKind::Soft(_))
-    {
-        link.note_channel_closed_by_broker();
-        return Failure::Soft(amqp.clone());
-    }
-    if link.is_up() {
-        Failure::ChannelLost(error.to_string())
-    } else {
-        link.broken.notify_one();
-        Failure::ConnectionLost(error.to_string())
+fn classify(error: AmqpError, link: &Link) -> Failure {
+    match error {
+        AmqpError::Closed { code, text } if convert::is_soft(code) || code == 0 => {
+            Failure::Soft(code, text)
+        }
+        error if link.is_up() => Failure::ChannelLost(error.to_string()),
+        error => Failure::ConnectionLost(error.to_string()),
     }
 }
 
@@ -257,9 +246,6 @@ impl Outgoing {
 /// How many fresh channels an operation tries when its channel is closed under it.
 const CHANNEL_RETRIES: u32 = 5;
 
-/// How deep into a queue listed by `pending` a poison message is looked for.
-const PENDING_SWEEP_DEPTH: u32 = 10_000;
-
 /// How many [`PoisonEvent`]s a slow receiver may fall behind.
 const POISON_EVENTS_KEPT: usize = 64;
 
@@ -267,16 +253,14 @@ impl AmqpBroker {
     /// Connects to RabbitMQ (one attempt: fails at once if it is unreachable)
     /// and starts the supervisor that recovers the connection later.
     pub async fn connect(config: AmqpConfig) -> Result<Self, BrokerError> {
-        let readers = Arc::new(Readers::default());
         let (poison, _) = tokio::sync::broadcast::channel(POISON_EVENTS_KEPT);
-        let main = Lane::start(&config, readers.clone(), poison.clone()).await?;
+        let main = Lane::start(&config).await?;
         let publishing = PublishLane::start(&config).await?;
         Ok(AmqpBroker {
             shared: Arc::new(Shared {
                 config,
                 main,
                 publishing,
-                readers,
                 poison,
                 copies: Arc::default(),
             }),
@@ -326,9 +310,9 @@ impl AmqpBroker {
         self.shared.publishing.recoveries.load(Ordering::SeqCst)
     }
 
-    /// Reports of messages the AMQP client could not parse: each one set
-    /// aside to its queue's dead-letter destination, or why none could be
-    /// (see [`raw`]). Also logged at error level. A receiver that falls more
+    /// Reports of messages that could not be handed out (a short string
+    /// that is not UTF-8): each one set aside to its queue's dead-letter
+    /// destination, or why it could not be (see [`raw`]). Also logged at error level. A receiver that falls more
     /// than 64 events behind misses the oldest.
     pub fn poison_events(&self) -> tokio::sync::broadcast::Receiver<PoisonEvent> {
         self.shared.poison.subscribe()
@@ -337,14 +321,9 @@ impl AmqpBroker {
     /// Closes the connections. Operations afterwards fail with
     /// [`BrokerError::Closed`]; consumers' streams end.
     pub async fn close(&self) {
-        if let Some(link) = self.shared.main.close()
-            && link.is_up()
-        {
+        if let Some(link) = self.shared.main.close() {
             // Best effort: the server cleans up after a dropped connection as well.
-            let _ = link
-                .connection
-                .close(200, "closed by application".into())
-                .await;
+            link.connection.close("closed by application").await;
         }
         if let Some(pipe) = self.shared.publishing.close() {
             pipe.close().await;
@@ -356,17 +335,11 @@ impl AmqpBroker {
     /// Deleting a missing exchange succeeds, as on RabbitMQ.
     pub async fn delete_exchange(&self, name: &str) -> Result<(), BrokerError> {
         let exchange = short("exchange", name)?;
-        self.run("delete exchange", &Target::exchange(name), |link| {
-            let exchange = exchange.clone();
-            async move {
-                link.on_operations(|channel| async move {
-                    channel
-                        .exchange_delete(exchange, ExchangeDeleteOptions::default())
-                        .await
-                })
-                .await
-            }
-        })
+        self.operate(
+            "delete exchange",
+            &Target::exchange(name),
+            methods::exchange_delete(&exchange),
+        )
         .await?;
         let mut topology = self.topology();
         topology.exchanges.remove(name);
@@ -403,10 +376,7 @@ impl AmqpBroker {
         loop {
             let last_failure = match &*watcher.borrow_and_update() {
                 LinkState::Up(link) if link.is_up() => return Ok(link.clone()),
-                LinkState::Up(link) => {
-                    link.report_broken();
-                    "connection lost".to_owned()
-                }
+                LinkState::Up(_) => "connection lost".to_owned(),
                 LinkState::Down(reason) => reason.clone(),
                 LinkState::Closed => return Err(BrokerError::Closed),
             };
@@ -438,7 +408,7 @@ impl AmqpBroker {
     ) -> Result<T, BrokerError>
     where
         F: Fn(Arc<Link>) -> Fut,
-        Fut: Future<Output = Result<T, lapin::Error>>,
+        Fut: Future<Output = Result<T, AmqpError>>,
     {
         let deadline = self.deadline();
         let mut channel_failures = 0;
@@ -452,7 +422,7 @@ impl AmqpBroker {
             };
             let failure = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Some(Ok(value))) => return Ok(value),
-                Ok(Some(Err(error))) => classify(&error, &link),
+                Ok(Some(Err(error))) => classify(error, &link),
                 Ok(None) => Failure::ConnectionLost("connection lost".to_owned()),
                 Err(_) => {
                     return Err(BrokerError::Connection(format!(
@@ -468,7 +438,7 @@ impl AmqpBroker {
                 }
             };
             match failure {
-                Failure::Soft(error) => return Err(target.soft_error(what, &error)),
+                Failure::Soft(code, text) => return Err(target.soft_error(what, code, &text)),
                 Failure::ChannelLost(reason) => {
                     channel_failures += 1;
                     if channel_failures > CHANNEL_RETRIES {
@@ -484,19 +454,21 @@ impl AmqpBroker {
         }
     }
 
-    /// Publishes on the publishing connection's confirm channel; see
-    /// [`Broker::publish`]. `mandatory`: an unroutable message is
-    /// [`BrokerError::QueueNotFound`] (for messages sent straight to a queue
-    /// that must exist).
-    ///
-    /// At most one copy of a message is unconfirmed at a time: a call for a
-    /// message whose earlier copy still waits for its confirm on the live
-    /// connection waits for that copy instead of sending another. A copy
-    /// whose connection died is sent again on the next one (its fate is unknown).
-    ///
-    /// (A plain function returning the future: the message is taken apart
-    /// before it, so the future, alive as long as the publish is in flight,
-    /// does not keep room for it.)
+    /// Sends one method on the operations channel (see [`run`](Self::run))
+    /// and returns the broker's answer.
+    async fn operate(
+        &self,
+        what: &str,
+        target: &Target,
+        method: wire::Writer,
+    ) -> Result<Reply, BrokerError> {
+        self.run(what, target, |link| {
+            let method = method.clone();
+            async move { link.operate(method).await }
+        })
+        .await
+    }
+
     fn publish_confirmed<'s, 'e, 'r>(
         &'s self,
         exchange: &'e str,
@@ -627,16 +599,11 @@ impl AmqpBroker {
                         let full = Box::pin(self.find_full_queue(exchange, routing_key, cc)).await;
                         return Err(BrokerError::QueueFull(full));
                     }
+                    CopyOutcome::ChannelClosed { code, text } if convert::is_soft(code) => {
+                        Failure::Soft(code, text)
+                    }
                     CopyOutcome::ChannelClosed { code, text } => {
-                        match ShortString::try_new(text.clone())
-                            .ok()
-                            .and_then(|text| AMQPError::from_id(code, text))
-                        {
-                            Some(error) if matches!(error.kind(), AMQPErrorKind::Soft(_)) => {
-                                Failure::Soft(error)
-                            }
-                            _ => Failure::ChannelLost(format!("channel closed: {code} {text}")),
-                        }
+                        Failure::ChannelLost(format!("channel closed: {code} {text}"))
                     }
                     CopyOutcome::Lost(reason) => Failure::ConnectionLost(reason),
                 };
@@ -647,16 +614,18 @@ impl AmqpBroker {
                 };
                 match failure {
                     // The shared channel also fails for other publishers' errors: only ours are final.
-                    Failure::Soft(error) if Target::exchange(exchange).mentioned_in(&error) => {
-                        return Err(
-                            Target::exchange(exchange).soft_error("publish to exchange", &error)
-                        );
+                    Failure::Soft(code, text) if Target::exchange(exchange).mentioned_in(&text) => {
+                        return Err(Target::exchange(exchange).soft_error(
+                            "publish to exchange",
+                            code,
+                            &text,
+                        ));
                     }
                     // Another publish's error closed the channel before the broker took
                     // this one: resent on a fresh channel (each round one publish gets
                     // through), until the operation deadline.
-                    Failure::Soft(error) => {
-                        tracing::debug!(reason = %error.get_message(), "publish: channel closed by another publish; resending");
+                    Failure::Soft(_, text) => {
+                        tracing::debug!(reason = %text, "publish: channel closed by another publish; resending");
                     }
                     Failure::ChannelLost(reason) => {
                         channel_failures += 1;
@@ -710,25 +679,13 @@ impl AmqpBroker {
             let Ok(name) = short("queue", queue) else {
                 continue;
             };
+            let check = methods::queue_declare(&name, &QueueFlags::passive(), &[]);
             let declared = self
-                .run("check queue", &Target::queue(queue), |link| {
-                    let name = name.clone();
-                    async move {
-                        link.on_operations(|channel| async move {
-                            let passive = QueueDeclareOptions {
-                                passive: true,
-                                ..Default::default()
-                            };
-                            channel
-                                .queue_declare(name, passive, FieldTable::default())
-                                .await
-                        })
-                        .await
-                    }
-                })
+                .operate("check queue", &Target::queue(queue), check)
                 .await;
-            if let Ok(declared) = declared
-                && declared.message_count() >= *max_length
+            if let Ok(reply) = declared
+                && methods::declared_message_count(&mut reply.args())
+                    .is_some_and(|count| count >= *max_length)
             {
                 return queue.clone();
             }
@@ -740,39 +697,7 @@ impl AmqpBroker {
             _ => format!("(one that exchange `{exchange}` routes `{routing_key}` to)"),
         }
     }
-
-    /// Opens a channel with `prefetch` and starts consuming `queue` on it.
-    async fn subscribe(
-        &self,
-        queue: &ShortString,
-        prefetch: u16,
-    ) -> Result<Subscription, BrokerError> {
-        let target = Target::queue(queue.as_str());
-        self.run("consume queue", &target, |link| {
-            let queue = queue.clone();
-            async move {
-                let channel = link.channel().await?;
-                // lapin buffers without bound: prefetch is the only limit on in-flight deliveries.
-                channel
-                    .basic_qos(prefetch, BasicQosOptions { global: false })
-                    .await?;
-                let consumer = channel
-                    .basic_consume(
-                        queue,
-                        "".into(),
-                        BasicConsumeOptions::default(),
-                        FieldTable::default(),
-                    )
-                    .await?;
-                Ok((channel, consumer, link.dead_signal()))
-            }
-        })
-        .await
-    }
 }
-
-/// A consumer's channel, its lapin consumer, and its connection's death signal.
-type Subscription = (Channel, lapin::Consumer, watch::Receiver<bool>);
 
 /// A fresh unique queue-name suffix (128 random bits, hex).
 fn random_suffix() -> String {
@@ -789,81 +714,6 @@ fn random_suffix() -> String {
         suffix.push_str(&format!("{:016x}", hasher.finish()));
     }
     suffix
-}
-
-/// Forwards deliveries from `queue` into `sender` until the stream's receiver
-/// is dropped, re-subscribing after connection loss or a server-side cancel.
-async fn forward_deliveries(
-    // Weak: dropping every broker handle closes the connection and ends the
-    // stream, as with the embedded broker, even while it is consumed.
-    broker: std::sync::Weak<Shared>,
-    mut closing: watch::Receiver<LinkState>,
-    queue: ShortString,
-    prefetch: u16,
-    sender: mpsc::Sender<Result<Delivery, BrokerError>>,
-    mut subscription: Subscription,
-    // Held while the stream lives: a message that breaks the connection is looked for here.
-    _reading: link::ReadGuard,
-) {
-    loop {
-        let (channel, mut consumer, dead) = subscription;
-        let mut died = dead.clone();
-        // Each delivery keeps the batcher, and so its channel, until settled: a consumer
-        // the broker cancels (its queue deleted) can still settle what it holds.
-        let batcher = acks::AckBatcher::start(channel.clone());
-        loop {
-            tokio::select! {
-                _ = sender.closed() => {
-                    // Closed even while deliveries hold it: what they hold goes back to
-                    // the queue now; what was settled goes out first.
-                    batcher.flush().await;
-                    let _ = channel.close(200, "consumer stream dropped".into()).await;
-                    return;
-                }
-                () = link::until_closed(&mut closing) => return,
-                // lapin's consumer may stay silent after a parse failure killed its connection.
-                () = link::until_dead(&mut died) => break,
-                item = consumer.next() => match item {
-                    Some(Ok(delivery)) => {
-                        let acker = batcher.delivered(delivery.delivery_tag, dead.clone());
-                        let delivery = convert::delivery(delivery, Box::new(acker));
-                        if sender.send(Ok(delivery)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Err(error)) => {
-                        tracing::debug!(%error, queue = queue.as_str(), "AMQP consumer interrupted");
-                        break;
-                    }
-                    None => break,
-                },
-            }
-        }
-        drop(consumer);
-        drop(batcher);
-        drop(channel);
-        subscription = loop {
-            let Some(shared) = broker.upgrade() else {
-                return;
-            };
-            let broker = AmqpBroker { shared };
-            let attempt = tokio::select! {
-                _ = sender.closed() => return,
-                attempt = broker.subscribe(&queue, prefetch) => attempt,
-            };
-            match attempt {
-                Ok(subscription) => break subscription,
-                // Still reconnecting: keep waiting; the supervisor logs the failures.
-                Err(BrokerError::Connection(reason)) => {
-                    tracing::debug!(%reason, queue = queue.as_str(), "AMQP consumer waiting for the broker");
-                }
-                Err(error) => {
-                    let _ = sender.send(Err(error)).await;
-                    return;
-                }
-            }
-        };
-    }
 }
 
 /// The endpoint of `lane`'s live connection, if it has one.
@@ -895,27 +745,8 @@ impl Broker for AmqpBroker {
         } else {
             "declare exchange"
         };
-        self.run(what, &target, |link| {
-            let exchange = exchange.clone();
-            async move {
-                link.on_operations(|channel| async move {
-                    channel
-                        .exchange_declare(
-                            exchange,
-                            ExchangeKind::Topic,
-                            ExchangeDeclareOptions {
-                                passive: options.passive,
-                                durable: options.durable,
-                                ..Default::default()
-                            },
-                            FieldTable::default(),
-                        )
-                        .await
-                })
-                .await
-            }
-        })
-        .await?;
+        let declare = methods::exchange_declare(&exchange, options.passive, options.durable);
+        self.operate(what, &target, declare).await?;
         if !options.passive {
             self.topology().exchanges.insert(name.to_owned(), options);
         }
@@ -941,27 +772,11 @@ impl Broker for AmqpBroker {
         };
         let queue = short("queue", &name)?;
         let arguments = convert::queue_arguments(&name, &options)?;
-        let declare_options = QueueDeclareOptions {
-            passive: false,
-            durable: options.durable,
-            exclusive: options.exclusive,
-            auto_delete: options.auto_delete,
-            nowait: false,
-        };
+        let declare = methods::queue_declare(&queue, &QueueFlags::of(&options), &arguments);
         // Recorded before declaring so a recovery racing with this call restores it too.
         let previous = self.topology().queues.insert(name.clone(), options);
         let result = self
-            .run("declare queue", &Target::queue(&name), |link| {
-                let (queue, arguments) = (queue.clone(), arguments.clone());
-                async move {
-                    link.on_operations(|channel| async move {
-                        channel
-                            .queue_declare(queue, declare_options, arguments)
-                            .await
-                    })
-                    .await
-                }
-            })
+            .operate("declare queue", &Target::queue(&name), declare)
             .await;
         match result {
             Ok(_) => Ok(name),
@@ -983,19 +798,9 @@ impl Broker for AmqpBroker {
         self.run("delete queue", &target, |link| {
             let queue = queue.clone();
             async move {
-                link.on_operations(|channel| async move {
-                    let passive = QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    };
-                    channel
-                        .queue_declare(queue.clone(), passive, FieldTable::default())
-                        .await?;
-                    channel
-                        .queue_delete(queue, QueueDeleteOptions::default())
-                        .await
-                })
-                .await
+                let check = methods::queue_declare(&queue, &QueueFlags::passive(), &[]);
+                link.operate(check).await?;
+                link.operate(methods::queue_delete(&queue)).await
             }
         })
         .await?;
@@ -1014,25 +819,9 @@ impl Broker for AmqpBroker {
         let queue_name = short("queue", queue)?;
         let exchange_name = short("exchange", exchange)?;
         let key = short("routing-key pattern", pattern)?;
-        self.run("bind queue", &Target::binding(queue, exchange), |link| {
-            let (queue_name, exchange_name, key) =
-                (queue_name.clone(), exchange_name.clone(), key.clone());
-            async move {
-                link.on_operations(|channel| async move {
-                    channel
-                        .queue_bind(
-                            queue_name,
-                            exchange_name,
-                            key,
-                            QueueBindOptions::default(),
-                            FieldTable::default(),
-                        )
-                        .await
-                })
-                .await
-            }
-        })
-        .await?;
+        let bind = methods::queue_bind(&queue_name, &exchange_name, &key);
+        self.operate("bind queue", &Target::binding(queue, exchange), bind)
+            .await?;
         self.topology().bindings.insert((
             queue.to_owned(),
             exchange.to_owned(),
@@ -1075,25 +864,17 @@ impl Broker for AmqpBroker {
         let delay_queue = format!("{queue}.delay.{tier_ms}");
         let target_queue = short("queue", queue)?;
         let delay_queue_name = short("delay queue", &delay_queue)?;
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(tier_ms_signed),
-        );
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(queue.as_bytes().into()),
-        );
         // Each use re-declares the tier queue, renewing its lease; it outlives its last message by a minute at least.
         let expires = tier_ms_signed
             .saturating_mul(2)
             .max(tier_ms_signed + 60_000)
             .min(MAX_TTL_MS);
-        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(expires));
+        let mut arguments = vec![
+            ("x-message-ttl", convert::int_argument(tier_ms_signed)),
+            ("x-dead-letter-exchange", convert::text_argument("")),
+            ("x-dead-letter-routing-key", convert::text_argument(queue)),
+            ("x-expires", convert::int_argument(expires)),
+        ];
         // A quorum queue's delayed messages wait in a quorum queue too
         // (replicated; message TTL on quorum queues needs RabbitMQ 3.10).
         let quorum_target = self
@@ -1102,61 +883,34 @@ impl Broker for AmqpBroker {
             .get(queue)
             .is_some_and(|options| options.queue_type == QueueType::Quorum);
         if quorum_target {
-            arguments.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
+            arguments.push(("x-queue-type", convert::text_argument("quorum")));
             // Dead-lettered into the target at least once: a message stays
             // in the tier until the target has it, through a node's loss
             // (RabbitMQ 3.10; the strategy needs `reject-publish`).
-            arguments.insert(
-                "x-dead-letter-strategy".into(),
-                AMQPValue::LongString("at-least-once".into()),
-            );
-            arguments.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString("reject-publish".into()),
-            );
+            arguments.push((
+                "x-dead-letter-strategy",
+                convert::text_argument("at-least-once"),
+            ));
+            arguments.push(("x-overflow", convert::text_argument("reject-publish")));
         }
+        let arguments = convert::arguments_table(arguments)?;
         // The target must exist now: a message dead-lettered to a missing queue vanishes.
+        let check = methods::queue_declare(&target_queue, &QueueFlags::passive(), &[]);
         let exists = self
-            .run("check queue", &Target::queue(queue), |link| {
-                let target_queue = target_queue.clone();
-                async move {
-                    link.on_operations(|channel| async move {
-                        let passive = QueueDeclareOptions {
-                            passive: true,
-                            ..Default::default()
-                        };
-                        channel
-                            .queue_declare(target_queue, passive, FieldTable::default())
-                            .await
-                    })
-                    .await
-                }
-            })
+            .operate("check queue", &Target::queue(queue), check)
             .await;
         match exists {
             // Another connection's exclusive queue: it exists, and publishing to it is allowed.
             Ok(_) | Err(BrokerError::Conflict { .. }) => {}
             Err(error) => return Err(error),
         }
-        self.run("delay queue for", &Target::queue(queue), |link| {
-            let (delay_queue_name, arguments) = (delay_queue_name.clone(), arguments.clone());
-            async move {
-                link.on_operations(|channel| async move {
-                    let durable = QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    };
-                    channel
-                        .queue_declare(delay_queue_name, durable, arguments)
-                        .await
-                })
-                .await
-            }
-        })
-        .await?;
+        let durable = QueueFlags {
+            durable: true,
+            ..QueueFlags::default()
+        };
+        let declare = methods::queue_declare(&delay_queue_name, &durable, &arguments);
+        self.operate("delay queue for", &Target::queue(queue), declare)
+            .await?;
         self.publish_confirmed(
             DEFAULT_EXCHANGE,
             &delay_queue,
@@ -1174,60 +928,27 @@ impl Broker for AmqpBroker {
             )));
         }
         let queue_name = short("queue", queue)?;
-        let reading = self.shared.readers.register(queue, u32::from(prefetch));
-        let subscription = self.subscribe(&queue_name, prefetch).await?;
+        // Room for one prefetch window: the broker sends no more unacknowledged.
         let (sender, receiver) = mpsc::channel(usize::from(prefetch));
-        tokio::spawn(forward_deliveries(
+        let subscription = self.subscribe(&queue_name, prefetch, &sender).await?;
+        tokio::spawn(consume::run_consumer(
             Arc::downgrade(&self.shared),
             self.shared.main.state.subscribe(),
             queue_name,
             prefetch,
             sender,
             subscription,
-            reading,
         ));
         Ok(DeliveryStream::new(receiver))
     }
 
     async fn get(&self, queue: &str) -> Result<Option<Delivery>, BrokerError> {
         let queue_name = short("queue", queue)?;
-        let _reading = self.shared.readers.register(queue, 1);
-        let got = self
-            .run("get from queue", &Target::queue(queue), |link| {
-                let queue_name = queue_name.clone();
-                async move {
-                    // A channel of its own: its close requeues the message if the delivery is dropped unsettled.
-                    let channel = link.channel().await?;
-                    let message = channel
-                        .basic_get(queue_name, BasicGetOptions { no_ack: false })
-                        .await?;
-                    Ok(message.map(|message| (message, channel, link.dead_signal())))
-                }
-            })
-            .await?;
-        Ok(got
-            .map(|(message, channel, dead)| convert::got_delivery(message.delivery, channel, dead)))
+        self.get_readable(&queue_name).await
     }
 
     async fn pending(&self, queue: &str) -> Result<Vec<PendingMessage>, BrokerError> {
         let queue_name = short("queue", queue)?;
-        let _reading = self.shared.readers.register(queue, PENDING_SWEEP_DEPTH);
-        self.run("list pending in queue", &Target::queue(queue), |link| {
-            let queue_name = queue_name.clone();
-            async move {
-                let channel = link.channel().await?;
-                let mut messages = Vec::new();
-                while let Some(message) = channel
-                    .basic_get(queue_name.clone(), BasicGetOptions { no_ack: false })
-                    .await?
-                {
-                    messages.push(convert::pending(message.delivery));
-                }
-                // Closing the channel requeues them all, in their original order.
-                channel.close(200, "listed".into()).await?;
-                Ok(messages)
-            }
-        })
-        .await
+        self.list_pending(&queue_name).await
     }
 }

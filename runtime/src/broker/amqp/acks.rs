@@ -1,12 +1,11 @@
-//! Settling a consumer channel's deliveries in batches.
+//! Settling a consumer channel's deliveries.
 //!
-//! Awaiting every ack is a round trip to lapin's I/O thread, the larger part
-//! of a consumed message's CPU. Instead a delivery's ack or nack is recorded
-//! here and one flusher task per consumer channel sends what was recorded,
-//! at once and in the order the calls were made: a run of settled tags from
-//! the oldest unsettled one is acknowledged with one `basic.ack`
-//! (`multiple`), the rest one frame each. A handler still running never holds
-//! back the acks of deliveries after it (nothing waits for a run to complete),
+//! A delivery's ack or nack is recorded here and what it completes is queued
+//! for the connection's writer at once, in the order the calls were made,
+//! without waiting for the write (the writer sends whatever was queued in one
+//! write): a run of settled tags from the oldest unsettled one is
+//! acknowledged with one `basic.ack` (`multiple`), the rest one frame each. A
+//! handler still running never holds back the acks of deliveries after it,
 //! so a slow message never fills the prefetch window with finished ones.
 //!
 //! An ack is recorded only once its caller settled the delivery (the typed
@@ -15,13 +14,12 @@
 //! redelivers the message, as it would after any loss.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
+use super::conn::Channel;
+use super::methods;
 use crate::broker::{AckHandle, BoxFuture, BrokerError};
 
 /// How a delivery was settled, waiting to be sent.
@@ -31,39 +29,26 @@ enum Settle {
     Nack { requeue: bool },
 }
 
-/// The deliveries of one consumer channel, by delivery tag.
+/// The deliveries of one consumer channel, by delivery tag. The channel
+/// closes when the consumer and every delivery it handed out let go.
 pub(crate) struct AckBatcher {
     channel: Channel,
     /// Delivered and not yet sent: `None` while unsettled.
     outstanding: Mutex<BTreeMap<u64, Option<Settle>>>,
-    recorded: Notify,
-    /// Held while frames taken out of `outstanding` are being sent, so that a
-    /// flush returns only after whatever an earlier flush took went out
-    /// (closing the channel in between would put acked messages back).
-    sending: tokio::sync::Mutex<()>,
-    /// The consumer's [`Batching`] and the unsettled deliveries' ackers: the
-    /// flusher ends once none is left (each lets go, then wakes it).
-    holders: AtomicUsize,
 }
 
 impl AckBatcher {
-    /// A batcher for `channel`, with its flusher task running, held by the returned handle.
-    pub(crate) fn start(channel: Channel) -> Batching {
-        let batcher = Arc::new(AckBatcher {
+    /// A batcher for `channel`.
+    pub(crate) fn new(channel: Channel) -> Arc<AckBatcher> {
+        Arc::new(AckBatcher {
             channel,
             outstanding: Mutex::new(BTreeMap::new()),
-            recorded: Notify::new(),
-            sending: tokio::sync::Mutex::new(()),
-            holders: AtomicUsize::new(1),
-        });
-        tokio::spawn(flush_until_unused(batcher.clone()));
-        Batching(batcher)
+        })
     }
 
-    /// Counts one holder less, then wakes the flusher (in that order, so that it sees the count).
-    fn let_go(&self) {
-        self.holders.fetch_sub(1, Ordering::SeqCst);
-        self.recorded.notify_one();
+    /// The channel.
+    pub(crate) fn channel(&self) -> &Channel {
+        &self.channel
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Option<Settle>>> {
@@ -72,65 +57,40 @@ impl AckBatcher {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Records `settle` for `tag`; false when it was settled already (or never delivered here).
-    fn record(&self, tag: u64, settle: Settle) -> bool {
-        let recorded = match self.lock().get_mut(&tag) {
-            Some(slot @ None) => {
-                *slot = Some(settle);
-                true
-            }
-            _ => false,
-        };
-        if recorded {
-            self.recorded.notify_one();
-        }
-        recorded
-    }
-
-    /// Sends what was recorded so far and waits for lapin to write it, and
-    /// for what another flush (the flusher task's) took before.
-    async fn flush(&self) {
-        let _turn = self.sending.lock().await;
-        let frames = self.take_ready();
-        if !frames.is_empty() {
-            self.send(frames).await;
+    /// Records a delivery handed out (tags grow on a channel) and returns its acker.
+    pub(crate) fn delivered(
+        self: &Arc<Self>,
+        tag: u64,
+        dead: watch::Receiver<bool>,
+    ) -> BatchedAcker {
+        self.lock().insert(tag, None);
+        BatchedAcker {
+            batcher: self.clone(),
+            tag,
+            dead,
         }
     }
 
-    /// Takes what is ready to send; see [`take_ready_from`].
-    fn take_ready(&self) -> Vec<Frame> {
-        take_ready_from(&mut self.lock())
-    }
-
-    /// Sends `frames` on the channel, in order, and waits for lapin to write them.
-    async fn send(&self, frames: Vec<Frame>) {
-        let sends = frames.into_iter().map(|frame| {
-            let channel = &self.channel;
-            async move {
-                let result = match frame {
-                    Frame::Ack(tag, multiple) => {
-                        channel.basic_ack(tag, BasicAckOptions { multiple }).await
-                    }
-                    Frame::Nack(tag, requeue) => {
-                        channel
-                            .basic_nack(
-                                tag,
-                                BasicNackOptions {
-                                    multiple: false,
-                                    requeue,
-                                },
-                            )
-                            .await
-                    }
-                };
-                if let Err(error) = result {
-                    // The broker redelivers what it did not see settled.
-                    tracing::debug!(%error, ?frame, "settling consumer deliveries failed");
-                }
-            }
-        });
-        // join_all polls them in order: the frames are queued in that order.
-        futures_util::future::join_all(sends).await;
+    /// Records `settle` for `tag` and queues what it completes; false when
+    /// it was settled already (or never delivered here).
+    fn record(&self, tag: u64, settle: Settle) -> Result<bool, BrokerError> {
+        let mut outstanding = self.lock();
+        match outstanding.get_mut(&tag) {
+            Some(slot @ None) => *slot = Some(settle),
+            _ => return Ok(false),
+        }
+        let frames: Vec<_> = take_ready_from(&mut outstanding)
+            .into_iter()
+            .map(|frame| match frame {
+                Frame::Ack(tag, multiple) => methods::basic_ack(tag, multiple),
+                Frame::Nack(tag, requeue) => methods::basic_nack(tag, requeue),
+            })
+            .collect();
+        // Queued under the lock: frames leave in the order they were taken.
+        self.channel.send(&frames).map_err(|error| {
+            BrokerError::AckFailed(format!("{error} (the broker redelivers it)"))
+        })?;
+        Ok(true)
     }
 }
 
@@ -169,49 +129,6 @@ enum Frame {
     Nack(u64, bool),
 }
 
-/// Sends recorded settlements until neither the consumer nor a delivery holds the batcher.
-async fn flush_until_unused(batcher: Arc<AckBatcher>) {
-    loop {
-        batcher.recorded.notified().await;
-        // Let the handlers that finished together record theirs too.
-        tokio::task::yield_now().await;
-        batcher.flush().await;
-        if batcher.holders.load(Ordering::SeqCst) == 0 {
-            batcher.flush().await;
-            return;
-        }
-    }
-}
-
-/// A consumer's hold on its channel's [`AckBatcher`]: records deliveries and
-/// makes their ackers; dropping it lets the flusher end once the deliveries are settled.
-pub(crate) struct Batching(Arc<AckBatcher>);
-
-impl Batching {
-    /// Records a delivery handed out (tags grow on a channel) and returns its acker.
-    pub(crate) fn delivered(&self, tag: u64, dead: watch::Receiver<bool>) -> BatchedAcker {
-        self.0.lock().insert(tag, None);
-        self.0.holders.fetch_add(1, Ordering::SeqCst);
-        BatchedAcker {
-            batcher: self.0.clone(),
-            tag,
-            dead,
-        }
-    }
-
-    /// Sends what was recorded so far and waits for lapin to write it:
-    /// before the channel is closed, which would requeue what was acked.
-    pub(crate) async fn flush(&self) {
-        self.0.flush().await;
-    }
-}
-
-impl Drop for Batching {
-    fn drop(&mut self) {
-        self.0.let_go();
-    }
-}
-
 /// Settles one consumer delivery through its channel's [`AckBatcher`].
 pub(crate) struct BatchedAcker {
     batcher: Arc<AckBatcher>,
@@ -222,12 +139,12 @@ pub(crate) struct BatchedAcker {
 
 impl BatchedAcker {
     fn settle(&self, settle: Settle) -> Result<(), BrokerError> {
-        if *self.dead.borrow() || !self.batcher.channel.status().connected() {
+        if *self.dead.borrow() || !self.batcher.channel.is_open() {
             return Err(BrokerError::AckFailed(
                 "its channel or connection is closed (the broker redelivers it)".to_owned(),
             ));
         }
-        if self.batcher.record(self.tag, settle) {
+        if self.batcher.record(self.tag, settle)? {
             Ok(())
         } else {
             Err(BrokerError::AckFailed(
@@ -240,9 +157,10 @@ impl BatchedAcker {
 impl Drop for BatchedAcker {
     /// An unsettled delivery goes back to its queue (as with the embedded broker).
     fn drop(&mut self) {
-        self.batcher
+        // Failing only when the channel is gone, which requeued it already.
+        let _ = self
+            .batcher
             .record(self.tag, Settle::Nack { requeue: true });
-        self.batcher.let_go();
     }
 }
 

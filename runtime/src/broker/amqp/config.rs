@@ -5,8 +5,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use lapin::tcp::OwnedTLSConfig;
-use lapin::uri::{AMQPScheme, AMQPUri};
+use amq_protocol_tcp::OwnedTLSConfig;
+use amq_protocol_uri::{AMQPScheme, AMQPUri};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 
@@ -345,9 +345,9 @@ impl AmqpConfig {
         self.connect_timeout
     }
 
-    /// The URI lapin connects to the first node with (heartbeat and timeout
+    /// The URI the first node is connected to with (heartbeat and timeout
     /// applied); see [`node`](Self::node) for the others.
-    pub(crate) fn lapin_uri(&self) -> AMQPUri {
+    pub(crate) fn uri(&self) -> AMQPUri {
         let mut uri = self.nodes[0].clone();
         uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
         uri.query.connection_timeout =
@@ -355,8 +355,8 @@ impl AmqpConfig {
         uri
     }
 
-    /// The TLS settings lapin connects `amqps://` with (the extra trusted CAs).
-    pub(crate) fn lapin_tls_config(&self) -> OwnedTLSConfig {
+    /// The TLS settings `amqps://` connects with (the extra trusted CAs).
+    pub(crate) fn tls_config(&self) -> OwnedTLSConfig {
         OwnedTLSConfig {
             identity: None,
             cert_chain: self.ca_certificates.as_ref().map(|(pem, _)| pem.clone()),
@@ -642,7 +642,7 @@ mod tests {
         assert_eq!(config.nodes[2].authority.userinfo.password, "env-pass");
         let second = config.node(1);
         assert_eq!(second.endpoints(), ["amqps://rabbit-2:5671/%2F"]);
-        assert_eq!(second.lapin_uri().authority.userinfo.password, "q");
+        assert_eq!(second.uri().authority.userinfo.password, "q");
         assert_eq!(config.node(4).endpoint(), "amqps://rabbit-2:5671/%2F");
         assert!(!format!("{config:?}").contains("p,w"));
 
@@ -687,10 +687,10 @@ mod tests {
     }
 
     #[test]
-    fn ca_certificates_are_counted_and_passed_to_lapin() {
+    fn ca_certificates_are_counted_and_passed_to_the_tls_config() {
         let config = AmqpConfig::from_url_and_env("amqps://a:b@127.0.0.1/%2f", no_env).unwrap();
         assert_eq!(config.extra_ca_certificates(), 0);
-        assert_eq!(config.lapin_tls_config().cert_chain, None);
+        assert_eq!(config.tls_config().cert_chain, None);
         let (first, key) = self_signed_pem();
         let (second, _) = self_signed_pem();
         // A key among the certificates is ignored, not an error.
@@ -700,7 +700,7 @@ mod tests {
             .expect("two certificates");
         assert_eq!(config.extra_ca_certificates(), 2);
         assert_eq!(
-            config.lapin_tls_config().cert_chain.as_deref(),
+            config.tls_config().cert_chain.as_deref(),
             Some(bundle.as_str())
         );
         assert!(format!("{config:?}").contains("extra_ca_certificates: 2"));

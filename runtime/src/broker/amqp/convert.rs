@@ -1,21 +1,32 @@
-//! Conversions between the broker contract's types and lapin's, and the
-//! mapping of AMQP errors onto [`BrokerError`].
+//! Conversions between the broker contract's types and AMQP's: received
+//! properties read into a [`Delivery`], queue arguments, and the broker's
+//! reply codes mapped onto [`BrokerError`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
-
+use super::conn::Incoming;
+use super::wire::{
+    FieldValue, InvalidField, PROPERTY_NAMES, PropertyKind, Reader, ShortString, Table, WireError,
+};
 use crate::broker::{
-    AckHandle, BoxFuture, BrokerError, DELAYED_CC_HEADER, Delivery, PendingMessage, QueueOptions,
-    QueueType,
+    AckHandle, BrokerError, DELAYED_CC_HEADER, Delivery, PendingMessage, QueueOptions, QueueType,
 };
 
 /// RabbitMQ's sender-selected distribution header: extra routing keys.
 pub(crate) const CC_HEADER: &str = "CC";
+
+/// AMQP reply codes the broker closes a channel with (soft errors).
+pub(crate) const ACCESS_REFUSED: u16 = 403;
+pub(crate) const NOT_FOUND: u16 = 404;
+pub(crate) const RESOURCE_LOCKED: u16 = 405;
+pub(crate) const PRECONDITION_FAILED: u16 = 406;
+
+/// Whether a channel's close `code` is a soft error: caused by the request,
+/// the connection fine (AMQP 0-9-1's soft-error codes).
+pub(crate) fn is_soft(code: u16) -> bool {
+    matches!(code, 311 | 312 | 313 | 403 | 404 | 405 | 406)
+}
 
 /// An AMQP short string (names, routing keys), which RabbitMQ limits to 255 bytes.
 pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError> {
@@ -27,232 +38,298 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, BrokerError>
     })
 }
 
-/// Application headers and CC keys of a received message. Broker-added `x-`
-/// headers (`x-death`, ...) are left out; other scalar values are rendered as text.
-pub(crate) fn received_headers(
-    properties: &BasicProperties,
-) -> (BTreeMap<String, String>, Vec<String>) {
-    let mut headers = BTreeMap::new();
-    let mut cc = Vec::new();
-    let Some(table) = properties.headers() else {
-        return (headers, cc);
-    };
-    for (name, value) in table {
-        let name = name.as_str();
+/// The properties of a received message the contract exposes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Received {
+    pub(crate) content_type: Option<String>,
+    pub(crate) message_id: Option<String>,
+    /// Application headers. Broker-added `x-` headers (`x-death`, ...) are
+    /// left out; other scalar values are rendered as text.
+    pub(crate) headers: BTreeMap<String, String>,
+    /// The CC keys it was published with.
+    pub(crate) cc: Vec<String>,
+}
+
+/// Why a received message cannot be handed out.
+#[derive(Debug)]
+pub(crate) enum Unreadable {
+    /// Short strings that are not UTF-8 (RabbitMQ accepts them from any publisher).
+    Invalid(Vec<InvalidField>),
+    /// A content header that does not parse.
+    Malformed(WireError),
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreadable::Invalid(fields) => super::raw::write_fields(f, fields),
+            Unreadable::Malformed(error) => write!(f, "unreadable content header: {error}"),
+        }
+    }
+}
+
+impl From<WireError> for Unreadable {
+    fn from(error: WireError) -> Self {
+        Unreadable::Malformed(error)
+    }
+}
+
+/// Reads a content header frame's payload: the exposed properties, or why
+/// the message cannot be handed out (every short string must be UTF-8, as
+/// in every other client: a consumer never sees half a message).
+pub(crate) fn read_properties(header: &[u8]) -> Result<Received, Unreadable> {
+    let mut reader = Reader::new(header);
+    reader.u16("content class")?;
+    reader.u16("content weight")?;
+    reader.u64("body size")?;
+    let flags = reader.u16("property flags")?;
+    if flags & 1 != 0 {
+        return Err(WireError("property flags continue past 16 bits".into()).into());
+    }
+    let mut received = Received::default();
+    let mut invalid = Vec::new();
+    for (index, (name, kind)) in PROPERTY_NAMES.iter().enumerate() {
+        if flags & (1 << (15 - index)) == 0 {
+            continue;
+        }
+        match kind {
+            PropertyKind::Short => {
+                let bytes = reader.short(name)?;
+                match std::str::from_utf8(bytes) {
+                    Ok(text) if *name == "content-type" => {
+                        received.content_type = Some(text.to_owned());
+                    }
+                    Ok(text) if *name == "message-id" => {
+                        received.message_id = Some(text.to_owned());
+                    }
+                    Ok(_) => {}
+                    Err(_) => invalid.push(InvalidField {
+                        field: (*name).to_owned(),
+                        bytes: bytes.to_vec(),
+                    }),
+                }
+            }
+            PropertyKind::Table => {
+                let table = reader.long("headers table")?;
+                read_headers(table, &mut received, &mut invalid)?;
+            }
+            PropertyKind::Octet => {
+                reader.u8(name)?;
+            }
+            PropertyKind::Timestamp => {
+                reader.u64(name)?;
+            }
+        }
+    }
+    if invalid.is_empty() {
+        Ok(received)
+    } else {
+        Err(Unreadable::Invalid(invalid))
+    }
+}
+
+/// Reads the headers table into `received`, noting names that are not UTF-8.
+fn read_headers(
+    table: &[u8],
+    received: &mut Received,
+    invalid: &mut Vec<InvalidField>,
+) -> Result<(), WireError> {
+    let mut reader = Reader::new(table);
+    while !reader.rest().is_empty() {
+        let name = reader.short("table field name")?;
+        let name = match std::str::from_utf8(name) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                invalid.push(InvalidField {
+                    field: "header name".to_owned(),
+                    bytes: name.to_vec(),
+                });
+                None
+            }
+        };
+        let value = FieldValue::parse(&mut reader, 0)?;
+        // Names inside nested tables must be readable too.
+        value.clone().sanitize(invalid);
+        let Some(name) = name else {
+            continue;
+        };
         if name == CC_HEADER || name == DELAYED_CC_HEADER {
-            if let AMQPValue::FieldArray(keys) = value {
-                cc.extend(keys.as_slice().iter().filter_map(value_text));
+            if let FieldValue::Array(keys) = &value {
+                received.cc.extend(keys.iter().filter_map(value_text));
             }
             continue;
         }
         if name.starts_with("x-") {
             continue;
         }
-        match value_text(value) {
+        match value_text(&value) {
             Some(text) => {
-                headers.insert(name.to_owned(), text);
+                received.headers.insert(name.to_owned(), text);
             }
             None => tracing::debug!(header = name, "ignoring non-scalar AMQP header"),
         }
     }
-    (headers, cc)
+    Ok(())
 }
 
-fn value_text(value: &AMQPValue) -> Option<String> {
-    Some(match value {
-        AMQPValue::LongString(text) => String::from_utf8_lossy(text.as_bytes()).into_owned(),
-        AMQPValue::ShortString(text) => text.as_str().to_owned(),
-        AMQPValue::Boolean(flag) => flag.to_string(),
-        AMQPValue::ShortShortInt(n) => n.to_string(),
-        AMQPValue::ShortShortUInt(n) => n.to_string(),
-        AMQPValue::ShortInt(n) => n.to_string(),
-        AMQPValue::ShortUInt(n) => n.to_string(),
-        AMQPValue::LongInt(n) => n.to_string(),
-        AMQPValue::LongUInt(n) => n.to_string(),
-        AMQPValue::LongLongInt(n) => n.to_string(),
-        AMQPValue::Timestamp(n) => n.to_string(),
+/// A scalar table value as text (strings lossily); `None` for the rest.
+fn value_text(value: &FieldValue) -> Option<String> {
+    let FieldValue::Scalar(tag, raw) = value else {
+        return None;
+    };
+    let int = |bytes: &[u8]| -> Option<i128> {
+        let signed = matches!(tag, b'b' | b's' | b'I' | b'l');
+        let mut word = [0u8; 16];
+        let fill = if signed && bytes.first().is_some_and(|b| b & 0x80 != 0) {
+            0xff
+        } else {
+            0
+        };
+        word.fill(fill);
+        word[16 - bytes.len()..].copy_from_slice(bytes);
+        Some(i128::from_be_bytes(word))
+    };
+    Some(match tag {
+        b'S' => String::from_utf8_lossy(raw.get(4..)?).into_owned(),
+        b't' => (raw.first()? != &0).to_string(),
+        b'b' | b'B' | b's' | b'u' | b'I' | b'i' | b'l' | b'T' => int(raw)?.to_string(),
         _ => return None,
     })
 }
 
-/// A lapin delivery as a contract [`Delivery`], settled through `acker`.
-pub(crate) fn delivery(delivery: lapin::message::Delivery, acker: Box<dyn AckHandle>) -> Delivery {
-    let (headers, cc) = received_headers(&delivery.properties);
-    Delivery {
-        exchange: delivery.exchange.to_string(),
-        routing_key: delivery.routing_key.to_string(),
-        content_type: delivery
-            .properties
-            .content_type()
-            .as_ref()
-            .map(|t| t.to_string()),
-        message_id: delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|t| t.to_string()),
-        headers,
-        cc,
-        redelivered: delivery.redelivered,
-        body: delivery.data,
-        acker,
-    }
+/// A received message that can be handed out.
+pub(crate) struct Readable {
+    exchange: String,
+    routing_key: String,
+    redelivered: bool,
+    received: Received,
+    body: Vec<u8>,
 }
 
-/// A `basic.get` delivery as a contract [`Delivery`]: it owns `channel`,
-/// kept open until the delivery is settled or dropped. `dead` turns true
-/// when its connection is seen dead.
-pub(crate) fn got_delivery(
-    delivery: lapin::message::Delivery,
-    channel: Channel,
-    dead: tokio::sync::watch::Receiver<bool>,
-) -> Delivery {
-    let acker = Box::new(LapinAcker {
-        acker: delivery.acker.clone(),
-        channel: Some(channel),
-        dead,
-    });
-    self::delivery(delivery, acker)
-}
-
-/// A lapin delivery as a [`PendingMessage`] (its acker is discarded; the channel's close requeues it).
-pub(crate) fn pending(delivery: lapin::message::Delivery) -> PendingMessage {
-    let (headers, _) = received_headers(&delivery.properties);
-    PendingMessage {
-        message_id: delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|t| t.to_string()),
-        routing_key: delivery.routing_key.to_string(),
-        headers,
-        body: delivery.data,
-    }
-}
-
-struct LapinAcker {
-    acker: lapin::Acker,
-    /// The delivery's channel (a `get`'s own), kept open
-    /// until the delivery is settled or dropped.
-    channel: Option<Channel>,
-    /// Turns true when the delivery's connection is seen dead: lapin may
-    /// then never answer an ack.
-    dead: tokio::sync::watch::Receiver<bool>,
-}
-
-impl LapinAcker {
-    /// Runs a settle call, failing when the connection dies first.
-    async fn settle(
-        &self,
-        call: impl Future<Output = Result<bool, lapin::Error>>,
-    ) -> Result<(), BrokerError> {
-        let mut dead = self.dead.clone();
-        tokio::select! {
-            biased; // An answer that came is the truth, even if the connection died since.
-            result = call => match result {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(BrokerError::AckFailed(ACK_FAILED.to_owned())),
-                Err(error) => Err(BrokerError::AckFailed(error.to_string())),
-            },
-            () = super::link::until_dead(&mut dead) => Err(BrokerError::AckFailed(
-                "the connection was lost (the broker redelivers it)".to_owned(),
-            )),
-        }
-    }
-}
-
-impl Drop for LapinAcker {
-    /// An unsettled delivery goes back to its queue (as with the embedded broker),
-    /// not only when its channel closes.
-    fn drop(&mut self) {
-        let channel = self.channel.take();
-        if !self.acker.usable() {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // Requeued when the channel closes.
-        };
-        let acker = self.acker.clone();
-        runtime.spawn(async move {
-            let requeue = BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            };
-            if let Err(error) = acker.nack(requeue).await {
-                tracing::debug!(%error, "requeueing a dropped delivery failed; its channel's close requeues it");
+/// Reads a received message; `Err` (the message back) when it cannot be
+/// handed out (see [`read_properties`]).
+pub(crate) fn readable(incoming: Incoming) -> Result<Readable, Incoming> {
+    let Incoming {
+        delivery_tag,
+        redelivered,
+        exchange,
+        routing_key,
+        content,
+    } = incoming;
+    let received = read_properties(&content.header);
+    match (
+        String::from_utf8(exchange),
+        String::from_utf8(routing_key),
+        received,
+    ) {
+        (Ok(exchange), Ok(routing_key), Ok(received)) => Ok(Readable {
+            exchange,
+            routing_key,
+            redelivered,
+            received,
+            body: content.body,
+        }),
+        (exchange, routing_key, received) => {
+            if let Err(problem) = received {
+                tracing::debug!(%problem, "a delivery no consumer can be given");
             }
-            drop(channel);
-        });
+            Err(Incoming {
+                delivery_tag,
+                redelivered,
+                exchange: exchange.map_or_else(|e| e.into_bytes(), String::into_bytes),
+                routing_key: routing_key.map_or_else(|e| e.into_bytes(), String::into_bytes),
+                content,
+            })
+        }
     }
 }
 
-const ACK_FAILED: &str = "already settled, or its channel closed (the broker redelivers it)";
-
-impl AckHandle for LapinAcker {
-    fn ack(&self) -> BoxFuture<'_, Result<(), BrokerError>> {
-        Box::pin(self.settle(self.acker.ack(BasicAckOptions::default())))
+impl Readable {
+    /// As a contract [`Delivery`] settled through `acker`.
+    pub(crate) fn into_delivery(self, acker: Box<dyn AckHandle>) -> Delivery {
+        Delivery {
+            exchange: self.exchange,
+            routing_key: self.routing_key,
+            content_type: self.received.content_type,
+            message_id: self.received.message_id,
+            headers: self.received.headers,
+            cc: self.received.cc,
+            redelivered: self.redelivered,
+            body: self.body,
+            acker,
+        }
     }
 
-    fn nack(&self, requeue: bool) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let options = BasicNackOptions {
-            multiple: false,
-            requeue,
-        };
-        Box::pin(self.settle(self.acker.nack(options)))
+    /// As a [`PendingMessage`].
+    pub(crate) fn into_pending(self) -> PendingMessage {
+        PendingMessage {
+            message_id: self.received.message_id,
+            routing_key: self.routing_key,
+            headers: self.received.headers,
+            body: self.body,
+        }
     }
 }
 
-/// RabbitMQ queue arguments for [`QueueOptions`].
-pub(crate) fn queue_arguments(
-    queue: &str,
-    options: &QueueOptions,
-) -> Result<FieldTable, BrokerError> {
+/// A `basic.get-ok`'s arguments: delivery tag, redelivered, exchange, routing key.
+pub(crate) fn got(args: &[u8]) -> Result<(u64, bool, Vec<u8>, Vec<u8>), WireError> {
+    let mut reader = Reader::new(args);
+    let tag = reader.u64("delivery tag")?;
+    let redelivered = reader.u8("redelivered")? & 1 == 1;
+    let exchange = reader.short("exchange")?.to_vec();
+    let routing_key = reader.short("routing key")?.to_vec();
+    Ok((tag, redelivered, exchange, routing_key))
+}
+
+/// A long-string table value.
+pub(crate) fn text_argument(value: &str) -> FieldValue {
+    FieldValue::long_string(value.as_bytes())
+}
+
+/// A signed 64-bit table value.
+pub(crate) fn int_argument(value: i64) -> FieldValue {
+    FieldValue::Scalar(b'l', value.to_be_bytes().to_vec())
+}
+
+/// A table of arguments, encoded (names are this crate's constants: short).
+pub(crate) fn arguments_table(arguments: Vec<(&str, FieldValue)>) -> Result<Vec<u8>, BrokerError> {
+    Table(
+        arguments
+            .into_iter()
+            .map(|(name, value)| (name.as_bytes().to_vec(), value))
+            .collect(),
+    )
+    .encode()
+    .map_err(|error| BrokerError::Invalid(format!("queue arguments: {error}")))
+}
+
+/// RabbitMQ queue arguments for [`QueueOptions`], encoded as a field table.
+pub(crate) fn queue_arguments(queue: &str, options: &QueueOptions) -> Result<Vec<u8>, BrokerError> {
     options.check(queue)?;
-    let mut arguments = FieldTable::default();
+    let mut arguments = Vec::new();
     if options.queue_type == QueueType::Quorum {
-        arguments.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
+        arguments.push(("x-queue-type", text_argument("quorum")));
     }
     if let Some(limit) = options.delivery_limit {
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(i64::from(limit)),
-        );
+        arguments.push(("x-delivery-limit", int_argument(i64::from(limit))));
     }
     if let Some(exchange) = &options.dead_letter_exchange {
         short("dead-letter exchange", exchange)?;
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(exchange.as_bytes().into()),
-        );
+        arguments.push(("x-dead-letter-exchange", text_argument(exchange)));
     }
     if let Some(key) = &options.dead_letter_routing_key {
         short("dead-letter routing key", key)?;
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(key.as_bytes().into()),
-        );
+        arguments.push(("x-dead-letter-routing-key", text_argument(key)));
     }
     if let Some(max_length) = options.max_length {
-        arguments.insert(
-            "x-max-length".into(),
-            AMQPValue::LongLongInt(i64::from(max_length)),
-        );
+        arguments.push(("x-max-length", int_argument(i64::from(max_length))));
         // Refuse (nack) publishes to a full queue instead of dropping its oldest message.
-        arguments.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
+        arguments.push(("x-overflow", text_argument("reject-publish")));
     }
     if let Some(ttl) = options.message_ttl {
-        arguments.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(millis(queue, ttl)?),
-        );
+        arguments.push(("x-message-ttl", int_argument(millis(queue, ttl)?)));
     }
-    Ok(arguments)
+    arguments_table(arguments)
 }
 
 /// A duration in whole milliseconds, rounded up, as RabbitMQ's TTL arguments take it.
@@ -332,33 +409,30 @@ impl Target {
     }
 
     /// Whether RabbitMQ's error text is about this target (it quotes names: `no exchange 'x' in vhost '/'`).
-    pub(crate) fn mentioned_in(&self, error: &AMQPError) -> bool {
-        let text = error.get_message().as_str();
+    pub(crate) fn mentioned_in(&self, text: &str) -> bool {
         [&self.exchange, &self.queue]
             .into_iter()
             .flatten()
             .any(|name| text.contains(&format!("'{name}'")))
     }
 
-    /// A channel-level (soft) AMQP error as a [`BrokerError`].
-    pub(crate) fn soft_error(&self, what: &str, error: &AMQPError) -> BrokerError {
-        let text = error.get_message().to_string();
-        match error.kind() {
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => {
+    /// A channel-level (soft) AMQP error, its reply code and text, as a [`BrokerError`].
+    pub(crate) fn soft_error(&self, what: &str, code: u16, text: &str) -> BrokerError {
+        match code {
+            NOT_FOUND => {
                 if text.contains("no exchange") {
-                    let exchange = self.exchange.clone().unwrap_or_else(|| quoted(&text));
+                    let exchange = self.exchange.clone().unwrap_or_else(|| quoted(text));
                     BrokerError::ExchangeNotFound(exchange)
                 } else {
-                    let queue = self.queue.clone().unwrap_or_else(|| quoted(&text));
+                    let queue = self.queue.clone().unwrap_or_else(|| quoted(text));
                     BrokerError::QueueNotFound(queue)
                 }
             }
-            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
-            | AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => BrokerError::Conflict {
+            PRECONDITION_FAILED | RESOURCE_LOCKED => BrokerError::Conflict {
                 name: self.name(),
-                detail: text,
+                detail: text.to_owned(),
             },
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => BrokerError::Invalid(format!(
+            ACCESS_REFUSED => BrokerError::Invalid(format!(
                 "{what} `{}` refused by the broker: {text}",
                 self.name()
             )),
@@ -421,30 +495,114 @@ mod tests {
 
     #[test]
     fn soft_errors_map_to_the_contract() {
-        let not_found = AMQPError::new(
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
-            "NOT_FOUND - no exchange 'ex' in vhost '/'".into(),
-        );
+        let not_found = "NOT_FOUND - no exchange 'ex' in vhost '/'";
         let target = Target::binding("q", "ex");
         assert!(
-            matches!(target.soft_error("bind", &not_found), BrokerError::ExchangeNotFound(e) if e == "ex")
+            matches!(target.soft_error("bind", NOT_FOUND, not_found), BrokerError::ExchangeNotFound(e) if e == "ex")
         );
-        assert!(target.mentioned_in(&not_found));
-        assert!(!Target::exchange("other").mentioned_in(&not_found));
-        let no_queue = AMQPError::new(
-            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND),
-            "NOT_FOUND - no queue 'q' in vhost '/'".into(),
-        );
+        assert!(target.mentioned_in(not_found));
+        assert!(!Target::exchange("other").mentioned_in(not_found));
+        let no_queue = "NOT_FOUND - no queue 'q' in vhost '/'";
         assert!(
-            matches!(target.soft_error("bind", &no_queue), BrokerError::QueueNotFound(q) if q == "q")
+            matches!(target.soft_error("bind", NOT_FOUND, no_queue), BrokerError::QueueNotFound(q) if q == "q")
         );
-        let conflict = AMQPError::new(
-            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
-            "PRECONDITION_FAILED - inequivalent arg 'durable'".into(),
-        );
+        let conflict = "PRECONDITION_FAILED - inequivalent arg 'durable'";
         assert!(matches!(
-            Target::queue("q").soft_error("declare", &conflict),
+            Target::queue("q").soft_error("declare", PRECONDITION_FAILED, conflict),
             BrokerError::Conflict { name, detail } if name == "q" && detail.contains("durable")
+        ));
+        assert!(is_soft(NOT_FOUND) && !is_soft(320) && !is_soft(504));
+    }
+
+    fn header(properties: &[u8], flags: u16) -> Vec<u8> {
+        let mut header = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        header.extend_from_slice(&flags.to_be_bytes());
+        header.extend_from_slice(properties);
+        header
+    }
+
+    fn table(fields: &[(&[u8], FieldValue)]) -> Vec<u8> {
+        Table(
+            fields
+                .iter()
+                .map(|(name, value)| (name.to_vec(), value.clone()))
+                .collect(),
+        )
+        .encode()
+        .unwrap()
+    }
+
+    #[test]
+    fn received_properties_are_read_and_broker_headers_left_out() {
+        let headers = table(&[
+            (b"attempt", FieldValue::long_string(b"3")),
+            (b"flag", FieldValue::Scalar(b't', vec![1])),
+            (
+                b"count",
+                FieldValue::Scalar(b'l', (-5i64).to_be_bytes().to_vec()),
+            ),
+            (
+                b"small",
+                FieldValue::Scalar(b's', (-2i16).to_be_bytes().to_vec()),
+            ),
+            (b"x-death", FieldValue::Array(vec![])),
+            (b"nested", FieldValue::Table(Table::default())),
+            (
+                b"CC",
+                FieldValue::Array(vec![
+                    FieldValue::long_string(b"a.b"),
+                    FieldValue::long_string(b"c"),
+                ]),
+            ),
+        ]);
+        let mut properties = vec![16];
+        properties.extend_from_slice(b"application/json");
+        properties.extend_from_slice(&(headers.len() as u32).to_be_bytes());
+        properties.extend_from_slice(&headers);
+        properties.push(2); // delivery mode
+        properties.push(5);
+        properties.extend_from_slice(b"id-42");
+        // content-type, headers, delivery-mode, message-id
+        let flags = (1 << 15) | (1 << 13) | (1 << 12) | (1 << 7);
+        let received = read_properties(&header(&properties, flags)).unwrap();
+        assert_eq!(received.content_type.as_deref(), Some("application/json"));
+        assert_eq!(received.message_id.as_deref(), Some("id-42"));
+        assert_eq!(
+            received.headers,
+            BTreeMap::from([
+                ("attempt".to_owned(), "3".to_owned()),
+                ("count".to_owned(), "-5".to_owned()),
+                ("flag".to_owned(), "true".to_owned()),
+                ("small".to_owned(), "-2".to_owned()),
+            ])
+        );
+        assert_eq!(received.cc, ["a.b", "c"]);
+    }
+
+    #[test]
+    fn short_strings_that_are_not_utf8_make_a_message_unreadable() {
+        let bad = [0xff, 0xfe];
+        let nested = Table(vec![(bad.to_vec(), FieldValue::long_string(b"v"))]);
+        let headers = table(&[
+            (&bad, FieldValue::long_string(b"v")),
+            (b"deep", FieldValue::Table(nested)),
+        ]);
+        let mut properties = (headers.len() as u32).to_be_bytes().to_vec();
+        properties.extend_from_slice(&headers);
+        properties.push(2);
+        properties.extend_from_slice(&bad);
+        // headers, app-id
+        let flags = (1 << 13) | (1 << 3);
+        match read_properties(&header(&properties, flags)) {
+            Err(Unreadable::Invalid(fields)) => {
+                let names: Vec<_> = fields.iter().map(|f| f.field.as_str()).collect();
+                assert_eq!(names, ["header name", "header name", "app-id"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            read_properties(&header(&[1], 1 << 15)),
+            Err(Unreadable::Malformed(_))
         ));
     }
 }

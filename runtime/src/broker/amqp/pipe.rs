@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use futures_util::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use lapin::types::ShortString;
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::Instant;
 
@@ -27,7 +26,9 @@ use super::config::AmqpConfig;
 use super::convert::short;
 use super::link::{LinkState, Supervised, close_lane, set_down, until_closed};
 use super::raw::{ClientInfo, RawConnection, RawIo};
-use super::wire::{CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD, Frame, Reader, Writer};
+use super::wire::{
+    CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD, Frame, Reader, ShortString, Writer,
+};
 use crate::broker::{BrokerError, OutgoingMessage};
 
 const CONNECTION: u16 = 10;
@@ -113,8 +114,6 @@ impl Supervised for Pipe {
     fn is_up(&self) -> bool {
         self.lock().dead.is_none()
     }
-
-    fn report_broken(&self) {}
 }
 
 impl Pipe {
@@ -843,7 +842,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::broker::amqp::convert::{CC_HEADER, received_headers};
+    use crate::broker::amqp::convert::{CC_HEADER, read_properties};
 
     fn message() -> OutgoingMessage {
         OutgoingMessage {
@@ -856,9 +855,9 @@ mod tests {
         }
     }
 
-    /// lapin's parser (what consumers read with) reads our properties back.
+    /// Another client's parser (lapin's) and this crate's consumers read our properties back.
     #[test]
-    fn properties_read_back_by_lapin() {
+    fn properties_read_back_by_lapin_and_by_consumers() {
         let message = message();
         let bytes = encode_properties(&message, CC_HEADER).expect("valid message");
         let (rest, properties) =
@@ -873,9 +872,13 @@ mod tests {
             properties.message_id().as_ref().map(|t| t.as_str()),
             Some("job-1")
         );
-        let (headers, cc) = received_headers(&properties);
-        assert_eq!(headers, message.headers);
-        assert_eq!(cc, message.cc);
+        let mut header = vec![0, 60, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        header.extend_from_slice(&bytes);
+        let received = read_properties(&header).expect("consumers read them");
+        assert_eq!(received.headers, message.headers);
+        assert_eq!(received.cc, message.cc);
+        assert_eq!(received.message_id.as_deref(), Some("job-1"));
+        assert_eq!(received.content_type.as_deref(), Some("application/json"));
 
         let bare = OutgoingMessage::default();
         let bytes = encode_properties(&bare, CC_HEADER).expect("valid message");

@@ -22,13 +22,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use amq_protocol_tcp::AMQPUriTcpExt;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use lapin::tcp::AMQPUriTcpExt;
 
 use super::config::AmqpConfig;
 use super::wire::{
     CLASS_BASIC, ContentHeader, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD,
-    FieldValue, Frame, InvalidField, PropertyValue, Reader, Table, WireError, Writer, sanitize,
+    FieldValue, Frame, InvalidField, PropertyValue, Reader, Table, WireError, Writer,
 };
 use crate::broker::BrokerError;
 
@@ -84,7 +84,7 @@ impl fmt::Display for PoisonEvent {
     }
 }
 
-fn write_fields(f: &mut impl fmt::Write, fields: &[InvalidField]) -> fmt::Result {
+pub(crate) fn write_fields(f: &mut impl fmt::Write, fields: &[InvalidField]) -> fmt::Result {
     for (index, field) in fields.iter().enumerate() {
         if index > 0 {
             f.write_str("; ")?;
@@ -159,16 +159,6 @@ const SHORT_PROPERTIES: [&str; 10] = [
     "cluster-id",
 ];
 
-/// What one queue's sweep needs to know.
-#[derive(Debug, Clone)]
-pub(crate) struct SweepTarget {
-    pub(crate) queue: String,
-    /// How many messages from the head to look at (the readers' prefetch).
-    pub(crate) depth: u32,
-    /// The queue's dead-letter exchange and routing key, when declared through the broker.
-    pub(crate) dead_letter: Option<(String, Option<String>)>,
-}
-
 /// The I/O the connection runs over: TCP or TLS, as lapin connects.
 pub(crate) trait RawIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> RawIo for T {}
@@ -201,6 +191,7 @@ impl ClientInfo {
             (b"basic.nack".to_vec(), yes()),
             (b"connection.blocked".to_vec(), yes()),
             (b"authentication_failure_close".to_vec(), yes()),
+            (b"consumer_cancel_notify".to_vec(), yes()),
         ]);
         Table(vec![
             (b"product".to_vec(), text(b"tc-exchanges")),
@@ -219,7 +210,9 @@ pub(crate) struct Opened {
     pub(crate) frame_max: u32,
     /// Negotiated heartbeat interval in seconds (0: none).
     pub(crate) heartbeat: u16,
-    /// The channel opened in confirm mode.
+    /// Negotiated highest channel id (0: no limit).
+    pub(crate) channel_max: u16,
+    /// The channel opened in confirm mode (0: none).
     pub(crate) channel: u16,
 }
 
@@ -245,6 +238,8 @@ pub struct RawConnection {
     io: Box<dyn RawIo>,
     buffer: Vec<u8>,
     frame_max: u32,
+    /// Negotiated highest channel id.
+    channel_max: u16,
     next_channel: u16,
     /// Negotiated heartbeat interval in seconds (0: none).
     heartbeat: u16,
@@ -264,7 +259,6 @@ impl fmt::Debug for RawConnection {
 
 const CONNECTION: u16 = 10;
 const CHANNEL: u16 = 20;
-const QUEUE: u16 = 50;
 const CONFIRM: u16 = 85;
 
 impl RawConnection {
@@ -288,9 +282,9 @@ impl RawConnection {
         let fail = |what: String| {
             BrokerError::Connection(format!("AMQP connection to {endpoint}: {what}"))
         };
-        let uri = config.lapin_uri();
-        let runtime = lapin::runtime::default_runtime().map_err(|e| fail(e.to_string()))?;
-        let tls = config.lapin_tls_config();
+        let uri = config.uri();
+        let runtime = async_rs::Runtime::tokio_current();
+        let tls = config.tls_config();
         let connect = uri.connect_with_config_async(tls.as_ref(), &runtime);
         let io = match tokio::time::timeout(config.connect_timeout(), connect).await {
             Ok(Ok(io)) => io,
@@ -306,6 +300,7 @@ impl RawConnection {
             io: Box::new(io),
             buffer: Vec::new(),
             frame_max: 0,
+            channel_max: 0,
             next_channel: 1,
             heartbeat: 0,
             endpoint: endpoint.clone(),
@@ -315,7 +310,7 @@ impl RawConnection {
         match tokio::time::timeout(config.connect_timeout(), handshake).await {
             Ok(result) => result.map(|()| connection),
             Err(_) => Err(fail(format!(
-                "no handshake within {:?}",
+                "no answer within {:?} (connected, but no AMQP handshake)",
                 config.connect_timeout()
             ))),
         }
@@ -323,7 +318,7 @@ impl RawConnection {
 
     async fn handshake(
         &mut self,
-        uri: &lapin::uri::AMQPUri,
+        uri: &amq_protocol_uri::AMQPUri,
         client: &ClientInfo,
     ) -> Result<(), BrokerError> {
         self.write(b"AMQP\x00\x00\x09\x01").await?;
@@ -350,6 +345,7 @@ impl RawConnection {
         })();
         let (channel_max, frame_max, server_heartbeat) = parsed.map_err(|e| self.protocol(e))?;
         self.frame_max = if frame_max == 0 { 131_072 } else { frame_max };
+        self.channel_max = channel_max;
         // The lower of the two proposals; ours 0: none (a short-lived connection).
         self.heartbeat = match (client.heartbeat, server_heartbeat) {
             (0, _) => 0,
@@ -379,13 +375,21 @@ impl RawConnection {
         self.expect(channel, CONFIRM, 11)
             .await
             .map_err(Self::hard)?;
-        Ok(Opened {
+        let mut opened = self.into_opened();
+        opened.channel = channel;
+        Ok(opened)
+    }
+
+    /// Hands the connection over, no channel open.
+    pub(crate) fn into_opened(self) -> Opened {
+        Opened {
             io: self.io,
             buffer: self.buffer,
             frame_max: self.frame_max,
             heartbeat: self.heartbeat,
-            channel,
-        })
+            channel_max: self.channel_max,
+            channel: 0,
+        }
     }
 
     /// Publishes `message` as it is, bytes and all, and waits for the
@@ -449,135 +453,6 @@ impl RawConnection {
         let _ = self.io.close().await;
     }
 
-    /// Moves every message with an invalid short string among the first
-    /// `target.depth` of `target.queue` to its dead-letter destination; the
-    /// others go back in order.
-    pub(crate) async fn set_aside(
-        &mut self,
-        target: &SweepTarget,
-    ) -> Result<Vec<PoisonEvent>, BrokerError> {
-        let timeout = self.timeout;
-        tokio::time::timeout(timeout, self.set_aside_now(target))
-            .await
-            .unwrap_or_else(|_| {
-                Err(BrokerError::Connection(format!(
-                    "setting aside messages of queue `{}`: no answer within {timeout:?}",
-                    target.queue
-                )))
-            })
-    }
-
-    async fn set_aside_now(
-        &mut self,
-        target: &SweepTarget,
-    ) -> Result<Vec<PoisonEvent>, BrokerError> {
-        let channel = self.open_channel().await.map_err(Self::hard)?;
-        match self.sweep_channel(channel, target).await {
-            Ok(events) => {
-                // Closing the channel requeues the valid messages taken, in order.
-                self.close_channel(channel).await.map_err(Self::hard)?;
-                Ok(events)
-            }
-            Err(RawError::Channel(closed)) if closed.code == 404 => {
-                Err(BrokerError::QueueNotFound(target.queue.clone()))
-            }
-            Err(RawError::Channel(closed)) => Err(BrokerError::Connection(format!(
-                "setting aside messages of queue `{}`: channel closed by the broker: {} {}",
-                target.queue, closed.code, closed.text
-            ))),
-            Err(RawError::Broker(error)) => Err(error),
-        }
-    }
-
-    async fn sweep_channel(
-        &mut self,
-        channel: u16,
-        target: &SweepTarget,
-    ) -> Result<Vec<PoisonEvent>, RawError> {
-        let mut events = Vec::new();
-        let mut sequence = 0;
-        let mut dead_letter_declared = false;
-        for _ in 0..target.depth.max(1) {
-            let mut get = Writer::method(CLASS_BASIC, 70);
-            get.u16(0);
-            self.wire(get.short("queue", target.queue.as_bytes()))?
-                .u8(0);
-            self.send_method(channel, get).await?;
-            let reply = self.expect_any(channel, CLASS_BASIC, &[71, 72]).await?;
-            let (_, method, mut args) = reply.method().map_err(|e| self.protocol(e))?;
-            if method == 72 {
-                break; // get-empty
-            }
-            let parsed = (|| {
-                let tag = args.u64("delivery tag")?;
-                args.u8("redelivered")?;
-                let exchange = args.short("exchange")?.to_vec();
-                let routing_key = args.short("routing key")?.to_vec();
-                Ok::<_, WireError>((tag, exchange, routing_key))
-            })();
-            let (tag, exchange, routing_key) = parsed.map_err(|e| self.protocol(e))?;
-            let (mut header, body) = self.read_content(channel).await?;
-            let mut invalid = Vec::new();
-            sanitize("exchange", &exchange, &mut invalid);
-            let routing_key = sanitize("routing key", &routing_key, &mut invalid);
-            invalid.extend(header.sanitize());
-            if invalid.is_empty() {
-                continue; // Left unacknowledged: back to the queue when the channel closes.
-            }
-            let (exchange, key) = match &target.dead_letter {
-                Some((exchange, key)) => (
-                    exchange.clone(),
-                    key.clone().map(String::into_bytes).unwrap_or(routing_key),
-                ),
-                None => {
-                    let dead = format!("{}{}", target.queue, crate::consumer::DEAD_LETTER_SUFFIX);
-                    if !dead_letter_declared {
-                        self.declare_durable(channel, &dead).await?;
-                        dead_letter_declared = true;
-                    }
-                    (String::new(), dead.into_bytes())
-                }
-            };
-            let mut reason = String::new();
-            let _ = write_fields(&mut reason, &invalid);
-            mark_poison(&mut header, &reason, &target.queue);
-            self.publish_confirmed(
-                channel,
-                &mut sequence,
-                exchange.as_bytes(),
-                &key,
-                &header,
-                &body,
-            )
-            .await?;
-            let mut ack = Writer::method(CLASS_BASIC, 80);
-            ack.u64(tag).u8(0);
-            self.send_method(channel, ack).await?;
-            let destination = format!(
-                "exchange \"{exchange}\" with key \"{}\"",
-                String::from_utf8_lossy(&key)
-            );
-            tracing::error!(queue = %target.queue, %destination, %reason, "set aside a message the AMQP client cannot parse");
-            events.push(PoisonEvent::SetAside {
-                queue: target.queue.clone(),
-                fields: invalid,
-                destination,
-            });
-        }
-        Ok(events)
-    }
-
-    async fn declare_durable(&mut self, channel: u16, queue: &str) -> Result<(), RawError> {
-        let mut declare = Writer::method(QUEUE, 10);
-        declare.u16(0);
-        self.wire(declare.short("queue", queue.as_bytes()))?
-            .u8(0b10) // durable
-            .long(&[]);
-        self.send_method(channel, declare).await?;
-        self.expect(channel, QUEUE, 11).await?;
-        Ok(())
-    }
-
     async fn publish_confirmed(
         &mut self,
         channel: u16,
@@ -620,27 +495,6 @@ impl RawConnection {
                 text: "the broker refused the message (basic.nack)".into(),
             })),
         }
-    }
-
-    async fn read_content(&mut self, channel: u16) -> Result<(ContentHeader, Vec<u8>), RawError> {
-        let frame = self.next_frame().await?;
-        if frame.kind != FRAME_HEADER || frame.channel != channel {
-            return Err(self
-                .protocol(WireError("expected a content header".into()))
-                .into());
-        }
-        let header = ContentHeader::parse(&frame.payload).map_err(|e| self.protocol(e))?;
-        let mut body = Vec::new();
-        while (body.len() as u64) < header.body_size {
-            let frame = self.next_frame().await?;
-            if frame.kind != FRAME_BODY || frame.channel != channel {
-                return Err(self
-                    .protocol(WireError("expected a content body".into()))
-                    .into());
-            }
-            body.extend_from_slice(&frame.payload);
-        }
-        Ok((header, body))
     }
 
     async fn open_channel(&mut self) -> Result<u16, RawError> {
@@ -790,7 +644,7 @@ impl RawConnection {
 
 /// Adds the poison headers; drops `user-id` (RabbitMQ refuses another user's)
 /// and `expiration` (a set-aside message must not vanish).
-fn mark_poison(header: &mut ContentHeader, reason: &str, queue: &str) {
+pub(crate) fn mark_poison(header: &mut ContentHeader, reason: &str, queue: &str) {
     header.set("user-id", None);
     header.set("expiration", None);
     let mut table = match header.get("headers") {

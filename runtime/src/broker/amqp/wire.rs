@@ -50,6 +50,48 @@ impl Frame {
         buffer: &[u8],
         frame_max: u32,
     ) -> Result<Option<(Frame, usize)>, WireError> {
+        Ok(FrameRef::parse(buffer, frame_max)?.map(|(frame, used)| {
+            (
+                Frame {
+                    kind: frame.kind,
+                    channel: frame.channel,
+                    payload: frame.payload.to_vec(),
+                },
+                used,
+            )
+        }))
+    }
+
+    /// The frame's bytes on the wire.
+    pub(crate) fn encode(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(payload.len() + 8);
+        encode_frame_into(&mut bytes, kind, channel, payload);
+        bytes
+    }
+
+    /// A method frame's class and method ids, and its arguments.
+    pub(crate) fn method(&self) -> Result<(u16, u16, Reader<'_>), WireError> {
+        let mut reader = Reader::new(&self.payload);
+        let class = reader.u16("method class")?;
+        let method = reader.u16("method id")?;
+        Ok((class, method, reader))
+    }
+}
+
+/// A frame borrowed from the read buffer (nothing copied until needed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FrameRef<'a> {
+    pub(crate) kind: u8,
+    pub(crate) channel: u16,
+    pub(crate) payload: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    /// Splits a frame off the front of `buffer`: `Ok(None)` while incomplete.
+    pub(crate) fn parse(
+        buffer: &'a [u8],
+        frame_max: u32,
+    ) -> Result<Option<(FrameRef<'a>, usize)>, WireError> {
         if buffer.len() < 7 {
             return Ok(None);
         }
@@ -68,35 +110,50 @@ impl Frame {
         if end != FRAME_END {
             return Err(WireError(format!("frame end byte is {end:#04x}, not 0xCE")));
         }
-        let payload = buffer[7..7 + size].to_vec();
-        Ok(Some((
-            Frame {
-                kind,
-                channel,
-                payload,
-            },
-            8 + size,
-        )))
-    }
-
-    /// The frame's bytes on the wire.
-    pub(crate) fn encode(kind: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(payload.len() + 8);
-        bytes.push(kind);
-        bytes.extend_from_slice(&channel.to_be_bytes());
-        // Payloads are built here, never over a frame's size limit (u32).
-        bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-        bytes.extend_from_slice(payload);
-        bytes.push(FRAME_END);
-        bytes
+        let frame = FrameRef {
+            kind,
+            channel,
+            payload: &buffer[7..7 + size],
+        };
+        Ok(Some((frame, 8 + size)))
     }
 
     /// A method frame's class and method ids, and its arguments.
-    pub(crate) fn method(&self) -> Result<(u16, u16, Reader<'_>), WireError> {
-        let mut reader = Reader::new(&self.payload);
+    pub(crate) fn method(&self) -> Result<(u16, u16, Reader<'a>), WireError> {
+        let mut reader = Reader::new(self.payload);
         let class = reader.u16("method class")?;
         let method = reader.u16("method id")?;
         Ok((class, method, reader))
+    }
+}
+
+/// Appends one frame's bytes to `out`.
+pub(crate) fn encode_frame_into(out: &mut Vec<u8>, kind: u8, channel: u16, payload: &[u8]) {
+    out.reserve(payload.len() + 8);
+    out.push(kind);
+    out.extend_from_slice(&channel.to_be_bytes());
+    // Payloads are built here, never over a frame's size limit (u32).
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.push(FRAME_END);
+}
+
+/// An AMQP short string (names, routing keys): UTF-8, at most 255 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct ShortString(Box<str>);
+
+impl ShortString {
+    /// `value`, if it fits in a short string.
+    pub(crate) fn try_new(value: impl Into<String>) -> Result<Self, String> {
+        let value = value.into();
+        if value.len() > 255 {
+            return Err(value);
+        }
+        Ok(ShortString(value.into_boxed_str()))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -158,7 +215,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Writes AMQP fields into a payload.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Writer(pub(crate) Vec<u8>);
 
 impl Writer {
@@ -213,7 +270,7 @@ impl Writer {
 
 /// The basic class's properties, in flag order (bit 15 first). Short strings
 /// are kept as bytes.
-const PROPERTY_NAMES: [(&str, PropertyKind); 14] = [
+pub(crate) const PROPERTY_NAMES: [(&str, PropertyKind); 14] = [
     ("content-type", PropertyKind::Short),
     ("content-encoding", PropertyKind::Short),
     ("headers", PropertyKind::Table),
@@ -231,7 +288,7 @@ const PROPERTY_NAMES: [(&str, PropertyKind); 14] = [
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PropertyKind {
+pub(crate) enum PropertyKind {
     Short,
     Table,
     Octet,
@@ -389,7 +446,7 @@ impl Table {
 }
 
 impl FieldValue {
-    fn parse(reader: &mut Reader<'_>, depth: usize) -> Result<Self, WireError> {
+    pub(crate) fn parse(reader: &mut Reader<'_>, depth: usize) -> Result<Self, WireError> {
         let tag = reader.u8("field type")?;
         // Sizes follow RabbitMQ's field types (`s` is a 16-bit integer there).
         let size = match tag {
@@ -517,7 +574,7 @@ impl Table {
 }
 
 impl FieldValue {
-    fn sanitize(&mut self, invalid: &mut Vec<InvalidField>) {
+    pub(crate) fn sanitize(&mut self, invalid: &mut Vec<InvalidField>) {
         match self {
             FieldValue::Table(table) => table.sanitize(invalid),
             FieldValue::Array(values) => values.iter_mut().for_each(|v| v.sanitize(invalid)),
