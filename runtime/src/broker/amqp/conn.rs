@@ -105,11 +105,20 @@ pub(crate) trait ConsumerSink: Send + Sync {
 
 type Waiter = oneshot::Sender<Result<Reply, AmqpError>>;
 
+/// Whose message content is arriving.
+enum Owner {
+    /// The `basic.get` waiting first on the channel.
+    Get,
+    /// A consumer's delivery: its sink (`None`: no such consumer here).
+    Consumer(Option<Arc<dyn ConsumerSink>>),
+    /// A `basic.return`: read and dropped.
+    Nobody,
+}
+
 /// A `basic.deliver` or `basic.get-ok` whose content is still arriving.
 struct Partial {
-    /// A delivery's consumer tag; `None` for a `basic.get-ok`, `Some("")` for
-    /// a `basic.return` (its content is read and dropped).
-    consumer: Option<String>,
+    /// Whose content it is.
+    owner: Owner,
     reply: Reply,
     incoming: Incoming,
     /// The body size the content header announced, once it came.
@@ -346,8 +355,11 @@ impl Connection {
                 let redelivered = args.u8("redelivered").map_err(text)? & 1 == 1;
                 let exchange = args.short("exchange").map_err(text)?.to_vec();
                 let routing_key = args.short("routing key").map_err(text)?.to_vec();
-                let consumer = String::from_utf8_lossy(consumer).into_owned();
-                Self::begin_content(channel, Some(consumer), class, method, &[], {
+                let sink = std::str::from_utf8(consumer)
+                    .ok()
+                    .and_then(|tag| channel.consumers.get(tag))
+                    .cloned();
+                Self::begin_content(channel, Owner::Consumer(sink), class, method, &[], {
                     Incoming {
                         delivery_tag,
                         redelivered,
@@ -359,14 +371,21 @@ impl Connection {
             }
             (CLASS_BASIC, 71) => {
                 let raw = args.rest().to_vec();
-                Self::begin_content(channel, None, class, method, &raw, Incoming::default())?;
+                Self::begin_content(
+                    channel,
+                    Owner::Get,
+                    class,
+                    method,
+                    &raw,
+                    Incoming::default(),
+                )?;
             }
             (CLASS_BASIC, 50) => {
                 // A returned message: not expected here (nothing is published
                 // on this connection); its content is read and dropped.
                 Self::begin_content(
                     channel,
-                    Some(String::new()),
+                    Owner::Nobody,
                     class,
                     method,
                     &[],
@@ -470,7 +489,7 @@ impl Connection {
     /// Starts reading a message's content on `channel`.
     fn begin_content(
         channel: &mut ChannelState,
-        consumer: Option<String>,
+        owner: Owner,
         class: u16,
         method: u16,
         args: &[u8],
@@ -482,7 +501,7 @@ impl Connection {
             ));
         }
         channel.partial = Some(Partial {
-            consumer,
+            owner,
             reply: Reply {
                 class,
                 method,
@@ -542,8 +561,8 @@ impl Connection {
         let Some(partial) = channel.partial.take() else {
             return Ok(After::Nothing);
         };
-        match partial.consumer {
-            None => {
+        match partial.owner {
+            Owner::Get => {
                 let Partial {
                     mut reply,
                     incoming,
@@ -562,17 +581,17 @@ impl Connection {
                 }
                 Ok(After::Nothing)
             }
-            Some(tag) if tag.is_empty() => Ok(After::Nothing),
-            Some(tag) => match channel.consumers.get(&tag) {
-                Some(sink) => Ok(After::Deliver(sink.clone(), partial.incoming)),
+            Owner::Nobody => Ok(After::Nothing),
+            // Sent before the broker saw our close, which requeues it.
+            Owner::Consumer(_) if channel.closing => Ok(After::Nothing),
+            Owner::Consumer(sink) => match sink {
+                Some(sink) => Ok(After::Deliver(sink, partial.incoming)),
                 None => {
                     // Its consumer is gone (cancelled here): back to the queue.
-                    if !channel.closing {
-                        let mut reject = Writer::method(CLASS_BASIC, 90);
-                        reject.u64(partial.incoming.delivery_tag).u8(1);
-                        Self::queue(&mut state.out, id, &reject);
-                        self.wake_writer.notify_one();
-                    }
+                    let mut reject = Writer::method(CLASS_BASIC, 90);
+                    reject.u64(partial.incoming.delivery_tag).u8(1);
+                    Self::queue(&mut state.out, id, &reject);
+                    self.wake_writer.notify_one();
                     Ok(After::Nothing)
                 }
             },
