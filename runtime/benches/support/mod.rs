@@ -1,6 +1,11 @@
 //! The message and binding the typed benchmarks share (`benches/typed.rs`
 //! and `examples/amqp_throughput.rs`): a schema-valid `TaskPendingMessage`
 //! of about 1 KiB on an exchange of the benchmarks' own.
+//!
+//! The exchange name is a constant (a binding's exchange is); a run keeps
+//! to its own messages by a routing-key word of its own
+//! ([`binding_for_run`], [`run_pattern`]), so that runs at the same time
+//! do not see each other's messages.
 
 use exchange_runtime::{Binding, Exchange, RoutingKeyWord};
 use taskcluster_exchanges::queue::{TaskPending, TaskPendingMessage};
@@ -61,14 +66,34 @@ pub fn task_pending_message() -> Result<TaskPendingMessage, String> {
 }
 
 /// A binding with every routing-key word of the message set.
+#[allow(dead_code, reason = "used by the criterion bench, not the throughput example")]
 pub fn binding() -> BenchPending {
+    binding_for_run("bench-worker")
+}
+
+/// A binding with every routing-key word set, its worker type being `run`
+/// (one word: no dots), the word that keeps one run's messages its own.
+pub fn binding_for_run(run: &str) -> BenchPending {
     BenchPending(TaskPending {
         task_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
         run_id: Some("7".into()),
         provisioner_id: Some("proj-bench".into()),
-        worker_type: Some("bench-worker".into()),
+        worker_type: Some(run.into()),
         scheduler_id: Some("-".into()),
         task_group_id: Some("fXYEnLHcQ3GLbTQb7lhNNQ".into()),
+        ..TaskPending::default()
+    })
+}
+
+/// The consumer's binding for one run: every message whose worker-type
+/// word is `run`, only those.
+#[allow(
+    dead_code,
+    reason = "used by the throughput example, not the criterion bench"
+)]
+pub fn run_pattern(run: &str) -> BenchPending {
+    BenchPending(TaskPending {
+        worker_type: Some(run.into()),
         ..TaskPending::default()
     })
 }
