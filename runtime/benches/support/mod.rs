@@ -66,7 +66,10 @@ pub fn task_pending_message() -> Result<TaskPendingMessage, String> {
 }
 
 /// A binding with every routing-key word of the message set.
-#[allow(dead_code, reason = "used by the criterion bench, not the throughput example")]
+#[allow(
+    dead_code,
+    reason = "used by the criterion bench, not the throughput example"
+)]
 pub fn binding() -> BenchPending {
     binding_for_run("bench-worker")
 }

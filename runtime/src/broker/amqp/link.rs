@@ -186,13 +186,22 @@ impl Lane {
             topology: Arc::default(),
             recoveries: Arc::default(),
         };
-        let handles = SupervisorHandles {
-            config: config.clone(),
-            state: Arc::downgrade(&lane.state),
-            topology: Arc::downgrade(&lane.topology),
-            recoveries: lane.recoveries.clone(),
-        };
-        tokio::spawn(supervise(handles, link));
+        let (reconnect_config, topology) = (config.clone(), Arc::downgrade(&lane.topology));
+        tokio::spawn(supervise(
+            "AMQP connection",
+            config.clone(),
+            Arc::downgrade(&lane.state),
+            lane.recoveries.clone(),
+            link,
+            move |generation, first| {
+                reconnect(
+                    reconnect_config.clone(),
+                    topology.clone(),
+                    generation,
+                    first,
+                )
+            },
+        ));
         Ok(lane)
     }
 
@@ -285,26 +294,66 @@ async fn retry_item(
     }
 }
 
-/// Shared pieces the supervisor needs; it holds the broker weakly so dropping
-/// every broker handle ends it.
-pub(crate) struct SupervisorHandles {
-    pub(crate) config: AmqpConfig,
-    pub(crate) state: Weak<watch::Sender<LinkState>>,
-    pub(crate) topology: Weak<std::sync::Mutex<Topology>>,
-    pub(crate) recoveries: Arc<AtomicU64>,
+/// A connection a supervisor watches and replaces.
+pub(crate) trait Watched: Supervised + Send + Sync + 'static {
+    /// Which of the configuration's nodes it reached.
+    fn node(&self) -> usize;
+    /// Counts connections of its kind made by this broker: 1 for the first.
+    fn generation(&self) -> u64;
+    /// Where it goes.
+    fn endpoint(&self) -> String;
+    /// Why it died.
+    fn death_reason(&self) -> String;
+    /// Resolves once it died.
+    fn died(&self) -> impl Future<Output = ()> + Send;
+    /// Closes it politely.
+    fn close(&self) -> impl Future<Output = ()> + Send;
 }
 
-/// Watches `link`; when it dies, reconnects with capped exponential backoff,
-/// replays the topology and publishes the new link. Ends (closing the
-/// connection) when the broker is closed or dropped.
-pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>) {
-    let SupervisorHandles {
-        config,
-        state,
-        topology,
-        recoveries,
-    } = handles;
-    let closed = |state: &Weak<watch::Sender<LinkState>>| {
+impl Watched for Link {
+    fn node(&self) -> usize {
+        self.node
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn endpoint(&self) -> String {
+        self.node_config.endpoint()
+    }
+
+    fn death_reason(&self) -> String {
+        self.connection.death_reason()
+    }
+
+    async fn died(&self) {
+        self.connection.died().await;
+    }
+
+    async fn close(&self) {
+        self.connection.close("closed by application").await;
+    }
+}
+
+/// Watches `link`; when it dies, reconnects with capped exponential backoff
+/// through `reconnect(generation, first node to try)` (which also restores
+/// what the connection needs, such as the topology) and publishes the new
+/// connection in `state`. Ends, closing the connection, when the lane is
+/// closed or dropped. `what` names the connection in logs.
+pub(crate) async fn supervise<L, F, Fut>(
+    what: &'static str,
+    config: AmqpConfig,
+    state: Weak<watch::Sender<LinkState<L>>>,
+    recoveries: Arc<AtomicU64>,
+    mut link: Arc<L>,
+    reconnect: F,
+) where
+    L: Watched,
+    F: Fn(u64, usize) -> Fut,
+    Fut: Future<Output = Result<Arc<L>, BrokerError>>,
+{
+    let closed = |state: &Weak<watch::Sender<LinkState<L>>>| {
         state
             .upgrade()
             .map(|sender| sender.subscribe())
@@ -312,28 +361,27 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>) {
     };
     loop {
         let Some(mut watcher) = closed(&state) else {
-            link.connection.close("closed by application").await;
+            link.close().await;
             return;
         };
         tokio::select! {
             () = link.died() => {}
             () = until_closed(&mut watcher) => {
-                link.connection.close("closed by application").await;
+                link.close().await;
                 return;
             }
         }
-        let reason = link.connection.death_reason();
-        // The nodes after the lost one are tried first (it may be going away).
-        let next_node = link.node + 1;
+        let reason = link.death_reason();
         tracing::warn!(
-            endpoint = %link.node_config.endpoint(),
-            generation = link.generation,
+            endpoint = %link.endpoint(),
+            generation = link.generation(),
             %reason,
-            "AMQP connection lost; reconnecting"
+            "{what} lost; reconnecting"
         );
         set_down(&state, reason);
+        // The nodes after the lost one are tried first (it may be going away).
+        let next_node = link.node() + 1;
         drop(link);
-
         let generation = recoveries.load(Ordering::SeqCst) + 2;
         let mut attempt = 0;
         link = loop {
@@ -341,35 +389,20 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>) {
                 return;
             };
             tokio::select! {
-                _ = tokio::time::sleep(config.backoff(attempt)) => {}
+                () = tokio::time::sleep(config.backoff(attempt)) => {}
                 () = until_closed(&mut watcher) => return,
             }
             attempt = attempt.saturating_add(1);
-            let candidate = match open(&config, generation, next_node).await {
-                Ok(candidate) => candidate,
+            match reconnect(generation, next_node).await {
+                Ok(link) => break link,
                 Err(error) => {
-                    tracing::warn!(%error, attempt, "AMQP reconnect failed");
-                    set_down(&state, error.to_string());
-                    continue;
-                }
-            };
-            let Some(snapshot) = topology
-                .upgrade()
-                .map(|topology| topology.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            else {
-                candidate.connection.close("closed by application").await;
-                return;
-            };
-            match replay(&candidate, &snapshot).await {
-                Ok(()) => break candidate,
-                Err(error) => {
-                    tracing::warn!(%error, attempt, "AMQP topology replay failed");
+                    tracing::warn!(%error, attempt, "{what}: reconnecting failed");
                     set_down(&state, error.to_string());
                 }
             }
         };
         let Some(sender) = state.upgrade() else {
-            link.connection.close("closed by application").await;
+            link.close().await;
             return;
         };
         let replaced = sender.send_if_modified(|current| {
@@ -382,12 +415,34 @@ pub(crate) async fn supervise(handles: SupervisorHandles, mut link: Arc<Link>) {
         });
         drop(sender);
         if !replaced {
-            link.connection.close("closed by application").await;
+            link.close().await;
             return;
         }
         recoveries.fetch_add(1, Ordering::SeqCst);
-        tracing::info!(endpoint = %link.node_config.endpoint(), generation = link.generation, "AMQP connection recovered");
+        tracing::info!(endpoint = %link.endpoint(), generation = link.generation(), "{what} recovered");
     }
+}
+
+/// Opens a main connection from node `first` on and replays `topology` on it.
+async fn reconnect(
+    config: AmqpConfig,
+    topology: Weak<std::sync::Mutex<Topology>>,
+    generation: u64,
+    first: usize,
+) -> Result<Arc<Link>, BrokerError> {
+    let link = open(&config, generation, first).await?;
+    let Some(snapshot) = topology
+        .upgrade()
+        .map(|topology| topology.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    else {
+        link.connection.close("closed by application").await;
+        return Err(BrokerError::Closed);
+    };
+    if let Err(error) = replay(&link, &snapshot).await {
+        link.connection.close("topology replay failed").await;
+        return Err(error);
+    }
+    Ok(link)
 }
 
 /// Marks a lane closed and returns the connection that was up.
