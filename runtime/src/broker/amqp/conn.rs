@@ -838,3 +838,7 @@ impl Drop for Channel {
         self.connection.wake_writer.notify_one();
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

@@ -12,7 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::config::AmqpConfig;
-use super::wire::{CLASS_BASIC, FRAME_HEARTBEAT, FRAME_METHOD, Frame, Writer};
+use super::wire::{
+    CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_HEARTBEAT, FRAME_METHOD, Frame, Writer,
+};
 
 const CONNECTION: u16 = 10;
 const CHANNEL: u16 = 20;
@@ -47,6 +49,13 @@ pub(crate) struct Method {
     pub(crate) method: u16,
     /// The arguments (after class and method ids).
     pub(crate) args: Vec<u8>,
+}
+
+impl Method {
+    /// Reads the arguments.
+    pub(crate) fn args(&self) -> super::wire::Reader<'_> {
+        super::wire::Reader::new(&self.args)
+    }
 }
 
 /// The broker's side of one connection.
@@ -108,6 +117,24 @@ impl Peer {
         }
     }
 
+    /// The next method, which must be `class.method`; panics naming what came instead.
+    pub(crate) async fn expect(&mut self, class: u16, method: u16) -> Method {
+        match tokio::time::timeout(Duration::from_secs(10), self.next_method()).await {
+            Ok(Some(got)) if got.class == class && got.method == method => got,
+            Ok(Some(got)) => panic!("expected method {class}.{method}, the client sent {got:?}"),
+            Ok(None) => panic!("expected method {class}.{method}, the client hung up"),
+            Err(_) => panic!("expected method {class}.{method}, nothing came within 10 s"),
+        }
+    }
+
+    /// Waits until the client hangs up (whatever it sends meanwhile).
+    pub(crate) async fn hung_up(&mut self) {
+        let hung_up = async { while self.any_frame().await.is_some() {} };
+        tokio::time::timeout(Duration::from_secs(10), hung_up)
+            .await
+            .expect("the client hangs up");
+    }
+
     pub(crate) async fn send(&mut self, channel: u16, method: Writer) {
         self.raw(&Frame::encode(FRAME_METHOD, channel, &method.0))
             .await;
@@ -115,6 +142,40 @@ impl Peer {
 
     pub(crate) async fn raw(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// A heartbeat frame.
+    pub(crate) async fn heartbeat(&mut self) {
+        self.raw(&Frame::encode(FRAME_HEARTBEAT, 0, &[])).await;
+    }
+
+    /// A content header frame announcing `body_size` bytes (no properties).
+    pub(crate) async fn content_header(&mut self, channel: u16, body_size: u64) {
+        let mut header = Writer::default();
+        header.u16(CLASS_BASIC).u16(0).u64(body_size).u16(0);
+        self.raw(&Frame::encode(FRAME_HEADER, channel, &header.0))
+            .await;
+    }
+
+    /// One content body frame.
+    pub(crate) async fn body(&mut self, channel: u16, bytes: &[u8]) {
+        self.raw(&Frame::encode(FRAME_BODY, channel, bytes)).await;
+    }
+
+    /// A content header announcing the pieces' total size, then one body frame per piece.
+    pub(crate) async fn content(&mut self, channel: u16, pieces: &[&[u8]]) {
+        let size = pieces.iter().map(|piece| piece.len() as u64).sum();
+        self.content_header(channel, size).await;
+        for piece in pieces {
+            self.body(channel, piece).await;
+        }
+    }
+
+    /// Answers the client's next method, which must be a `channel.open`; returns its channel.
+    pub(crate) async fn open_channel(&mut self) -> u16 {
+        let open = self.expect(CHANNEL, 10).await;
+        self.open_ok(open.channel).await;
+        open.channel
     }
 
     /// `channel.open-ok` on `channel`.
@@ -137,6 +198,78 @@ impl Peer {
         let mut confirm = Writer::method(CLASS_BASIC, method);
         confirm.u64(tag).u8(u8::from(multiple));
         self.send(1, confirm).await;
+    }
+
+    /// `basic.deliver` to consumer `consumer` on `channel`, its content in
+    /// one body frame per piece.
+    pub(crate) async fn deliver(
+        &mut self,
+        channel: u16,
+        consumer: &str,
+        delivery_tag: u64,
+        pieces: &[&[u8]],
+    ) {
+        self.deliver_method(channel, consumer, delivery_tag).await;
+        self.content(channel, pieces).await;
+    }
+
+    /// `basic.deliver` alone (routing key `key`, exchange `ex`), no content.
+    pub(crate) async fn deliver_method(&mut self, channel: u16, consumer: &str, delivery_tag: u64) {
+        let mut deliver = Writer::method(CLASS_BASIC, 60);
+        deliver
+            .short("consumer tag", consumer.as_bytes())
+            .unwrap()
+            .u64(delivery_tag)
+            .u8(0);
+        deliver.short("exchange", b"ex").unwrap();
+        deliver.short("routing key", b"key").unwrap();
+        self.send(channel, deliver).await;
+    }
+
+    /// `basic.consume-ok` for `consumer`.
+    pub(crate) async fn consume_ok(&mut self, channel: u16, consumer: &str) {
+        let mut ok = Writer::method(CLASS_BASIC, 21);
+        ok.short("consumer tag", consumer.as_bytes()).unwrap();
+        self.send(channel, ok).await;
+    }
+
+    /// `basic.get-ok` with delivery tag `delivery_tag` and its content, one body frame per piece.
+    pub(crate) async fn get_ok(&mut self, channel: u16, delivery_tag: u64, pieces: &[&[u8]]) {
+        let mut ok = Writer::method(CLASS_BASIC, 71);
+        ok.u64(delivery_tag).u8(0);
+        ok.short("exchange", b"ex").unwrap();
+        ok.short("routing key", b"key").unwrap();
+        ok.u32(0);
+        self.send(channel, ok).await;
+        self.content(channel, pieces).await;
+    }
+
+    /// `basic.get-empty`.
+    pub(crate) async fn get_empty(&mut self, channel: u16) {
+        let mut empty = Writer::method(CLASS_BASIC, 72);
+        empty.short("reserved", b"").unwrap();
+        self.send(channel, empty).await;
+    }
+
+    /// The broker cancels consumer `consumer` (`basic.cancel`).
+    pub(crate) async fn cancel(&mut self, channel: u16, consumer: &str, no_wait: bool) {
+        let mut cancel = Writer::method(CLASS_BASIC, 30);
+        cancel
+            .short("consumer tag", consumer.as_bytes())
+            .unwrap()
+            .u8(u8::from(no_wait));
+        self.send(channel, cancel).await;
+    }
+
+    /// The broker closes `channel` with `code` and `text`.
+    pub(crate) async fn close_channel(&mut self, channel: u16, code: u16, text: &str) {
+        self.send(channel, channel_close(code, text.as_bytes(), 0, 0))
+            .await;
+    }
+
+    /// `channel.close-ok` on `channel`.
+    pub(crate) async fn close_ok(&mut self, channel: u16) {
+        self.send(channel, Writer::method(CHANNEL, 41)).await;
     }
 }
 
