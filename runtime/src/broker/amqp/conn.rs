@@ -125,6 +125,9 @@ struct ChannelState {
     /// This client sent `channel.close` (or is about to): nothing more is
     /// sent on it, and its id is free once the broker's `close-ok` came.
     closing: bool,
+    /// Which opening of the id this is: a [`Channel`] handle of an earlier
+    /// channel with the same id (closed by the broker, the id reused) is stale.
+    serial: u64,
 }
 
 struct State {
@@ -133,6 +136,8 @@ struct State {
     channels: HashMap<u16, ChannelState>,
     /// Where the search for a free channel id starts.
     next_id: u16,
+    /// The last channel's [`serial`](ChannelState::serial).
+    serial: u64,
     /// Why the connection died, once it did.
     dead: Option<String>,
 }
@@ -188,6 +193,7 @@ impl Connection {
                 out: Vec::new(),
                 channels: HashMap::new(),
                 next_id: 1,
+                serial: 0,
                 dead: None,
             }),
             wake_writer: Notify::new(),
@@ -235,7 +241,7 @@ impl Connection {
 
     /// Opens a channel.
     pub(crate) async fn open_channel(self: &Arc<Self>) -> Result<Channel, AmqpError> {
-        let (id, reply) = {
+        let (id, serial, reply) = {
             let mut state = self.lock();
             if let Some(reason) = &state.dead {
                 return Err(AmqpError::Connection(reason.clone()));
@@ -247,19 +253,24 @@ impl Connection {
                 ))
             })?;
             let (waiter, reply) = oneshot::channel();
-            let mut channel = ChannelState::default();
+            state.serial += 1;
+            let mut channel = ChannelState {
+                serial: state.serial,
+                ..ChannelState::default()
+            };
             channel.waiting.push_back(waiter);
             state.channels.insert(id, channel);
             let mut open = Writer::method(CHANNEL, 10);
             let _ = open.short("reserved", b"");
             Self::queue(&mut state.out, id, &open);
-            (id, reply)
+            (id, state.serial, reply)
         };
         self.wake_writer.notify_one();
         // From here the channel is ours to close, whatever the answer.
         let channel = Channel {
             connection: self.clone(),
             id,
+            serial,
         };
         let reply = reply.await.unwrap_or(Err(AmqpError::ChannelGone))?;
         if !reply.is(CHANNEL, 11) {
@@ -418,6 +429,7 @@ impl Connection {
                 };
                 if let Some(kept) = state.channels.get_mut(&id) {
                     kept.closing = true;
+                    kept.serial = channel.serial;
                 }
                 let sinks = Self::fail_channel(channel, &error);
                 return Ok(After::Ended(sinks, error.to_string()));
@@ -698,6 +710,9 @@ impl Wired for Connection {
 pub(crate) struct Channel {
     connection: Arc<Connection>,
     id: u16,
+    /// Its [`ChannelState::serial`]: once the broker closed it, its id may
+    /// be another channel's.
+    serial: u64,
 }
 
 impl fmt::Debug for Channel {
@@ -714,7 +729,7 @@ impl Channel {
             && state
                 .channels
                 .get(&self.id)
-                .is_some_and(|channel| !channel.closing)
+                .is_some_and(|channel| channel.serial == self.serial && !channel.closing)
     }
 
     /// Sends `method` and waits for the broker's answer.
@@ -722,7 +737,9 @@ impl Channel {
         let reply = {
             let mut state = self.connection.lock();
             let (waiter, reply) = oneshot::channel();
-            open_state(&mut state, self.id)?.waiting.push_back(waiter);
+            open_state(&mut state, self.id, self.serial)?
+                .waiting
+                .push_back(waiter);
             Connection::queue(&mut state.out, self.id, &method);
             reply
         };
@@ -734,7 +751,7 @@ impl Channel {
     pub(crate) fn send(&self, methods: &[Writer]) -> Result<(), AmqpError> {
         {
             let mut state = self.connection.lock();
-            open_state(&mut state, self.id)?;
+            open_state(&mut state, self.id, self.serial)?;
             for method in methods {
                 Connection::queue(&mut state.out, self.id, method);
             }
@@ -763,14 +780,16 @@ impl Channel {
         {
             // Registered first: deliveries may follow consume-ok at once.
             let mut state = self.connection.lock();
-            open_state(&mut state, self.id)?
+            open_state(&mut state, self.id, self.serial)?
                 .consumers
                 .insert(tag.to_owned(), sink);
         }
         let result = self.call(consume).await;
         if !matches!(&result, Ok(reply) if reply.is(CLASS_BASIC, 21)) {
             let mut state = self.connection.lock();
-            if let Some(channel) = state.channels.get_mut(&self.id) {
+            if let Some(channel) = state.channels.get_mut(&self.id)
+                && channel.serial == self.serial
+            {
                 channel.consumers.remove(tag);
             }
         }
@@ -789,7 +808,7 @@ impl Channel {
     pub(crate) async fn close(&self) -> Result<(), AmqpError> {
         let reply = {
             let mut state = self.connection.lock();
-            let channel = open_state(&mut state, self.id)?;
+            let channel = open_state(&mut state, self.id, self.serial)?;
             channel.closing = true;
             let (waiter, reply) = oneshot::channel();
             channel.waiting.push_back(waiter);
@@ -801,13 +820,13 @@ impl Channel {
     }
 }
 
-/// The state of open channel `id`, or why there is none.
-fn open_state(state: &mut State, id: u16) -> Result<&mut ChannelState, AmqpError> {
+/// The state of open channel `id` opened as `serial`, or why there is none.
+fn open_state(state: &mut State, id: u16, serial: u64) -> Result<&mut ChannelState, AmqpError> {
     if let Some(reason) = &state.dead {
         return Err(AmqpError::Connection(reason.clone()));
     }
     match state.channels.get_mut(&id) {
-        Some(channel) if !channel.closing => Ok(channel),
+        Some(channel) if channel.serial == serial && !channel.closing => Ok(channel),
         _ => Err(AmqpError::ChannelGone),
     }
 }
@@ -829,7 +848,7 @@ impl Drop for Channel {
         let Some(channel) = state.channels.get_mut(&self.id) else {
             return;
         };
-        if channel.closing {
+        if channel.serial != self.serial || channel.closing {
             return;
         }
         channel.closing = true;

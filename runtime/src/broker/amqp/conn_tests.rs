@@ -432,6 +432,43 @@ async fn a_channel_the_broker_closes_fails_its_own_calls_and_consumers_only() {
     kept_events.quiet();
 }
 
+/// A `Channel` the broker closed is stale once its id is reused: it must
+/// neither send on the new channel nor close it when dropped.
+#[tokio::test]
+async fn a_stale_handle_never_reaches_the_channel_that_reuses_its_id() {
+    let (connection, mut peer) = connected(channels(1)).await;
+    let stale = open(&connection, &mut peer).await;
+    peer.close_channel(stale.id, 406, "PRECONDITION_FAILED")
+        .await;
+    assert_eq!(peer.expect(CHANNEL, 41).await.channel, 1);
+    until("the close handled", || {
+        connection.lock().channels.is_empty()
+    })
+    .await;
+    let fresh = open(&connection, &mut peer).await;
+    assert_eq!(fresh.id, stale.id, "channel_max 1: the id is reused");
+    assert!(!stale.is_open(), "the stale handle is not the new channel");
+    assert_eq!(
+        stale.call(declare_ok("stale")).await.unwrap_err(),
+        AmqpError::ChannelGone
+    );
+    assert_eq!(
+        stale.send(&[methods::basic_ack(1, false)]).unwrap_err(),
+        AmqpError::ChannelGone
+    );
+    assert_eq!(
+        stale.close().await.unwrap_err(),
+        AmqpError::ChannelGone,
+        "closing it closes nothing"
+    );
+    drop(stale);
+    assert!(fresh.is_open(), "dropping the stale handle left it open");
+    // What the broker hears next is the new channel's own request, not a close.
+    let call = declare_sent(&fresh, &mut peer, "fresh").await;
+    peer.send(fresh.id, declare_ok("fresh")).await;
+    assert_eq!(declared_queue(outcome(call).await.unwrap()), "fresh");
+}
+
 #[tokio::test]
 async fn crossing_closes_keep_the_id_until_the_brokers_close_ok() {
     let (connection, mut peer) = connected(channels(2)).await;
