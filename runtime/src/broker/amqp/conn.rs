@@ -140,6 +140,9 @@ struct State {
     serial: u64,
     /// Why the connection died, once it did.
     dead: Option<String>,
+    /// The `connection.close-ok` answering the broker's close: written once
+    /// the connection is dead (nothing queued is sent after the close).
+    farewell: Option<Vec<u8>>,
 }
 
 /// What finishing a frame asks of the reader once the connection's lock is released.
@@ -195,6 +198,7 @@ impl Connection {
                 next_id: 1,
                 serial: 0,
                 dead: None,
+                farewell: None,
             }),
             wake_writer: Notify::new(),
             dead: watch::Sender::new(false),
@@ -605,10 +609,11 @@ impl Connection {
                     .short("reply text")
                     .map(|t| String::from_utf8_lossy(t).into_owned())
                     .unwrap_or_default();
-                let mut state = self.lock();
-                Self::queue(&mut state.out, 0, &Writer::method(CONNECTION, 51));
-                drop(state);
-                self.wake_writer.notify_one();
+                // Queued frames die with the connection (the broker ignores
+                // anything but close-ok now): the writer sends it last.
+                let mut close_ok = Vec::new();
+                Self::queue(&mut close_ok, 0, &Writer::method(CONNECTION, 51));
+                self.lock().farewell = Some(close_ok);
                 Err(format!("the broker closed the connection: {code} {text}"))
             }
             (CONNECTION, 51) => Err("closed by application".to_owned()),
@@ -655,6 +660,10 @@ impl Wired for Connection {
 
     fn dead_signal(&self) -> watch::Receiver<bool> {
         self.dead.subscribe()
+    }
+
+    fn farewell(&self) -> Option<Vec<u8>> {
+        self.lock().farewell.take()
     }
 
     fn take_queued(&self, batch: &mut Vec<u8>) -> bool {

@@ -589,6 +589,35 @@ async fn channel_flow_is_acknowledged() {
 }
 
 #[tokio::test]
+async fn the_broker_closing_the_connection_is_answered_and_told_to_everyone() {
+    let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
+    let consuming = open(&connection, &mut peer).await;
+    let mut events = consume(&consuming, &mut peer, "c").await;
+    let other = open(&connection, &mut peer).await;
+    let waiting = declare_sent(&other, &mut peer, "q").await;
+    peer.close_connection(
+        320,
+        "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+    )
+    .await;
+    let close_ok = peer.expect(CONNECTION, 51).await;
+    assert_eq!(close_ok.channel, 0);
+    let reason = assert_died(
+        &connection,
+        &mut peer,
+        waiting,
+        &mut events,
+        "320 CONNECTION_FORCED - broker forced connection closure",
+    )
+    .await;
+    assert!(!consuming.is_open() && !other.is_open());
+    assert_eq!(
+        other.call(declare_ok("q")).await.unwrap_err(),
+        AmqpError::Connection(reason)
+    );
+}
+
+#[tokio::test]
 async fn a_broker_silent_for_two_heartbeats_is_left() {
     let (connection, mut peer) = connected(Tune::heartbeat(1)).await;
     let channel = open(&connection, &mut peer).await;

@@ -271,6 +271,15 @@ impl Peer {
     pub(crate) async fn close_ok(&mut self, channel: u16) {
         self.send(channel, Writer::method(CHANNEL, 41)).await;
     }
+
+    /// The broker closes the connection with `code` and `text`.
+    pub(crate) async fn close_connection(&mut self, code: u16, text: &str) {
+        let mut close = Writer::method(CONNECTION, 50);
+        close.u16(code);
+        close.short("text", text.as_bytes()).unwrap();
+        close.u16(0).u16(0);
+        self.send(0, close).await;
+    }
 }
 
 /// Listens on a loopback port; the config connects there with `heartbeat` seconds.
