@@ -353,6 +353,12 @@ impl Connection {
             );
             return Ok(After::Nothing);
         };
+        if channel.partial.is_some() {
+            // Content frames follow their method, nothing between them on the channel.
+            return Err(format!(
+                "method {class}.{method} on channel {id} while a message's content was still arriving"
+            ));
+        }
         let text = |e: WireError| e.to_string();
         match (class, method) {
             (CLASS_BASIC, 60) => {
@@ -370,11 +376,11 @@ impl Connection {
                         routing_key,
                         content: Content::default(),
                     }
-                })?;
+                });
             }
             (CLASS_BASIC, 71) => {
                 let raw = args.rest().to_vec();
-                Self::begin_content(channel, None, class, method, &raw, Incoming::default())?;
+                Self::begin_content(channel, None, class, method, &raw, Incoming::default());
             }
             (CLASS_BASIC, 50) => {
                 // A returned message: not expected here (nothing is published
@@ -386,7 +392,7 @@ impl Connection {
                     method,
                     &[],
                     Incoming::default(),
-                )?;
+                );
             }
             (CLASS_BASIC, 30) => {
                 // The broker cancelled a consumer (its queue was deleted, ...).
@@ -491,12 +497,7 @@ impl Connection {
         method: u16,
         args: &[u8],
         incoming: Incoming,
-    ) -> Result<(), String> {
-        if channel.partial.is_some() {
-            return Err(format!(
-                "method {class}.{method} while a message's content was still arriving"
-            ));
-        }
+    ) {
         channel.partial = Some(Partial {
             consumer,
             reply: Reply {
@@ -508,7 +509,6 @@ impl Connection {
             incoming,
             body_size: None,
         });
-        Ok(())
     }
 
     /// Handles a content header or body frame.

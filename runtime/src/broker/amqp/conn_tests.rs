@@ -352,7 +352,7 @@ async fn misplaced_content_ends_the_connection_and_everyone_hears_why() {
         ),
         (
             Misplaced::DeliveryMidBody,
-            "method 60.60 while a message's content was still arriving",
+            "method 60.60 on channel 1 while a message's content was still arriving",
         ),
     ] {
         let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
@@ -386,6 +386,29 @@ async fn misplaced_content_ends_the_connection_and_everyone_hears_why() {
             "{case:?}"
         );
     }
+}
+
+/// Content frames follow their method with nothing else on the channel
+/// between them: a reply inside a message is a broken stream, not a reply.
+#[tokio::test]
+async fn a_method_inside_a_message_ends_the_connection() {
+    let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
+    let channel = open(&connection, &mut peer).await;
+    let mut events = consume(&channel, &mut peer, "c").await;
+    let waiting = declare_sent(&channel, &mut peer, "q").await;
+    peer.deliver_method(channel.id, "c", 1).await;
+    peer.content_header(channel.id, 3).await;
+    peer.body(channel.id, b"1").await;
+    peer.send(channel.id, declare_ok("q")).await;
+    peer.body(channel.id, b"23").await;
+    assert_died(
+        &connection,
+        &mut peer,
+        waiting,
+        &mut events,
+        "method 50.11 on channel 1 while a message's content was still arriving",
+    )
+    .await;
 }
 
 #[tokio::test]
