@@ -140,6 +140,8 @@ struct State {
     serial: u64,
     /// Why the connection died, once it did.
     dead: Option<String>,
+    /// This client sent `connection.close`.
+    closing: bool,
     /// The `connection.close-ok` answering the broker's close: written once
     /// the connection is dead (nothing queued is sent after the close).
     farewell: Option<Vec<u8>>,
@@ -198,6 +200,7 @@ impl Connection {
                 next_id: 1,
                 serial: 0,
                 dead: None,
+                closing: false,
                 farewell: None,
             }),
             wake_writer: Notify::new(),
@@ -316,6 +319,7 @@ impl Connection {
             }
             close.u16(0).u16(0);
             Self::queue(&mut state.out, 0, &close);
+            state.closing = true;
         }
         self.wake_writer.notify_one();
         if tokio::time::timeout(Duration::from_secs(1), self.died())
@@ -445,6 +449,12 @@ impl Connection {
                 return Ok(After::Ended(sinks, error.to_string()));
             }
             (CHANNEL, 41) => {
+                if !channel.closing {
+                    // The broker would keep it open, the client reuse its id.
+                    return Err(format!(
+                        "channel.close-ok on channel {id}, which this client did not close"
+                    ));
+                }
                 let channel = state.channels.remove(&id).unwrap_or_default();
                 let mut waiting = channel.waiting;
                 // The last request sent was the close: it takes this answer.
@@ -616,7 +626,10 @@ impl Connection {
                 self.lock().farewell = Some(close_ok);
                 Err(format!("the broker closed the connection: {code} {text}"))
             }
-            (CONNECTION, 51) => Err("closed by application".to_owned()),
+            (CONNECTION, 51) if self.lock().closing => Err("closed by application".to_owned()),
+            (CONNECTION, 51) => {
+                Err("connection.close-ok, but this client did not close the connection".to_owned())
+            }
             (CONNECTION, 60) => {
                 let reason = args
                     .short("reason")

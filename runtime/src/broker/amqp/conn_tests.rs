@@ -641,6 +641,28 @@ async fn the_broker_closing_the_connection_is_answered_and_told_to_everyone() {
 }
 
 #[tokio::test]
+async fn closing_the_connection_waits_for_the_brokers_close_ok() {
+    let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
+    let channel = open(&connection, &mut peer).await;
+    let mut events = consume(&channel, &mut peer, "c").await;
+    let closing = {
+        let connection = connection.clone();
+        tokio::spawn(async move { connection.close("bye").await })
+    };
+    let close = peer.expect(CONNECTION, 50).await;
+    let mut args = close.args();
+    assert_eq!((close.channel, args.u16("code").unwrap()), (0, 200));
+    assert_eq!(args.short("text").unwrap(), b"bye");
+    assert!(connection.is_up(), "up until the broker answers");
+    peer.send(0, Writer::method(CONNECTION, 51)).await;
+    outcome(closing).await;
+    assert!(!connection.is_up());
+    assert_eq!(connection.death_reason(), "closed by application");
+    assert_eq!(events.ended().await, "closed by application");
+    peer.hung_up().await;
+}
+
+#[tokio::test]
 async fn a_broker_silent_for_two_heartbeats_is_left() {
     let (connection, mut peer) = connected(Tune::heartbeat(1)).await;
     let channel = open(&connection, &mut peer).await;
@@ -707,6 +729,27 @@ async fn a_reply_nobody_waits_for_ends_the_connection() {
             "unexpected method 50.11 on channel 2 (no request waits for it)"
         };
         // Not handed to the call waiting on the other channel, nor kept for a later one.
+        assert_died(&connection, &mut peer, waiting, &mut events, needle).await;
+    }
+}
+
+/// A close-ok for a close this client never sent: the broker and the
+/// client disagree on what is open (the channel's id must not be reused
+/// while the broker may hold it open), so the connection ends, saying so.
+#[tokio::test]
+async fn a_close_ok_nobody_asked_for_ends_the_connection() {
+    for whole_connection in [false, true] {
+        let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
+        let channel = open(&connection, &mut peer).await;
+        let mut events = consume(&channel, &mut peer, "c").await;
+        let waiting = declare_sent(&channel, &mut peer, "q").await;
+        let needle = if whole_connection {
+            peer.send(0, Writer::method(CONNECTION, 51)).await;
+            "connection.close-ok, but this client did not close the connection"
+        } else {
+            peer.close_ok(channel.id).await;
+            "channel.close-ok on channel 1, which this client did not close"
+        };
         assert_died(&connection, &mut peer, waiting, &mut events, needle).await;
     }
 }
