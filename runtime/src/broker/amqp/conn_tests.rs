@@ -316,9 +316,9 @@ async fn content_split_over_body_frames_arrives_whole() {
     assert!(connection.is_up());
 }
 
-/// Content frames out of place, from a broken broker.
+/// Frames a broken broker sends.
 #[derive(Debug, Clone, Copy)]
-enum Misplaced {
+enum Broken {
     /// A body frame longer than the header announced.
     LongBody,
     /// A content header with no method before it.
@@ -329,31 +329,40 @@ enum Misplaced {
     BodyBeforeHeader,
     /// A new delivery while a message's body was still arriving.
     DeliveryMidBody,
+    /// A frame larger than the negotiated frame_max.
+    Oversized,
+    /// A frame whose end byte is wrong.
+    BadFrameEnd,
 }
 
 #[tokio::test]
-async fn misplaced_content_ends_the_connection_and_everyone_hears_why() {
+async fn broken_frames_end_the_connection_and_everyone_hears_why() {
     for (case, needle) in [
         (
-            Misplaced::LongBody,
+            Broken::LongBody,
             "message body on channel 1 longer than the 3 bytes announced",
         ),
         (
-            Misplaced::HeaderAlone,
+            Broken::HeaderAlone,
             "content frame on channel 1 without a message",
         ),
         (
-            Misplaced::BodyAlone,
+            Broken::BodyAlone,
             "content frame on channel 1 without a message",
         ),
         (
-            Misplaced::BodyBeforeHeader,
+            Broken::BodyBeforeHeader,
             "content frame of type 3 out of order on channel 1",
         ),
         (
-            Misplaced::DeliveryMidBody,
+            Broken::DeliveryMidBody,
             "method 60.60 on channel 1 while a message's content was still arriving",
         ),
+        (
+            Broken::Oversized,
+            "frame of 131073 bytes exceeds the negotiated maximum 131072",
+        ),
+        (Broken::BadFrameEnd, "frame end byte is 0x00, not 0xCE"),
     ] {
         let (connection, mut peer) = connected(Tune::heartbeat(0)).await;
         let consuming = open(&connection, &mut peer).await;
@@ -362,23 +371,29 @@ async fn misplaced_content_ends_the_connection_and_everyone_hears_why() {
         let waiting = declare_sent(&other, &mut peer, "q").await;
         let id = consuming.id;
         match case {
-            Misplaced::LongBody => {
+            Broken::LongBody => {
                 peer.deliver_method(id, "c", 1).await;
                 peer.content_header(id, 3).await;
                 peer.body(id, b"12345").await;
             }
-            Misplaced::HeaderAlone => peer.content_header(id, 3).await,
-            Misplaced::BodyAlone => peer.body(id, b"123").await,
-            Misplaced::BodyBeforeHeader => {
+            Broken::HeaderAlone => peer.content_header(id, 3).await,
+            Broken::BodyAlone => peer.body(id, b"123").await,
+            Broken::BodyBeforeHeader => {
                 peer.deliver_method(id, "c", 1).await;
                 peer.body(id, b"123").await;
             }
-            Misplaced::DeliveryMidBody => {
+            Broken::DeliveryMidBody => {
                 peer.deliver_method(id, "c", 1).await;
                 peer.content_header(id, 3).await;
                 peer.body(id, b"1").await;
                 peer.deliver(id, "c", 2, &[b"x"]).await;
             }
+            Broken::Oversized => {
+                peer.deliver_method(id, "c", 1).await;
+                peer.content_header(id, 1 << 20).await;
+                peer.body(id, &vec![0; 131_073]).await;
+            }
+            Broken::BadFrameEnd => peer.raw(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 0, 80, 0x00]).await,
         }
         let reason = assert_died(&connection, &mut peer, waiting, &mut events, needle).await;
         assert!(
@@ -453,6 +468,30 @@ async fn a_channel_the_broker_closes_fails_its_own_calls_and_consumers_only() {
     let reopened = open(&connection, &mut peer).await;
     assert_eq!(reopened.id, doomed.id);
     kept_events.quiet();
+}
+
+#[tokio::test]
+async fn a_channel_the_broker_refuses_to_open_frees_its_id() {
+    let (connection, mut peer) = connected(channels(1)).await;
+    let (refused, ()) = within("channel.open", async {
+        tokio::join!(connection.open_channel(), async {
+            let open = peer.expect(CHANNEL, 10).await;
+            peer.close_channel(open.channel, 530, "NOT_ALLOWED - too many channels")
+                .await;
+        })
+    })
+    .await;
+    assert_eq!(
+        refused.unwrap_err(),
+        AmqpError::Closed {
+            code: 530,
+            text: "NOT_ALLOWED - too many channels".to_owned()
+        }
+    );
+    assert_eq!(peer.expect(CHANNEL, 41).await.channel, 1);
+    assert!(connection.is_up());
+    let channel = open(&connection, &mut peer).await;
+    assert_eq!(channel.id, 1);
 }
 
 /// A `Channel` the broker closed is stale once its id is reused: it must
@@ -595,6 +634,18 @@ async fn a_delivery_nobody_consumes_is_rejected_back_to_its_queue() {
     peer.deliver(channel.id, "a", 8, &[b"late"]).await;
     assert_eq!(rejected(peer.expect(CLASS_BASIC, 90).await), (8, true));
     assert!(connection.is_up() && channel.is_open());
+    // On a channel being closed nothing is sent: its close requeues the delivery.
+    let id = channel.id;
+    drop(channel);
+    assert_eq!(peer.expect(CHANNEL, 40).await.channel, id);
+    peer.deliver(id, "unknown", 9, &[b"closing"]).await;
+    let next = open(&connection, &mut peer).await;
+    assert_ne!(next.id, id, "still closing");
+    // Frames are handled in order: the delivery was before this reply.
+    let sync = declare_sent(&next, &mut peer, "sync").await;
+    peer.send(next.id, declare_ok("sync")).await;
+    assert_eq!(declared_queue(outcome(sync).await.unwrap()), "sync");
+    peer.close_ok(id).await;
 }
 
 #[tokio::test]
