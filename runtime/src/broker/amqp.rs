@@ -96,6 +96,8 @@ mod link;
 mod methods;
 mod pipe;
 pub mod raw;
+#[cfg(test)]
+mod scripted;
 mod wire;
 
 use std::collections::BTreeSet;

@@ -134,6 +134,9 @@ struct ChannelState {
     /// This client sent `channel.close` (or is about to): nothing more is
     /// sent on it, and its id is free once the broker's `close-ok` came.
     closing: bool,
+    /// Which opening of the id this is: a [`Channel`] handle of an earlier
+    /// channel with the same id (closed by the broker, the id reused) is stale.
+    serial: u64,
 }
 
 struct State {
@@ -142,8 +145,15 @@ struct State {
     channels: HashMap<u16, ChannelState>,
     /// Where the search for a free channel id starts.
     next_id: u16,
+    /// The last channel's [`serial`](ChannelState::serial).
+    serial: u64,
     /// Why the connection died, once it did.
     dead: Option<String>,
+    /// This client sent `connection.close`.
+    closing: bool,
+    /// The `connection.close-ok` answering the broker's close: written once
+    /// the connection is dead (nothing queued is sent after the close).
+    farewell: Option<Vec<u8>>,
 }
 
 /// What finishing a frame asks of the reader once the connection's lock is released.
@@ -197,7 +207,10 @@ impl Connection {
                 out: Vec::new(),
                 channels: HashMap::new(),
                 next_id: 1,
+                serial: 0,
                 dead: None,
+                closing: false,
+                farewell: None,
             }),
             wake_writer: Notify::new(),
             dead: watch::Sender::new(false),
@@ -244,7 +257,7 @@ impl Connection {
 
     /// Opens a channel.
     pub(crate) async fn open_channel(self: &Arc<Self>) -> Result<Channel, AmqpError> {
-        let (id, reply) = {
+        let (id, serial, reply) = {
             let mut state = self.lock();
             if let Some(reason) = &state.dead {
                 return Err(AmqpError::Connection(reason.clone()));
@@ -256,19 +269,24 @@ impl Connection {
                 ))
             })?;
             let (waiter, reply) = oneshot::channel();
-            let mut channel = ChannelState::default();
+            state.serial += 1;
+            let mut channel = ChannelState {
+                serial: state.serial,
+                ..ChannelState::default()
+            };
             channel.waiting.push_back(waiter);
             state.channels.insert(id, channel);
             let mut open = Writer::method(CHANNEL, 10);
             let _ = open.short("reserved", b"");
             Self::queue(&mut state.out, id, &open);
-            (id, reply)
+            (id, state.serial, reply)
         };
         self.wake_writer.notify_one();
         // From here the channel is ours to close, whatever the answer.
         let channel = Channel {
             connection: self.clone(),
             id,
+            serial,
         };
         let reply = reply.await.unwrap_or(Err(AmqpError::ChannelGone))?;
         if !reply.is(CHANNEL, 11) {
@@ -310,6 +328,7 @@ impl Connection {
             }
             close.u16(0).u16(0);
             Self::queue(&mut state.out, 0, &close);
+            state.closing = true;
         }
         self.wake_writer.notify_one();
         if tokio::time::timeout(Duration::from_secs(1), self.died())
@@ -347,6 +366,12 @@ impl Connection {
             );
             return Ok(After::Nothing);
         };
+        if channel.partial.is_some() {
+            // Content frames follow their method, nothing between them on the channel.
+            return Err(format!(
+                "method {class}.{method} on channel {id} while a message's content was still arriving"
+            ));
+        }
         let text = |e: WireError| e.to_string();
         match (class, method) {
             (CLASS_BASIC, 60) => {
@@ -367,7 +392,7 @@ impl Connection {
                         routing_key,
                         content: Content::default(),
                     }
-                })?;
+                });
             }
             (CLASS_BASIC, 71) => {
                 let raw = args.rest().to_vec();
@@ -378,7 +403,7 @@ impl Connection {
                     method,
                     &raw,
                     Incoming::default(),
-                )?;
+                );
             }
             (CLASS_BASIC, 50) => {
                 // A returned message: not expected here (nothing is published
@@ -390,7 +415,7 @@ impl Connection {
                     method,
                     &[],
                     Incoming::default(),
-                )?;
+                );
             }
             (CLASS_BASIC, 30) => {
                 // The broker cancelled a consumer (its queue was deleted, ...).
@@ -437,11 +462,18 @@ impl Connection {
                 };
                 if let Some(kept) = state.channels.get_mut(&id) {
                     kept.closing = true;
+                    kept.serial = channel.serial;
                 }
                 let sinks = Self::fail_channel(channel, &error);
                 return Ok(After::Ended(sinks, error.to_string()));
             }
             (CHANNEL, 41) => {
+                if !channel.closing {
+                    // The broker would keep it open, the client reuse its id.
+                    return Err(format!(
+                        "channel.close-ok on channel {id}, which this client did not close"
+                    ));
+                }
                 let channel = state.channels.remove(&id).unwrap_or_default();
                 let mut waiting = channel.waiting;
                 // The last request sent was the close: it takes this answer.
@@ -494,12 +526,7 @@ impl Connection {
         method: u16,
         args: &[u8],
         incoming: Incoming,
-    ) -> Result<(), String> {
-        if channel.partial.is_some() {
-            return Err(format!(
-                "method {class}.{method} while a message's content was still arriving"
-            ));
-        }
+    ) {
         channel.partial = Some(Partial {
             owner,
             reply: Reply {
@@ -511,7 +538,6 @@ impl Connection {
             incoming,
             body_size: None,
         });
-        Ok(())
     }
 
     /// Handles a content header or body frame.
@@ -612,13 +638,17 @@ impl Connection {
                     .short("reply text")
                     .map(|t| String::from_utf8_lossy(t).into_owned())
                     .unwrap_or_default();
-                let mut state = self.lock();
-                Self::queue(&mut state.out, 0, &Writer::method(CONNECTION, 51));
-                drop(state);
-                self.wake_writer.notify_one();
+                // Queued frames die with the connection (the broker ignores
+                // anything but close-ok now): the writer sends it last.
+                let mut close_ok = Vec::new();
+                Self::queue(&mut close_ok, 0, &Writer::method(CONNECTION, 51));
+                self.lock().farewell = Some(close_ok);
                 Err(format!("the broker closed the connection: {code} {text}"))
             }
-            (CONNECTION, 51) => Err("closed by application".to_owned()),
+            (CONNECTION, 51) if self.lock().closing => Err("closed by application".to_owned()),
+            (CONNECTION, 51) => {
+                Err("connection.close-ok, but this client did not close the connection".to_owned())
+            }
             (CONNECTION, 60) => {
                 let reason = args
                     .short("reason")
@@ -662,6 +692,10 @@ impl Wired for Connection {
 
     fn dead_signal(&self) -> watch::Receiver<bool> {
         self.dead.subscribe()
+    }
+
+    fn farewell(&self) -> Option<Vec<u8>> {
+        self.lock().farewell.take()
     }
 
     fn take_queued(&self, batch: &mut Vec<u8>) -> bool {
@@ -717,6 +751,9 @@ impl Wired for Connection {
 pub(crate) struct Channel {
     connection: Arc<Connection>,
     id: u16,
+    /// Its [`ChannelState::serial`]: once the broker closed it, its id may
+    /// be another channel's.
+    serial: u64,
 }
 
 impl fmt::Debug for Channel {
@@ -733,7 +770,7 @@ impl Channel {
             && state
                 .channels
                 .get(&self.id)
-                .is_some_and(|channel| !channel.closing)
+                .is_some_and(|channel| channel.serial == self.serial && !channel.closing)
     }
 
     /// Sends `method` and waits for the broker's answer.
@@ -741,7 +778,9 @@ impl Channel {
         let reply = {
             let mut state = self.connection.lock();
             let (waiter, reply) = oneshot::channel();
-            open_state(&mut state, self.id)?.waiting.push_back(waiter);
+            open_state(&mut state, self.id, self.serial)?
+                .waiting
+                .push_back(waiter);
             Connection::queue(&mut state.out, self.id, &method);
             reply
         };
@@ -753,7 +792,7 @@ impl Channel {
     pub(crate) fn send(&self, methods: &[Writer]) -> Result<(), AmqpError> {
         {
             let mut state = self.connection.lock();
-            open_state(&mut state, self.id)?;
+            open_state(&mut state, self.id, self.serial)?;
             for method in methods {
                 Connection::queue(&mut state.out, self.id, method);
             }
@@ -782,14 +821,16 @@ impl Channel {
         {
             // Registered first: deliveries may follow consume-ok at once.
             let mut state = self.connection.lock();
-            open_state(&mut state, self.id)?
+            open_state(&mut state, self.id, self.serial)?
                 .consumers
                 .insert(tag.to_owned(), sink);
         }
         let result = self.call(consume).await;
         if !matches!(&result, Ok(reply) if reply.is(CLASS_BASIC, 21)) {
             let mut state = self.connection.lock();
-            if let Some(channel) = state.channels.get_mut(&self.id) {
+            if let Some(channel) = state.channels.get_mut(&self.id)
+                && channel.serial == self.serial
+            {
                 channel.consumers.remove(tag);
             }
         }
@@ -808,7 +849,7 @@ impl Channel {
     pub(crate) async fn close(&self) -> Result<(), AmqpError> {
         let reply = {
             let mut state = self.connection.lock();
-            let channel = open_state(&mut state, self.id)?;
+            let channel = open_state(&mut state, self.id, self.serial)?;
             channel.closing = true;
             let (waiter, reply) = oneshot::channel();
             channel.waiting.push_back(waiter);
@@ -820,13 +861,13 @@ impl Channel {
     }
 }
 
-/// The state of open channel `id`, or why there is none.
-fn open_state(state: &mut State, id: u16) -> Result<&mut ChannelState, AmqpError> {
+/// The state of open channel `id` opened as `serial`, or why there is none.
+fn open_state(state: &mut State, id: u16, serial: u64) -> Result<&mut ChannelState, AmqpError> {
     if let Some(reason) = &state.dead {
         return Err(AmqpError::Connection(reason.clone()));
     }
     match state.channels.get_mut(&id) {
-        Some(channel) if !channel.closing => Ok(channel),
+        Some(channel) if channel.serial == serial && !channel.closing => Ok(channel),
         _ => Err(AmqpError::ChannelGone),
     }
 }
@@ -848,7 +889,7 @@ impl Drop for Channel {
         let Some(channel) = state.channels.get_mut(&self.id) else {
             return;
         };
-        if channel.closing {
+        if channel.serial != self.serial || channel.closing {
             return;
         }
         channel.closing = true;
@@ -857,3 +898,7 @@ impl Drop for Channel {
         self.connection.wake_writer.notify_one();
     }
 }
+
+#[cfg(test)]
+#[path = "conn_tests.rs"]
+mod tests;

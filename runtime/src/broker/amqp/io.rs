@@ -18,6 +18,9 @@ const HEARTBEAT_FRAME: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, 0xCE];
 /// A write buffer larger than this is not kept for the next batch.
 const WRITE_BUFFER_KEPT: usize = 1 << 20;
 
+/// How long the last words of a dead connection may take to write.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// What the I/O tasks need of a connection.
 pub(crate) trait Wired: Send + Sync + 'static {
     /// Where the connection goes (for messages).
@@ -30,6 +33,11 @@ pub(crate) trait Wired: Send + Sync + 'static {
     fn take_queued(&self, batch: &mut Vec<u8>) -> bool;
     /// Marks the connection dead (once), telling everyone waiting on it.
     fn die(&self, reason: String);
+    /// What to write once the connection died, after everything written
+    /// before (the `connection.close-ok` answering the broker's close).
+    fn farewell(&self) -> Option<Vec<u8>> {
+        None
+    }
     /// Handles one frame from the broker; `Err` ends the connection.
     fn handle(&self, frame: FrameRef<'_>) -> Result<(), String>;
     /// A moment by which the connection must have heard something it waits
@@ -69,6 +77,8 @@ async fn write_loop<C: Wired>(
     let mut dead = connection.dead_signal();
     // Heartbeats at half the negotiated interval, when nothing else was sent.
     let idle = (!heartbeat.is_zero()).then(|| heartbeat / 2);
+    // Whether the stream ends on a whole frame, for a farewell to follow.
+    let mut whole = true;
     loop {
         let woken = match idle {
             Some(idle) => tokio::time::timeout(idle, connection.writer_wake().notified())
@@ -96,16 +106,27 @@ async fn write_loop<C: Wired>(
         // declares the connection dead (silence), not when TCP gives up.
         let written = tokio::select! {
             written = written => written,
-            _ = dead.wait_for(|dead| *dead) => break,
+            _ = dead.wait_for(|dead| *dead) => {
+                whole = false;
+                break;
+            }
         };
         if let Err(error) = written {
             connection.die(format!("writing to {}: {error}", connection.endpoint()));
+            whole = false;
             break;
         }
         batch.clear();
         if batch.capacity() > WRITE_BUFFER_KEPT {
             batch = Vec::new();
         }
+    }
+    if whole && let Some(farewell) = connection.farewell() {
+        let written = async {
+            writer.write_all(&farewell).await?;
+            writer.flush().await
+        };
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, written).await;
     }
     let _ = writer.close().await;
 }

@@ -944,115 +944,10 @@ mod tests {
         assert!(parsed[2..].iter().all(|f| f.payload.len() <= 4088));
     }
 
-    /// A broker played by the test, over loopback: it speaks just enough
-    /// AMQP to open a confirm channel, then does what each test scripts.
+    /// The scripted broker (shared with the main connection's tests), and
+    /// a publishing connection connected to it.
     mod scripted {
-        use super::super::super::wire::{FRAME_HEARTBEAT, Frame, Writer};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        use tokio::net::{TcpListener, TcpStream};
-
-        pub(crate) struct Peer {
-            stream: TcpStream,
-            buffer: Vec<u8>,
-        }
-
-        impl Peer {
-            /// The next frame that is not a heartbeat; `None` once the client hung up.
-            pub(crate) async fn frame(&mut self) -> Option<Frame> {
-                loop {
-                    if let Some((frame, used)) =
-                        Frame::parse(&self.buffer, 0).expect("client frames are well formed")
-                    {
-                        self.buffer.drain(..used);
-                        if frame.kind == FRAME_HEARTBEAT {
-                            continue;
-                        }
-                        return Some(frame);
-                    }
-                    let mut chunk = [0; 4096];
-                    let read = self.stream.read(&mut chunk).await.ok()?;
-                    if read == 0 {
-                        return None;
-                    }
-                    self.buffer.extend_from_slice(&chunk[..read]);
-                }
-            }
-
-            /// The next method's class and id (skipping content frames).
-            pub(crate) async fn method(&mut self) -> Option<(u16, u16)> {
-                loop {
-                    let frame = self.frame().await?;
-                    if frame.kind == super::FRAME_METHOD {
-                        let (class, method, _) = frame.method().unwrap();
-                        return Some((class, method));
-                    }
-                }
-            }
-
-            pub(crate) async fn send(&mut self, channel: u16, method: Writer) {
-                self.raw(&Frame::encode(super::FRAME_METHOD, channel, &method.0))
-                    .await;
-            }
-
-            pub(crate) async fn raw(&mut self, bytes: &[u8]) {
-                let _ = self.stream.write_all(bytes).await;
-            }
-
-            /// Answers the client's `channel.open` (channel 1) and `confirm.select`.
-            pub(crate) async fn open_confirm_channel(&mut self) {
-                assert_eq!(self.method().await, Some((20, 10)), "channel.open");
-                let mut channel_ok = Writer::method(20, 11);
-                channel_ok.long(&[]);
-                self.send(1, channel_ok).await;
-                assert_eq!(self.method().await, Some((85, 10)), "confirm.select");
-                self.send(1, Writer::method(85, 11)).await;
-            }
-
-            /// Settles delivery `tag`: `basic.ack` (80) or `basic.nack` (120).
-            pub(crate) async fn confirm(&mut self, method: u16, tag: u64, multiple: bool) {
-                let mut confirm = Writer::method(super::CLASS_BASIC, method);
-                confirm.u64(tag).u8(u8::from(multiple));
-                self.send(1, confirm).await;
-            }
-        }
-
-        /// Listens on a loopback port; the config connects there with `heartbeat` seconds.
-        pub(crate) async fn broker(heartbeat: u16) -> (TcpListener, super::AmqpConfig) {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let config =
-                super::AmqpConfig::from_url(&format!("amqp://guest:guest@127.0.0.1:{port}/%2f"))
-                    .unwrap()
-                    .with_heartbeat(std::time::Duration::from_secs(heartbeat.into()))
-                    .with_connect_timeout(std::time::Duration::from_secs(5));
-            (listener, config)
-        }
-
-        /// Accepts one connection and opens it up to a confirm channel 1.
-        pub(crate) async fn accept(listener: &TcpListener, heartbeat: u16) -> Peer {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut peer = Peer {
-                stream,
-                buffer: Vec::new(),
-            };
-            let mut header = [0; 8];
-            peer.stream.read_exact(&mut header).await.unwrap();
-            assert_eq!(&header, b"AMQP\x00\x00\x09\x01");
-            let mut start = Writer::method(10, 10);
-            start.u8(0).u8(9).long(&[]).long(b"PLAIN").long(b"en_US");
-            peer.send(0, start).await;
-            assert_eq!(peer.method().await, Some((10, 11)));
-            let mut tune = Writer::method(10, 30);
-            tune.u16(2047).u32(131_072).u16(heartbeat);
-            peer.send(0, tune).await;
-            assert_eq!(peer.method().await, Some((10, 31)));
-            assert_eq!(peer.method().await, Some((10, 40)));
-            let mut open_ok = Writer::method(10, 41);
-            open_ok.short("reserved", b"").unwrap();
-            peer.send(0, open_ok).await;
-            peer.open_confirm_channel().await;
-            peer
-        }
+        pub(crate) use super::super::super::scripted::*;
 
         /// Connects a publishing connection to a scripted broker proposing
         /// `heartbeat` seconds; the broker side is the returned peer.
@@ -1067,15 +962,6 @@ mod tests {
                 accept(&listener, heartbeat)
             );
             (pipe.expect("connects to the scripted broker"), peer)
-        }
-
-        /// A `channel.close` the broker sends, blaming method `class.method`.
-        pub(crate) fn channel_close(code: u16, text: &[u8], class: u16, method: u16) -> Writer {
-            let mut close = Writer::method(20, 40);
-            close.u16(code);
-            close.short("text", text).expect("a short reply text");
-            close.u16(class).u16(method);
-            close
         }
     }
 
