@@ -1,10 +1,12 @@
 //! Settling a consumer channel's deliveries.
 //!
-//! A delivery's ack or nack is recorded here and what it completes is queued
-//! for the connection's writer at once, in the order the calls were made,
-//! without waiting for the write (the writer sends whatever was queued in one
-//! write): a run of settled tags from the oldest unsettled one is
-//! acknowledged with one `basic.ack` (`multiple`), the rest one frame each. A
+//! A delivery's ack or nack is recorded here, and the connection's writer
+//! takes what was recorded just before its next write, in the order the
+//! calls were made (nothing waits for the write): a run of settled tags from
+//! the oldest unsettled one is acknowledged with one `basic.ack`
+//! (`multiple`), the rest one frame each. Acks made while the writer was
+//! busy go out together, so the broker reads one frame per run rather than
+//! one per message. A
 //! handler still running never holds back the acks of deliveries after it,
 //! so a slow message never fills the prefetch window with finished ones.
 //!
@@ -14,11 +16,12 @@
 //! redelivers the message, as it would after any loss.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
-use super::conn::Channel;
+use super::conn::{Channel, Deferred};
 use super::methods;
 use crate::broker::{AckHandle, BoxFuture, BrokerError};
 
@@ -35,6 +38,8 @@ pub(crate) struct AckBatcher {
     channel: Channel,
     /// Delivered and not yet sent: `None` while unsettled.
     outstanding: Mutex<BTreeMap<u64, Option<Settle>>>,
+    /// Whether the writer is to flush this batcher before its next write.
+    scheduled: AtomicBool,
 }
 
 impl AckBatcher {
@@ -43,6 +48,7 @@ impl AckBatcher {
         Arc::new(AckBatcher {
             channel,
             outstanding: Mutex::new(BTreeMap::new()),
+            scheduled: AtomicBool::new(false),
         })
     }
 
@@ -71,14 +77,25 @@ impl AckBatcher {
         }
     }
 
-    /// Records `settle` for `tag` and queues what it completes; false when
-    /// it was settled already (or never delivered here).
-    fn record(&self, tag: u64, settle: Settle) -> Result<bool, BrokerError> {
-        let mut outstanding = self.lock();
-        match outstanding.get_mut(&tag) {
+    /// Records `settle` for `tag`, to be sent before the connection's next
+    /// write; false when it was settled already (or never delivered here).
+    fn record(self: &Arc<Self>, tag: u64, settle: Settle) -> bool {
+        match self.lock().get_mut(&tag) {
             Some(slot @ None) => *slot = Some(settle),
-            _ => return Ok(false),
+            _ => return false,
         }
+        if !self.scheduled.swap(true, Ordering::AcqRel) {
+            self.channel.defer(self.clone());
+        }
+        true
+    }
+
+    /// Queues what was recorded so far on the channel, now: before the
+    /// channel is closed, which would requeue what was acked.
+    pub(crate) fn flush(&self) {
+        // Cleared first: a settlement recorded from here on schedules another flush.
+        self.scheduled.store(false, Ordering::Release);
+        let mut outstanding = self.lock();
         let frames: Vec<_> = take_ready_from(&mut outstanding)
             .into_iter()
             .map(|frame| match frame {
@@ -86,11 +103,27 @@ impl AckBatcher {
                 Frame::Nack(tag, requeue) => methods::basic_nack(tag, requeue),
             })
             .collect();
+        if frames.is_empty() {
+            return;
+        }
         // Queued under the lock: frames leave in the order they were taken.
-        self.channel.send(&frames).map_err(|error| {
-            BrokerError::AckFailed(format!("{error} (the broker redelivers it)"))
-        })?;
-        Ok(true)
+        if let Err(error) = self.channel.send(&frames) {
+            // The broker redelivers what it did not see settled.
+            tracing::debug!(%error, "settling consumer deliveries failed");
+        }
+    }
+}
+
+impl Deferred for AckBatcher {
+    fn flush(&self) {
+        AckBatcher::flush(self);
+    }
+}
+
+impl Drop for AckBatcher {
+    /// What was recorded goes out before the channel closes.
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -144,7 +177,7 @@ impl BatchedAcker {
                 "its channel or connection is closed (the broker redelivers it)".to_owned(),
             ));
         }
-        if self.batcher.record(self.tag, settle)? {
+        if self.batcher.record(self.tag, settle) {
             Ok(())
         } else {
             Err(BrokerError::AckFailed(
@@ -157,9 +190,8 @@ impl BatchedAcker {
 impl Drop for BatchedAcker {
     /// An unsettled delivery goes back to its queue (as with the embedded broker).
     fn drop(&mut self) {
-        // Failing only when the channel is gone, which requeued it already.
-        let _ = self
-            .batcher
+        // False once settled, which is what should happen.
+        self.batcher
             .record(self.tag, Settle::Nack { requeue: true });
     }
 }

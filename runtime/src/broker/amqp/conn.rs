@@ -169,8 +169,17 @@ pub(crate) struct Connection {
     channel_max: u16,
     frame_max: u32,
     state: Mutex<State>,
+    /// Frames whose makers wait for the next write to queue them (acks,
+    /// coalesced into one `multiple` ack per run meanwhile).
+    deferred: Mutex<Vec<Arc<dyn Deferred>>>,
     wake_writer: Notify,
     dead: watch::Sender<bool>,
+}
+
+/// Something that queues frames just before the writer's next write.
+pub(crate) trait Deferred: Send + Sync {
+    /// Queues what it has (on its channel).
+    fn flush(&self);
 }
 
 impl Connection {
@@ -212,6 +221,7 @@ impl Connection {
                 closing: false,
                 farewell: None,
             }),
+            deferred: Mutex::new(Vec::new()),
             wake_writer: Notify::new(),
             dead: watch::Sender::new(false),
         });
@@ -233,6 +243,31 @@ impl Connection {
     /// Whether the connection is alive.
     pub(crate) fn is_up(&self) -> bool {
         self.lock().dead.is_none()
+    }
+
+    /// Has `item` flushed just before the writer's next write (dropped
+    /// unflushed once the connection is dead: there is no next write).
+    pub(crate) fn defer(&self, item: Arc<dyn Deferred>) {
+        if !self.is_up() {
+            return;
+        }
+        self.deferred
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(item);
+        self.wake_writer.notify_one();
+        // Died meanwhile: the writer may be gone already.
+        if !self.is_up() {
+            self.drop_deferred();
+        }
+    }
+
+    /// Drops what waits for the writer (outside every other lock: dropping
+    /// a batcher flushes it, which takes the connection's lock).
+    fn drop_deferred(&self) {
+        let deferred =
+            std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(deferred);
     }
 
     /// Why the connection died (empty while it lives).
@@ -699,6 +734,12 @@ impl Wired for Connection {
     }
 
     fn take_queued(&self, batch: &mut Vec<u8>) -> bool {
+        // Outside the connection's lock: a flush takes its own, then this one.
+        let deferred =
+            std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
+        for item in deferred {
+            item.flush();
+        }
         let mut state = self.lock();
         if state.dead.is_some() {
             return false;
@@ -725,6 +766,10 @@ impl Wired for Connection {
                 sink.ended(reason.clone());
             }
         }
+        // Nothing will be written: what waited for the writer lets go (it
+        // holds channels, and they this connection). Later deferrals are
+        // dropped by the writer's last look, or here when it is gone.
+        self.drop_deferred();
     }
 
     fn handle(&self, frame: FrameRef<'_>) -> Result<(), String> {
@@ -763,6 +808,11 @@ impl fmt::Debug for Channel {
 }
 
 impl Channel {
+    /// Has `item` flush just before the connection's next write.
+    pub(crate) fn defer(&self, item: Arc<dyn Deferred>) {
+        self.connection.defer(item);
+    }
+
     /// Whether it is open: not closed by either side, its connection alive.
     pub(crate) fn is_open(&self) -> bool {
         let state = self.connection.lock();

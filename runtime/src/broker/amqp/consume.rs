@@ -426,7 +426,8 @@ pub(super) async fn run_consumer(
             tokio::select! {
                 _ = sender.closed() => {
                     // Closed even while deliveries hold it: what they hold goes
-                    // back to the queue now; what was settled went out before.
+                    // back to the queue now; what was settled goes out first.
+                    subscription.batcher.flush();
                     let close = subscription.batcher.channel().close();
                     let _ = tokio::time::timeout(Duration::from_secs(5), close).await;
                     return;
