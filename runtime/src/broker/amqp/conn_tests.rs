@@ -865,3 +865,60 @@ async fn channel_ids_are_reused_only_once_closed_and_running_out_is_an_error() {
     }
     assert!(connection.is_up());
 }
+
+/// Settlements made while the writer has not run go out together: a run of
+/// acks from the oldest unsettled delivery as one `multiple` ack, a nack
+/// first, an ack after an unsettled delivery alone; and dropping the
+/// batcher (its consumer gone) sends what was still recorded.
+#[tokio::test]
+async fn settlements_made_before_the_next_write_go_out_together() {
+    use super::super::acks::AckBatcher;
+    use crate::broker::AckHandle;
+
+    let (connection, mut peer) = connected(channels(8)).await;
+    let channel = open(&connection, &mut peer).await;
+    let channel = Arc::into_inner(channel).expect("the only handle");
+    let id = channel.id;
+    let batcher = AckBatcher::new(channel);
+    let dead = connection.dead_signal();
+    let ackers: Vec<_> = (1..=6)
+        .map(|tag| batcher.delivered(tag, dead.clone()))
+        .collect();
+    // No await in between: the writer (a task on this same thread) cannot run.
+    for tag in [1, 2, 3] {
+        ackers[tag - 1].ack().await.expect("acked");
+    }
+    ackers[4].nack(false).await.expect("nacked");
+    ackers[5].ack().await.expect("acked");
+    let mut settled = Vec::new();
+    while settled.len() < 3 {
+        let method = peer.next_method().await.expect("the client is connected");
+        assert_eq!(method.channel, id);
+        let mut args = method.args();
+        let tag = args.u64("tag").unwrap();
+        let bits = args.u8("bits").unwrap();
+        settled.push((method.class, method.method, tag, bits));
+    }
+    assert_eq!(
+        settled,
+        [
+            (CLASS_BASIC, 120, 5, 0), // the nack, not requeued
+            (CLASS_BASIC, 80, 3, 1),  // 1..=3 in one multiple ack
+            (CLASS_BASIC, 80, 6, 0),  // 6 alone: 4 is still unsettled
+        ]
+    );
+    // Settling twice is refused, and sends nothing.
+    assert!(ackers[0].ack().await.is_err());
+    // Delivery 4 acked, then the consumer lets go: it goes out before the channel closes.
+    let mut ackers = ackers;
+    let fourth = ackers.remove(3);
+    fourth.ack().await.expect("acked");
+    drop(ackers);
+    drop(fourth);
+    drop(batcher);
+    let ack = peer.next_method().await.expect("the ack");
+    assert_eq!((ack.class, ack.method, ack.channel), (CLASS_BASIC, 80, id));
+    assert_eq!(ack.args().u64("tag").unwrap(), 4);
+    let close = peer.next_method().await.expect("the channel's close");
+    assert_eq!((close.class, close.method, close.channel), (20, 40, id));
+}
