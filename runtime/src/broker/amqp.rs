@@ -424,6 +424,10 @@ impl AmqpBroker {
             };
             let failure = match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Some(Ok(value))) => return Ok(value),
+                // No room for another channel: no retry helps soon.
+                Ok(Some(Err(error @ AmqpError::NoChannelId(_)))) => {
+                    return Err(BrokerError::Connection(format!("{what}: {error}")));
+                }
                 Ok(Some(Err(error))) => classify(error, &link),
                 Ok(None) => Failure::ConnectionLost("connection lost".to_owned()),
                 Err(_) => {

@@ -39,6 +39,8 @@ pub(crate) enum AmqpError {
     ChannelGone,
     /// The connection died.
     Connection(String),
+    /// Every channel id the connection allows (this many) is in use.
+    NoChannelId(u16),
 }
 
 impl fmt::Display for AmqpError {
@@ -49,6 +51,11 @@ impl fmt::Display for AmqpError {
             }
             AmqpError::ChannelGone => f.write_str("the channel is closed"),
             AmqpError::Connection(reason) => write!(f, "connection lost: {reason}"),
+            AmqpError::NoChannelId(max) => write!(
+                f,
+                "all {max} channel ids of the connection are in use (each consumer and \
+                 unsettled `get` holds one)"
+            ),
         }
     }
 }
@@ -297,12 +304,9 @@ impl Connection {
             if let Some(reason) = &state.dead {
                 return Err(AmqpError::Connection(reason.clone()));
             }
-            let id = self.free_id(&mut state).ok_or_else(|| {
-                AmqpError::Connection(format!(
-                    "all {} channel ids of the connection are in use",
-                    self.channel_max
-                ))
-            })?;
+            let id = self
+                .free_id(&mut state)
+                .ok_or(AmqpError::NoChannelId(self.channel_max))?;
             let (waiter, reply) = oneshot::channel();
             state.serial += 1;
             let mut channel = ChannelState {

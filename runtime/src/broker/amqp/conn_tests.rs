@@ -564,7 +564,7 @@ async fn crossing_closes_keep_the_id_until_the_brokers_close_ok() {
         within("open_channel", connection.open_channel())
             .await
             .unwrap_err(),
-        AmqpError::Connection("all 2 channel ids of the connection are in use".to_owned())
+        AmqpError::NoChannelId(2)
     );
     peer.close_ok(channel.id).await;
 
@@ -813,11 +813,12 @@ async fn assert_full(connection: &Arc<Connection>, channel_max: u16) {
     )
     .await
     .unwrap_err();
-    assert_eq!(
-        error,
-        AmqpError::Connection(format!(
-            "all {channel_max} channel ids of the connection are in use"
-        ))
+    assert_eq!(error, AmqpError::NoChannelId(channel_max));
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("all {channel_max} channel ids")),
+        "{error}"
     );
     assert!(connection.is_up());
 }
