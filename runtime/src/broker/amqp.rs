@@ -114,13 +114,11 @@ use tokio::time::Instant;
 pub use config::{AmqpConfig, PASSWORD_ENV, USERNAME_ENV};
 use conn::{AmqpError, Reply};
 use convert::{CC_HEADER, MAX_TTL_MS, Target, short};
-use copies::Copies;
-use copies::{CopyKey, CopyOutcome, SentCopy};
+use copies::{Prepared, Wait, Waited};
 use link::{Lane, Link, LinkState, Supervised, Topology};
 use methods::QueueFlags;
-use pipe::{Pipe, PublishLane};
+use pipe::{Outcome, Pipe, PublishLane, Sending};
 pub use raw::PoisonEvent;
-use wire::ShortString;
 pub use wire::{InvalidField, WireError};
 
 use super::{
@@ -142,8 +140,6 @@ struct Shared {
     /// up acks.
     publishing: PublishLane,
     poison: tokio::sync::broadcast::Sender<PoisonEvent>,
-    /// Copies sent and not yet confirmed (or confirmed moments ago).
-    copies: Arc<std::sync::Mutex<Copies>>,
 }
 
 impl fmt::Debug for AmqpBroker {
@@ -176,75 +172,6 @@ fn classify(error: AmqpError, link: &Link) -> Failure {
     }
 }
 
-/// Sends one copy on the publishing connection and waits for its confirm.
-/// (A plain function returning an `async move` block: its future holds each
-/// argument once; it is boxed at once, not kept inside the publish's own.)
-#[expect(
-    clippy::manual_async_fn,
-    reason = "an async fn keeps each argument twice"
-)]
-fn send_copy(
-    pipe: Arc<Pipe>,
-    copy: Arc<Copyable>,
-    mandatory: bool,
-) -> impl Future<Output = CopyOutcome> + Send + 'static {
-    async move {
-        pipe.publish(
-            &copy.exchange,
-            &copy.routing_key,
-            mandatory,
-            &copy.properties,
-            &copy.body,
-        )
-        .await
-    }
-}
-
-/// What every copy of a message sends, checked and encoded once.
-struct Copyable {
-    exchange: ShortString,
-    routing_key: ShortString,
-    /// The content header's property flags and values.
-    properties: Vec<u8>,
-    body: Vec<u8>,
-}
-
-/// A message made ready to send.
-struct Outgoing {
-    /// Shared by every copy sent: a resend copies nothing.
-    copy: Arc<Copyable>,
-    mandatory: bool,
-    copy_key: CopyKey,
-    cc: Vec<String>,
-}
-
-impl Outgoing {
-    fn prepare(
-        exchange: &str,
-        routing_key: &str,
-        message: OutgoingMessage,
-        mandatory: bool,
-        cc_header: &str,
-    ) -> Result<Self, BrokerError> {
-        let exchange_name = short("exchange", exchange)?;
-        let key = short("routing key", routing_key)?;
-        let properties = pipe::encode_properties(&message, cc_header)?;
-        let copy_key = CopyKey::new(exchange, routing_key, &message);
-        let OutgoingMessage { body, cc, .. } = message;
-        Ok(Outgoing {
-            copy: Arc::new(Copyable {
-                exchange: exchange_name,
-                routing_key: key,
-                properties,
-                body,
-            }),
-            mandatory,
-            copy_key,
-            cc,
-        })
-    }
-}
-
 /// How many fresh channels an operation tries when its channel is closed under it.
 const CHANNEL_RETRIES: u32 = 5;
 
@@ -264,7 +191,6 @@ impl AmqpBroker {
                 main,
                 publishing,
                 poison,
-                copies: Arc::default(),
             }),
         })
     }
@@ -475,6 +401,20 @@ impl AmqpBroker {
         .await
     }
 
+    /// Publishes on the publishing connection's confirm channel; see
+    /// [`Broker::publish`]. `mandatory`: an unroutable message is
+    /// [`BrokerError::QueueNotFound`] (for messages sent straight to a queue
+    /// that must exist).
+    ///
+    /// At most one copy of a message is unconfirmed at a time: a call for a
+    /// message whose earlier copy still waits for its confirm on the live
+    /// connection waits for that copy instead of sending another. A copy
+    /// whose connection died is sent again on the next one (its fate is unknown).
+    ///
+    /// (A plain function returning the future: the message is checked and
+    /// encoded before it, into the record the connection queues, so the
+    /// future, alive as long as the publish is in flight, holds little more
+    /// than that record.)
     fn publish_confirmed<'s, 'e, 'r>(
         &'s self,
         exchange: &'e str,
@@ -483,150 +423,159 @@ impl AmqpBroker {
         mandatory: bool,
         cc_header: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
-        match Outgoing::prepare(exchange, routing_key, message, mandatory, cc_header) {
-            Ok(outgoing) => futures_util::future::Either::Left(self.send_confirmed(
-                exchange,
-                routing_key,
-                outgoing,
-            )),
+        match Prepared::new(exchange, routing_key, message, mandatory, cc_header) {
+            Ok(copy) => futures_util::future::Either::Left(self.send_confirmed(copy)),
             Err(error) => futures_util::future::Either::Right(std::future::ready(Err(error))),
         }
     }
 
+    /// The publishing connection if it is up now (no waiting future: it
+    /// would take room in every publish's).
+    fn publishing_pipe(&self) -> Option<Arc<Pipe>> {
+        match &*self.shared.publishing.state.borrow() {
+            LinkState::Up(pipe) if pipe.is_up() => Some(pipe.clone()),
+            _ => None,
+        }
+    }
+
+    /// The error of a publish that gave up: what it was, how long it tried, why.
+    fn attempt(copy: &Prepared, started: Instant, reason: String) -> Box<super::PublishAttempt> {
+        Box::new(super::PublishAttempt {
+            exchange: copy.exchange(),
+            routing_key: copy.routing_key(),
+            message_id: copy.message_id(),
+            waited: started.elapsed(),
+            reason,
+        })
+    }
+
+    /// Sends `copy` once the publishing connection is back (waiting until
+    /// `deadline`); `sent`: whether a copy went out during this call already.
+    async fn send_when_up(
+        &self,
+        copy: &Arc<Prepared>,
+        started: Instant,
+        deadline: Instant,
+        sent: bool,
+    ) -> Result<Sending, BrokerError> {
+        match self
+            .lane_link(&self.shared.publishing.state, deadline)
+            .await
+        {
+            Ok(pipe) => Ok(pipe.send(copy, deadline)),
+            Err(BrokerError::Connection(reason)) if sent => {
+                Err(BrokerError::Unconfirmed(Self::attempt(
+                    copy,
+                    started,
+                    format!(
+                        "the connection was lost after sending, and not back in time: {reason}"
+                    ),
+                )))
+            }
+            Err(BrokerError::Connection(reason)) => Err(BrokerError::Unreachable(Self::attempt(
+                copy, started, reason,
+            ))),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Why a copy's confirm did not come in time.
+    fn unconfirmed_reason(&self) -> String {
+        let timeout = self.shared.config.operation_timeout();
+        match self.publishing_pipe().and_then(|pipe| pipe.blocked()) {
+            Some((since, why)) => format!(
+                "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
+                 the copy waits in the client and goes out when it is unblocked",
+                since.elapsed()
+            ),
+            None => format!("no confirm within {timeout:?}"),
+        }
+    }
+
+    /// What a publish whose copy was refused, returned or cut off gets (the
+    /// retry loop of [`send_confirmed`](Self::send_confirmed) handles the rest).
+    async fn refused(&self, copy: &Prepared, confirm: Outcome) -> Result<Failure, BrokerError> {
+        let exchange = copy.exchange();
+        let routing_key = copy.routing_key();
+        match confirm {
+            Outcome::Acked => Err(BrokerError::Closed), // Not a refusal: never asked.
+            Outcome::Returned(reply_text) => Err(if exchange == DEFAULT_EXCHANGE {
+                BrokerError::QueueNotFound(routing_key)
+            } else {
+                BrokerError::NotConfirmed {
+                    exchange,
+                    routing_key,
+                    reason: format!("returned as unroutable: {reply_text}"),
+                }
+            }),
+            // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
+            Outcome::Nacked => {
+                let full = self
+                    .find_full_queue(&exchange, &routing_key, &copy.cc())
+                    .await;
+                Err(BrokerError::QueueFull(full))
+            }
+            Outcome::ChannelClosed { code, text } if convert::is_soft(code) => {
+                // The shared channel also fails for other publishers' errors: only ours are final.
+                if Target::exchange(&exchange).mentioned_in(&text) {
+                    return Err(Target::exchange(&exchange).soft_error(
+                        "publish to exchange",
+                        code,
+                        &text,
+                    ));
+                }
+                Ok(Failure::Soft(code, text.to_string()))
+            }
+            Outcome::ChannelClosed { code, text } => Ok(Failure::ChannelLost(format!(
+                "channel closed: {code} {text}"
+            ))),
+            Outcome::Lost(reason) => Ok(Failure::ConnectionLost(reason.to_string())),
+        }
+    }
+
     /// The retry loop of [`publish_confirmed`](Self::publish_confirmed). (An
-    /// `async move` block, not an `async fn`: that would keep each argument twice.)
+    /// `async move` block, not an `async fn`: that would keep each argument
+    /// twice. The common path — sent, confirmed — awaits only the record's
+    /// outcome; everything else is boxed, out of every publish's future.)
     #[expect(
         clippy::manual_async_fn,
         reason = "an async fn keeps each argument twice"
     )]
-    fn send_confirmed<'s, 'e, 'r>(
-        &'s self,
-        exchange: &'e str,
-        routing_key: &'r str,
-        outgoing: Outgoing,
-    ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
+    fn send_confirmed(
+        &self,
+        copy: Arc<Prepared>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'_> {
         async move {
-            let Outgoing {
-                copy,
-                mandatory,
-                copy_key,
-                cc,
-            } = &outgoing;
-            let mandatory = *mandatory;
             let started = Instant::now();
-            let attempt = |reason: String| {
-                Box::new(super::PublishAttempt {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    message_id: copy_key.message_id.to_string(),
-                    waited: started.elapsed(),
-                    reason,
-                })
-            };
-            let deadline = self.deadline();
-            let timeout = self.shared.config.operation_timeout();
-            let mut channel_failures = 0;
+            let deadline = crate::deadline::after(self.shared.config.operation_timeout());
+            let mut channel_failures = 0u32;
             // Whether a copy went out during this call: then its fate may be unknown.
             let mut sent = false;
             loop {
-                // Up: no waiting future in the common case (it would take room in every publish's).
-                let current = match &*self.shared.publishing.state.borrow() {
-                    LinkState::Up(pipe) if pipe.is_up() => Some(pipe.clone()),
-                    _ => None,
+                if self.shared.publishing.remembered.confirmed(&copy) {
+                    // Confirmed after an earlier call for it stopped waiting.
+                    return Ok(());
+                }
+                let sending = match self.publishing_pipe() {
+                    Some(pipe) => pipe.send(&copy, deadline),
+                    None => Box::pin(self.send_when_up(&copy, started, deadline, sent)).await?,
                 };
-                let found = match current {
-                    Some(pipe) => Ok(pipe),
-                    None => Box::pin(self.lane_link(&self.shared.publishing.state, deadline)).await,
-                };
-                let link = match found {
-                    Ok(link) => link,
-                    Err(BrokerError::Connection(reason)) if sent => {
-                        return Err(BrokerError::Unconfirmed(attempt(format!(
-                            "the connection was lost after sending, and not back in time: {reason}"
-                        ))));
-                    }
-                    Err(BrokerError::Connection(reason)) => {
-                        return Err(BrokerError::Unreachable(attempt(reason)));
-                    }
-                    Err(error) => return Err(error),
-                };
-                let joinable = self
-                    .shared
-                    .copies
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .joinable(copy_key, link.generation);
-                let mut own_copy = None;
-                let settled = match joinable {
-                    Some(outcome) => futures_util::future::Either::Left(copies::joined(outcome)),
-                    None => {
-                        sent = true;
-                        let send = send_copy(link.clone(), copy.clone(), mandatory);
-                        let copy = own_copy.insert(SentCopy::start(
-                            &self.shared.copies,
-                            copy_key.clone(),
-                            link.generation,
-                            send,
-                        ));
-                        futures_util::future::Either::Right(copy.settled())
+                sent |= matches!(sending, Sending::Sent(_));
+                let waited = Wait::new(&copy, sending, deadline).await;
+                let confirm = match waited {
+                    Waited::Settled(Outcome::Acked) => return Ok(()),
+                    Waited::Settled(confirm) => confirm,
+                    // The copy goes on; its outcome is recorded for a retry.
+                    Waited::TimedOut => {
+                        let reason = self.unconfirmed_reason();
+                        return Err(BrokerError::Unconfirmed(Self::attempt(
+                            &copy, started, reason,
+                        )));
                     }
                 };
-                let result = match tokio::time::timeout_at(deadline, settled).await {
-                    Ok(result) => result,
-                    Err(_) => {
-                        // Dropping `own_copy` leaves its wait (and outcome) to a task of its own.
-                        let reason = match link.blocked() {
-                            Some((since, why)) => format!(
-                                "RabbitMQ has blocked the publishing connection for {:?} ({why}: a resource alarm); \
-                             the copy waits in the client and goes out when it is unblocked",
-                                since.elapsed()
-                            ),
-                            None => format!("no confirm within {timeout:?}"),
-                        };
-                        return Err(BrokerError::Unconfirmed(attempt(reason)));
-                    }
-                };
-                let failure = match result {
-                    CopyOutcome::Acked => return Ok(()),
-                    CopyOutcome::Returned(reply_text) => {
-                        return Err(if exchange == DEFAULT_EXCHANGE {
-                            BrokerError::QueueNotFound(routing_key.to_owned())
-                        } else {
-                            BrokerError::NotConfirmed {
-                                exchange: exchange.to_owned(),
-                                routing_key: routing_key.to_owned(),
-                                reason: format!("returned as unroutable: {reply_text}"),
-                            }
-                        });
-                    }
-                    // Classic queues nack only for `x-overflow: reject-publish`: a target queue is full.
-                    CopyOutcome::Nacked => {
-                        // Boxed: a rare path, kept out of every publish's future.
-                        let full = Box::pin(self.find_full_queue(exchange, routing_key, cc)).await;
-                        return Err(BrokerError::QueueFull(full));
-                    }
-                    CopyOutcome::ChannelClosed { code, text } if convert::is_soft(code) => {
-                        Failure::Soft(code, text)
-                    }
-                    CopyOutcome::ChannelClosed { code, text } => {
-                        Failure::ChannelLost(format!("channel closed: {code} {text}"))
-                    }
-                    CopyOutcome::Lost(reason) => Failure::ConnectionLost(reason),
-                };
-                let not_confirmed = |reason: String| BrokerError::NotConfirmed {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    reason,
-                };
+                // Boxed: a rare path, kept out of every publish's future.
+                let failure = Box::pin(self.refused(&copy, confirm)).await?;
                 match failure {
-                    // The shared channel also fails for other publishers' errors: only ours are final.
-                    Failure::Soft(code, text) if Target::exchange(exchange).mentioned_in(&text) => {
-                        return Err(Target::exchange(exchange).soft_error(
-                            "publish to exchange",
-                            code,
-                            &text,
-                        ));
-                    }
                     // Another publish's error closed the channel before the broker took
                     // this one: resent on a fresh channel (each round one publish gets
                     // through), until the operation deadline.
@@ -636,7 +585,11 @@ impl AmqpBroker {
                     Failure::ChannelLost(reason) => {
                         channel_failures += 1;
                         if channel_failures > CHANNEL_RETRIES {
-                            return Err(not_confirmed(reason));
+                            return Err(BrokerError::NotConfirmed {
+                                exchange: copy.exchange(),
+                                routing_key: copy.routing_key(),
+                                reason,
+                            });
                         }
                     }
                     Failure::ConnectionLost(reason) => {

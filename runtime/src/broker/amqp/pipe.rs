@@ -8,22 +8,32 @@
 //! publishes from the broker's confirms. It only publishes: one channel in
 //! confirm mode, reopened when the broker closes it.
 //!
-//! A publish holds a slot from the moment its frames are queued until its
-//! confirm (or the failure that makes one impossible) arrives: nothing
-//! queued is ever forgotten without telling its publisher.
+//! A publish queues its message's shared record ([`Prepared`]) and never
+//! waits for room: the record (its body kept for a resend anyway) is all a
+//! queued publish costs. The writer encodes from the queue, at most
+//! [`WRITE_BATCH`] bytes per write, so a slow or blocked connection holds
+//! no second copy of what waits. A publish is in the queue or in flight
+//! from then until its confirm (or the failure that makes one impossible)
+//! arrives: nothing queued is ever forgotten without telling its publisher.
+//!
+//! Deadlines: each record holds its caller's deadline, and the reader task
+//! wakes the callers whose deadline passed (one timer for the connection,
+//! not one per publish).
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::Waker;
 use std::time::Duration;
 
 use futures_util::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{Notify, oneshot, watch};
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use super::config::AmqpConfig;
-use super::convert::short;
+use super::copies::{
+    InFlight, InFlightSet, Prepared, Remembered, Settled, Waited, check_short as short, joined,
+};
 use super::link::{LinkState, Supervised, close_lane, set_down, until_closed};
 use super::raw::{ClientInfo, RawConnection, RawIo};
 use super::wire::{
@@ -37,24 +47,42 @@ const CONFIRM: u16 = 85;
 const FRAME_END: u8 = 0xCE;
 const HEARTBEAT_FRAME: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, FRAME_END];
 
-/// Publishers wait while this much is queued for the writer: memory stays
-/// bounded however many publishes are in flight (each keeps its body for a
-/// resend anyway), and a connection RabbitMQ blocks does not grow it.
-const QUEUED_MAX: usize = 256 * 1024;
+/// The writer encodes about this much from the queue per write: what waits
+/// for the socket beyond the queued records themselves stays bounded,
+/// however many publishes are in flight or however long RabbitMQ blocks the
+/// connection.
+const WRITE_BATCH: usize = 256 * 1024;
 
 /// A write buffer larger than this is not kept for the next batch.
 const WRITE_BUFFER_KEPT: usize = 1 << 20;
 
 /// What became of one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Confirm {
+pub(crate) enum Outcome {
     Acked,
     /// Returned as unroutable (a mandatory publish), with the broker's reply text.
-    Returned(String),
+    Returned(Arc<str>),
     /// Refused by the broker (`basic.nack`: a full queue with `reject-publish`).
     Nacked,
     /// The broker closed the channel before confirming it (this publish's
     /// error, or another one's sent with it).
+    ChannelClosed {
+        code: u16,
+        text: Arc<str>,
+    },
+    /// The connection died first: the message may or may not have reached the broker.
+    Lost(Arc<str>),
+}
+
+/// What became of one publish made with [`Pipe::publish`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Confirm {
+    Acked,
+    /// Returned as unroutable (a mandatory publish), with the broker's reply text.
+    Returned(String),
+    /// Refused by the broker (`basic.nack`).
+    Nacked,
+    /// The broker closed the channel before confirming it.
     ChannelClosed {
         code: u16,
         text: String,
@@ -63,30 +91,58 @@ pub(crate) enum Confirm {
     Lost(String),
 }
 
-/// One publish waiting for its confirm.
-struct Slot {
-    /// `None` once settled (a confirm may settle a later slot first).
-    waiter: Option<oneshot::Sender<Confirm>>,
-    /// A mandatory publish's fingerprint of exchange and routing key, to
-    /// match the broker's `basic.return` (which carries no delivery tag) to it.
-    returnable: Option<u64>,
-    /// The reply text of the `basic.return` matched to it; the confirm follows.
-    returned: Option<String>,
+impl From<Outcome> for Confirm {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Acked => Confirm::Acked,
+            Outcome::Returned(text) => Confirm::Returned(text.to_string()),
+            Outcome::Nacked => Confirm::Nacked,
+            Outcome::ChannelClosed { code, text } => Confirm::ChannelClosed {
+                code,
+                text: text.to_string(),
+            },
+            Outcome::Lost(reason) => Confirm::Lost(reason.to_string()),
+        }
+    }
+}
+
+/// How a publish went onto the connection ([`Pipe::send`]).
+pub(crate) enum Sending {
+    /// Queued: the copy of this epoch; its outcome comes in its record.
+    Sent(u32),
+    /// A copy of the same message is in flight (this record, this epoch): wait for it.
+    Joined(Arc<Prepared>, u32),
+    /// The connection is dead.
+    Lost(Arc<str>),
 }
 
 struct State {
-    /// Frames queued and not yet handed to the writer.
+    /// Control frames queued for the writer (channel and connection methods).
     out: Vec<u8>,
     channel: u16,
     /// Whether `channel` is open in confirm mode (not while it is reopened).
     ready: bool,
     /// Since when the channel is being reopened, if it is.
     reopening: Option<Instant>,
+    /// Publishes queued and not yet taken by the writer, in order.
+    unsent: VecDeque<Arc<Prepared>>,
     /// The delivery tag of `pending[0]`.
     first_tag: u64,
-    pending: VecDeque<Slot>,
+    /// Publishes taken by the writer, by delivery tag; `None` once settled
+    /// (a confirm may settle a later one first).
+    pending: VecDeque<Option<Arc<Prepared>>>,
+    /// The copies in `unsent` and `pending`, by message.
+    in_flight: InFlightSet,
+    /// `basic.return` reply texts of pending publishes, by delivery tag; the confirm follows.
+    returns: Vec<(u64, Arc<str>)>,
+    /// The writer waits for a wake-up.
+    writer_idle: bool,
+    /// No deadline of a queued or pending publish is earlier than this.
+    next_expiry: Option<Instant>,
+    /// When the reader wakes up next by itself (`None`: only for the broker).
+    reader_wakes_at: Option<Instant>,
     /// Why the connection died, once it did.
-    dead: Option<String>,
+    dead: Option<Arc<str>>,
 }
 
 /// One publishing connection.
@@ -97,14 +153,13 @@ pub(crate) struct Pipe {
     pub(crate) node: usize,
     pub(crate) node_config: AmqpConfig,
     frame_max: usize,
-    /// For matching returns to slots; fixed per connection.
-    hasher: std::collections::hash_map::RandomState,
     state: Mutex<State>,
-    /// Wakes the writer: frames queued, or the connection died.
+    /// Wakes the writer: frames or publishes queued, the channel ready, or the connection died.
     wake_writer: Notify,
-    /// Wakes publishers waiting for the channel to be ready, for room in
-    /// the queue, or for the death.
-    room: Notify,
+    /// Wakes the reader to look at its timers again (an earlier deadline).
+    wake_reader: Notify,
+    /// Copies confirmed after their callers stopped waiting (the broker's, shared).
+    remembered: Arc<Remembered>,
     /// Since when and why the broker blocks this connection (a resource alarm), if it does.
     blocked: Mutex<Option<(Instant, String)>>,
     dead: watch::Sender<bool>,
@@ -122,6 +177,7 @@ impl Pipe {
         config: AmqpConfig,
         node: usize,
         generation: u64,
+        remembered: Arc<Remembered>,
     ) -> Result<Arc<Pipe>, BrokerError> {
         let client = ClientInfo {
             connection_name: Some(format!("{} (publish)", config.connection_name())),
@@ -150,18 +206,24 @@ impl Pipe {
             node,
             frame_max: opened.frame_max as usize,
             node_config: config,
-            hasher: Default::default(),
             state: Mutex::new(State {
                 out: Vec::new(),
                 channel: opened.channel,
                 ready: true,
                 reopening: None,
+                unsent: VecDeque::new(),
                 first_tag: 1,
                 pending: VecDeque::new(),
+                in_flight: InFlightSet::default(),
+                returns: Vec::new(),
+                writer_idle: false,
+                next_expiry: None,
+                reader_wakes_at: None,
                 dead: None,
             }),
             wake_writer: Notify::new(),
-            room: Notify::new(),
+            wake_reader: Notify::new(),
+            remembered,
             blocked: Mutex::new(None),
             dead: watch::Sender::new(false),
         });
@@ -201,12 +263,52 @@ impl Pipe {
     }
 
     fn death_reason(&self) -> String {
-        self.lock().dead.clone().unwrap_or_default()
+        self.lock()
+            .dead
+            .as_deref()
+            .map(str::to_owned)
+            .unwrap_or_default()
     }
 
-    /// Publishes one message and waits for the broker's confirm.
-    /// `properties`: the content header's property flags and values
-    /// ([`encode_properties`]).
+    /// Queues a copy of `copy` whose caller waits until `deadline` — or,
+    /// when a copy of the same message is in flight here, says which to wait
+    /// for instead. Never waits: the writer takes the queue in batches.
+    pub(crate) fn send(&self, copy: &Arc<Prepared>, deadline: Instant) -> Sending {
+        let mut state = self.lock();
+        if let Some(reason) = &state.dead {
+            return Sending::Lost(reason.clone());
+        }
+        if let Some(InFlight(other)) = state.in_flight.get(&**copy) {
+            let other = other.clone();
+            drop(state);
+            let epoch = other.epoch();
+            return Sending::Joined(other, epoch);
+        }
+        let epoch = copy.begin(deadline);
+        state.in_flight.insert(InFlight(copy.clone()));
+        state.unsent.push_back(copy.clone());
+        if state.next_expiry.is_none_or(|at| deadline < at) {
+            state.next_expiry = Some(deadline);
+        }
+        let wake_reader = state.reader_wakes_at.is_none_or(|at| deadline < at);
+        if wake_reader {
+            state.reader_wakes_at = Some(deadline);
+        }
+        let wake_writer = std::mem::take(&mut state.writer_idle);
+        drop(state);
+        if wake_writer {
+            self.wake_writer.notify_one();
+        }
+        if wake_reader {
+            self.wake_reader.notify_one();
+        }
+        Sending::Sent(epoch)
+    }
+
+    /// Publishes one message as given (exchange, routing key, the content
+    /// header's property flags and values, body) and waits for its confirm
+    /// (bound it with a timeout). For messages not made by a publish
+    /// (messages set aside, sent as they came); publishes go through [`send`](Self::send).
     pub(crate) async fn publish(
         &self,
         exchange: &ShortString,
@@ -215,77 +317,54 @@ impl Pipe {
         properties: &[u8],
         body: &[u8],
     ) -> Confirm {
-        let returnable = mandatory.then(|| {
-            self.fingerprint(
-                exchange.as_str().as_bytes(),
-                routing_key.as_str().as_bytes(),
-            )
-        });
-        let confirm = loop {
-            let room = self.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            {
-                let mut state = self.lock();
-                if let Some(reason) = &state.dead {
-                    return Confirm::Lost(reason.clone());
-                }
-                if state.ready && state.out.len() < QUEUED_MAX {
-                    let (waiter, confirm) = oneshot::channel();
-                    state.pending.push_back(Slot {
-                        waiter: Some(waiter),
-                        returnable,
-                        returned: None,
-                    });
-                    let channel = state.channel;
-                    let publish = PublishFrames {
-                        channel,
-                        exchange: exchange.as_str().as_bytes(),
-                        routing_key: routing_key.as_str().as_bytes(),
-                        mandatory,
-                        properties,
-                        body,
-                    };
-                    publish.encode(&mut state.out, self.frame_max);
-                    break confirm;
-                }
-            }
-            room.await;
+        let copy = Prepared::from_parts(
+            exchange.as_str(),
+            routing_key.as_str(),
+            mandatory,
+            properties,
+            body.to_vec(),
+        );
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let waited = match self.send(&copy, far) {
+            Sending::Sent(epoch) => Settled::new(&copy, epoch).await,
+            Sending::Joined(other, epoch) => Waited::Settled(joined(other, epoch).await),
+            Sending::Lost(reason) => Waited::Settled(Outcome::Lost(reason)),
         };
-        self.wake_writer.notify_one();
-        confirm
-            .await
-            .unwrap_or_else(|_| Confirm::Lost("the publishing connection closed".to_owned()))
-    }
-
-    fn fingerprint(&self, exchange: &[u8], routing_key: &[u8]) -> u64 {
-        self.hasher.hash_one((exchange, routing_key))
+        match waited {
+            Waited::Settled(outcome) => outcome.into(),
+            Waited::TimedOut => Confirm::Lost("no confirm in time".to_owned()),
+        }
     }
 
     /// Queues control frames for the writer.
-    fn send(&self, state: &mut State, channel: u16, method: Writer) {
+    fn send_control(&self, state: &mut State, channel: u16, method: Writer) {
         state
             .out
             .extend_from_slice(&Frame::encode(FRAME_METHOD, channel, &method.0));
+        state.writer_idle = false;
         self.wake_writer.notify_one();
     }
 
-    /// Marks the connection dead (once): every waiting publish is told, the writer stops.
+    /// Marks the connection dead (once): every queued and pending publish is told, the writer stops.
     fn die(&self, reason: String) {
-        {
+        let reason: Arc<str> = reason.into();
+        let (unsent, pending) = {
             let mut state = self.lock();
             if state.dead.is_some() {
                 return;
             }
-            for slot in state.pending.drain(..) {
-                if let Some(waiter) = slot.waiter {
-                    let _ = waiter.send(Confirm::Lost(reason.clone()));
-                }
-            }
             state.out = Vec::new();
-            state.dead = Some(reason);
+            state.dead = Some(reason.clone());
+            state.in_flight = InFlightSet::default();
+            state.returns.clear();
+            (
+                std::mem::take(&mut state.unsent),
+                std::mem::take(&mut state.pending),
+            )
+        };
+        for copy in unsent.into_iter().chain(pending.into_iter().flatten()) {
+            copy.settle(Outcome::Lost(reason.clone()), &self.remembered);
         }
-        self.room.notify_waiters();
         self.wake_writer.notify_one();
         self.dead.send_replace(true);
     }
@@ -302,7 +381,7 @@ impl Pipe {
             // A short constant: cannot fail.
             let _ = close.short("reply text", b"closed by application");
             close.u16(0).u16(0);
-            self.send(&mut state, 0, close);
+            self.send_control(&mut state, 0, close);
         }
         if tokio::time::timeout(Duration::from_secs(1), self.died())
             .await
@@ -312,77 +391,155 @@ impl Pipe {
         }
     }
 
-    /// Settles the slot of `tag` (and all before it, if `multiple`).
-    fn settle(&self, tag: u64, multiple: bool, acked: bool) {
-        let mut state = self.lock();
-        let state = &mut *state;
-        if tag < state.first_tag {
-            return; // Settled already.
+    /// Takes `copy` off the in-flight set (it is settled).
+    fn forget(state: &mut State, copy: &Arc<Prepared>) {
+        if state
+            .in_flight
+            .get(&**copy)
+            .is_some_and(|entry| Arc::ptr_eq(&entry.0, copy))
+        {
+            state.in_flight.remove(&**copy);
         }
-        let index = (tag - state.first_tag) as usize;
-        if index >= state.pending.len() {
-            tracing::debug!(tag, "confirm for a delivery tag never sent; ignored");
-            return;
-        }
-        let first = if multiple { 0 } else { index };
-        for slot in state.pending.range_mut(first..=index) {
-            if let Some(waiter) = slot.waiter.take() {
-                let confirm = match (acked, slot.returned.take()) {
-                    (true, Some(text)) => Confirm::Returned(text),
-                    (true, None) => Confirm::Acked,
-                    (false, _) => Confirm::Nacked,
+    }
+
+    /// Settles the publish of `tag` (and all before it, if `multiple`);
+    /// `settled` is scratch space.
+    fn settle(
+        &self,
+        tag: u64,
+        multiple: bool,
+        acked: bool,
+        settled: &mut Vec<(Arc<Prepared>, Outcome)>,
+    ) {
+        {
+            let mut state = self.lock();
+            let state = &mut *state;
+            if tag < state.first_tag {
+                return; // Settled already.
+            }
+            let index = (tag - state.first_tag) as usize;
+            if index >= state.pending.len() {
+                tracing::debug!(tag, "confirm for a delivery tag never sent; ignored");
+                return;
+            }
+            let first = if multiple { 0 } else { index };
+            for at in first..=index {
+                let Some(copy) = state.pending[at].take() else {
+                    continue;
                 };
-                let _ = waiter.send(confirm);
+                let returned = if state.returns.is_empty() {
+                    None
+                } else {
+                    let tag = state.first_tag + at as u64;
+                    let found = state.returns.iter().position(|(of, _)| *of == tag);
+                    found.map(|found| state.returns.swap_remove(found).1)
+                };
+                let confirm = match (acked, returned) {
+                    (true, Some(text)) => Outcome::Returned(text),
+                    (true, None) => Outcome::Acked,
+                    (false, _) => Outcome::Nacked,
+                };
+                Self::forget(state, &copy);
+                settled.push((copy, confirm));
+            }
+            while state.pending.front().is_some_and(Option::is_none) {
+                state.pending.pop_front();
+                state.first_tag += 1;
             }
         }
-        while state
-            .pending
-            .front()
-            .is_some_and(|slot| slot.waiter.is_none())
-        {
-            state.pending.pop_front();
-            state.first_tag += 1;
+        for (copy, confirm) in settled.drain(..) {
+            copy.settle(confirm, &self.remembered);
         }
     }
 
     /// Matches a `basic.return` to the oldest unsettled mandatory publish to that exchange and key.
     fn returned(&self, exchange: &[u8], routing_key: &[u8], text: String) {
-        let fingerprint = self.fingerprint(exchange, routing_key);
         let mut state = self.lock();
-        let slot = state.pending.iter_mut().find(|slot| {
-            slot.waiter.is_some() && slot.returned.is_none() && slot.returnable == Some(fingerprint)
+        let state = &mut *state;
+        let first_tag = state.first_tag;
+        let returns = &state.returns;
+        let found = state.pending.iter().enumerate().position(|(at, slot)| {
+            let tag = first_tag + at as u64;
+            slot.as_ref()
+                .and_then(|copy| copy.returnable())
+                .is_some_and(|address| address == (exchange, routing_key))
+                && !returns.iter().any(|(of, _)| *of == tag)
         });
-        match slot {
-            Some(slot) => slot.returned = Some(text),
+        match found {
+            Some(at) => state.returns.push((first_tag + at as u64, text.into())),
             None => tracing::debug!("basic.return matching no mandatory publish; ignored"),
         }
     }
 
-    /// The broker closed the channel: fails what waits on it and opens it again.
+    /// The broker closed the channel: fails what was sent on it and opens it again.
     fn channel_closed(&self, code: u16, text: String) {
-        let mut state = self.lock();
-        for slot in state.pending.drain(..) {
-            if let Some(waiter) = slot.waiter {
-                let _ = waiter.send(Confirm::ChannelClosed {
+        let text: Arc<str> = text.into();
+        let pending = {
+            let mut state = self.lock();
+            let pending = std::mem::take(&mut state.pending);
+            for copy in pending.iter().flatten() {
+                Self::forget(&mut state, copy);
+            }
+            state.returns.clear();
+            state.first_tag = 1;
+            state.ready = false;
+            state.reopening = Some(Instant::now());
+            let channel = state.channel;
+            self.send_control(&mut state, channel, Writer::method(CHANNEL, 41));
+            let mut open = Writer::method(CHANNEL, 10);
+            let _ = open.short("reserved", b"");
+            self.send_control(&mut state, channel, open);
+            pending
+        };
+        // Publishes queued but not taken by the writer go out once it is open again.
+        for copy in pending.into_iter().flatten() {
+            copy.settle(
+                Outcome::ChannelClosed {
                     code,
                     text: text.clone(),
-                });
-            }
+                },
+                &self.remembered,
+            );
         }
-        state.first_tag = 1;
-        // Frames queued for the closed channel belong to the publishes just failed.
-        state.out.clear();
-        state.ready = false;
-        state.reopening = Some(Instant::now());
-        let channel = state.channel;
-        self.send(&mut state, channel, Writer::method(CHANNEL, 41));
-        let mut open = Writer::method(CHANNEL, 10);
-        let _ = open.short("reserved", b"");
-        self.send(&mut state, channel, open);
+    }
+
+    /// Wakes the callers whose deadlines passed by `now`; notes the next deadline.
+    fn expire(&self, now: Instant) {
+        let mut wake: Vec<Waker> = Vec::new();
+        {
+            let mut state = self.lock();
+            let mut next: Option<Instant> = None;
+            for copy in state.unsent.iter().chain(state.pending.iter().flatten()) {
+                if let Some(deadline) = copy.expire(now, &mut wake) {
+                    next = Some(next.map_or(deadline, |next| next.min(deadline)));
+                }
+            }
+            state.next_expiry = next;
+        }
+        wake.into_iter().for_each(Waker::wake);
+    }
+
+    /// Takes queued publishes for the writer's next batch (they get their
+    /// delivery tags now): into `sending`, with the channel to send them on.
+    fn take_batch(&self, state: &mut State, sending: &mut Vec<Arc<Prepared>>) -> u16 {
+        let mut bytes = 0;
+        while state.ready && bytes < WRITE_BATCH {
+            let Some(copy) = state.unsent.pop_front() else {
+                break;
+            };
+            bytes += copy.wire_len(self.frame_max);
+            state.pending.push_back(Some(copy.clone()));
+            sending.push(copy);
+        }
+        state.channel
     }
 
     /// Handles one frame from the broker; `Err` ends the connection.
-    fn handle(&self, frame: &Frame) -> Result<(), String> {
+    fn handle(
+        &self,
+        frame: &Frame,
+        settled: &mut Vec<(Arc<Prepared>, Outcome)>,
+    ) -> Result<(), String> {
         if frame.kind != FRAME_METHOD {
             // Heartbeats; the content of a returned message (its method says all we need).
             return Ok(());
@@ -398,7 +555,7 @@ impl Pipe {
             (0, CONNECTION, 50) => {
                 let (code, text) = closing(&mut args)?;
                 let mut state = self.lock();
-                self.send(&mut state, 0, Writer::method(CONNECTION, 51));
+                self.send_control(&mut state, 0, Writer::method(CONNECTION, 51));
                 drop(state);
                 return Err(format!("the broker closed the connection: {code} {text}"));
             }
@@ -411,7 +568,7 @@ impl Pipe {
             (ours, CLASS_BASIC, 80 | 120) if ours == channel => {
                 let tag = args.u64("delivery tag").map_err(|e| e.to_string())?;
                 let multiple = args.u8("multiple").map_err(|e| e.to_string())? & 1 == 1;
-                self.settle(tag, multiple, method == 80);
+                self.settle(tag, multiple, method == 80, settled);
             }
             (ours, CLASS_BASIC, 50) if ours == channel => {
                 let (code, text) = closing(&mut args)?;
@@ -435,21 +592,22 @@ impl Pipe {
                 let mut state = self.lock();
                 let mut select = Writer::method(CONFIRM, 10);
                 select.u8(0);
-                self.send(&mut state, channel, select);
+                self.send_control(&mut state, channel, select);
             }
             (ours, CONFIRM, 11) if ours == channel => {
                 let mut state = self.lock();
                 state.ready = true;
                 state.reopening = None;
+                state.writer_idle = false;
                 drop(state);
-                self.room.notify_waiters();
+                self.wake_writer.notify_one();
             }
             (ours, CHANNEL, 20) if ours == channel => {
                 let active = args.u8("active").map_err(|e| e.to_string())?;
                 let mut state = self.lock();
                 let mut flow_ok = Writer::method(CHANNEL, 21);
                 flow_ok.u8(active);
-                self.send(&mut state, channel, flow_ok);
+                self.send_control(&mut state, channel, flow_ok);
             }
             (on, class, method) => {
                 tracing::debug!(
@@ -464,51 +622,22 @@ impl Pipe {
     }
 }
 
-/// The frames of one `basic.publish`.
-struct PublishFrames<'a> {
-    channel: u16,
-    exchange: &'a [u8],
-    routing_key: &'a [u8],
-    mandatory: bool,
-    properties: &'a [u8],
-    body: &'a [u8],
-}
-
-impl PublishFrames<'_> {
-    /// Appends the method, header and body frames to `out` (short strings
-    /// are at most 255 bytes: they come as [`ShortString`]s).
-    fn encode(&self, out: &mut Vec<u8>, frame_max: usize) {
-        let start_frame = |out: &mut Vec<u8>, kind: u8, size: usize| {
-            out.push(kind);
-            out.extend_from_slice(&self.channel.to_be_bytes());
-            // Sizes here are bounded by frame_max (a u32).
-            out.extend_from_slice(&(size as u32).to_be_bytes());
-        };
-        let method_size = 2 + 2 + 2 + 1 + self.exchange.len() + 1 + self.routing_key.len() + 1;
-        start_frame(out, FRAME_METHOD, method_size);
-        out.extend_from_slice(&CLASS_BASIC.to_be_bytes());
-        out.extend_from_slice(&40u16.to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.push(self.exchange.len() as u8);
-        out.extend_from_slice(self.exchange);
-        out.push(self.routing_key.len() as u8);
-        out.extend_from_slice(self.routing_key);
-        out.push(u8::from(self.mandatory));
+/// Appends one copy's frames (method, content header, body in pieces of at
+/// most `frame_max` bytes a frame) on `channel` to `out`.
+fn encode_publish(out: &mut Vec<u8>, channel: u16, copy: &Prepared, frame_max: usize) {
+    let frame = |out: &mut Vec<u8>, kind: u8, payload: &[u8]| {
+        out.push(kind);
+        out.extend_from_slice(&channel.to_be_bytes());
+        // Payloads here are bounded by frame_max (a u32).
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(payload);
         out.push(FRAME_END);
-
-        start_frame(out, FRAME_HEADER, 12 + self.properties.len());
-        out.extend_from_slice(&CLASS_BASIC.to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out.extend_from_slice(&(self.body.len() as u64).to_be_bytes());
-        out.extend_from_slice(self.properties);
-        out.push(FRAME_END);
-
-        // Frame overhead is 8 bytes; frame_max is at least 4,096 on RabbitMQ.
-        for piece in self.body.chunks(frame_max.saturating_sub(8).max(1)) {
-            start_frame(out, FRAME_BODY, piece.len());
-            out.extend_from_slice(piece);
-            out.push(FRAME_END);
-        }
+    };
+    frame(out, FRAME_METHOD, copy.method());
+    frame(out, FRAME_HEADER, copy.header());
+    // Frame overhead is 8 bytes; frame_max is at least 4,096 on RabbitMQ.
+    for piece in copy.body().chunks(frame_max.saturating_sub(8).max(1)) {
+        frame(out, FRAME_BODY, piece);
     }
 }
 
@@ -583,37 +712,51 @@ pub(crate) fn encode_properties(
     Ok(properties)
 }
 
-/// Sends what publishers queued: everything queued since the last write, in one write.
+/// Sends what was queued: control frames, and publishes from the queue in
+/// batches of about [`WRITE_BATCH`] bytes, one write each.
 async fn write_loop(pipe: Arc<Pipe>, mut writer: WriteHalf<Box<dyn RawIo>>, heartbeat: Duration) {
     let mut batch = Vec::new();
+    let mut sending: Vec<Arc<Prepared>> = Vec::new();
     let mut dead = pipe.dead.subscribe();
     // Heartbeats at half the negotiated interval, when nothing else was sent.
     let idle = (!heartbeat.is_zero()).then(|| heartbeat / 2);
+    let mut quiet = false;
     loop {
-        let woken = match idle {
-            Some(idle) => tokio::time::timeout(idle, pipe.wake_writer.notified())
-                .await
-                .is_ok(),
-            None => {
-                pipe.wake_writer.notified().await;
-                true
-            }
-        };
-        {
+        let channel = {
             let mut state = pipe.lock();
             if state.dead.is_some() {
                 break;
             }
-            std::mem::swap(&mut state.out, &mut batch);
-        }
-        if batch.len() >= QUEUED_MAX {
-            pipe.room.notify_waiters();
-        }
-        if batch.is_empty() {
-            if woken {
-                continue;
+            if batch.is_empty() {
+                std::mem::swap(&mut state.out, &mut batch);
+            } else {
+                batch.append(&mut state.out);
             }
-            batch.extend_from_slice(&HEARTBEAT_FRAME);
+            let channel = pipe.take_batch(&mut state, &mut sending);
+            if batch.is_empty() && sending.is_empty() {
+                if quiet {
+                    batch.extend_from_slice(&HEARTBEAT_FRAME);
+                } else {
+                    state.writer_idle = true;
+                }
+            }
+            channel
+        };
+        if batch.is_empty() && sending.is_empty() {
+            quiet = match idle {
+                Some(idle) => tokio::time::timeout(idle, pipe.wake_writer.notified())
+                    .await
+                    .is_err(),
+                None => {
+                    pipe.wake_writer.notified().await;
+                    false
+                }
+            };
+            continue;
+        }
+        quiet = false;
+        for copy in sending.drain(..) {
+            encode_publish(&mut batch, channel, &copy, pipe.frame_max);
         }
         let written = async {
             writer.write_all(&batch).await?;
@@ -640,8 +783,17 @@ async fn write_loop(pipe: Arc<Pipe>, mut writer: WriteHalf<Box<dyn RawIo>>, hear
     let _ = writer.close().await;
 }
 
+/// What woke the reader.
+enum Woken {
+    Read(std::io::Result<usize>),
+    /// Its wake-up time came.
+    Timer,
+    /// A publish with an earlier deadline than it planned for.
+    Rewake,
+}
+
 /// Reads the broker's frames until the connection ends, or goes silent
-/// longer than two heartbeat intervals.
+/// longer than two heartbeat intervals; wakes callers whose deadlines passed.
 async fn read_loop(
     pipe: Arc<Pipe>,
     mut reader: ReadHalf<Box<dyn RawIo>>,
@@ -653,13 +805,15 @@ async fn read_loop(
     let silence = (!heartbeat.is_zero()).then(|| heartbeat * 2);
     let mut start = 0;
     let mut chunk = vec![0; 64 * 1024];
+    let mut settled = Vec::new();
     let mut dead = pipe.dead.subscribe();
+    let mut heard = Instant::now();
     let reason = 'connection: loop {
         loop {
             match Frame::parse(&buffer[start..], frame_max) {
                 Ok(Some((frame, used))) => {
                     start += used;
-                    if let Err(reason) = pipe.handle(&frame) {
+                    if let Err(reason) = pipe.handle(&frame, &mut settled) {
                         break 'connection reason;
                     }
                 }
@@ -673,31 +827,51 @@ async fn read_loop(
         start = 0;
         // Silence past two heartbeats ends the connection, and so does a
         // channel the broker does not reopen within the connect timeout.
+        // Callers whose deadlines passed are woken, after every wake-up (a
+        // reader busy with confirms may never time out its read).
+        let silent_at = silence.map(|silence| heard + silence);
         let now = Instant::now();
-        let silent_at = silence.map(|silence| now + silence);
-        let reopened_by = pipe
-            .lock()
-            .reopening
-            .map(|since| since + pipe.node_config.connect_timeout());
-        let wake_at = silent_at.into_iter().chain(reopened_by).min();
+        let (reopened_by, wake_at) = loop {
+            let mut state = pipe.lock();
+            if state.next_expiry.is_some_and(|at| now >= at) {
+                drop(state);
+                pipe.expire(now);
+                continue;
+            }
+            let reopened_by = state
+                .reopening
+                .map(|since| since + pipe.node_config.connect_timeout());
+            let wake_at = [silent_at, reopened_by, state.next_expiry]
+                .into_iter()
+                .flatten()
+                .min();
+            state.reader_wakes_at = wake_at;
+            break (reopened_by, wake_at);
+        };
         let read = async {
             match wake_at {
-                Some(at) => tokio::time::timeout_at(at, reader.read(&mut chunk))
-                    .await
-                    .ok(),
-                None => Some(reader.read(&mut chunk).await),
+                Some(at) => match tokio::time::timeout_at(at, reader.read(&mut chunk)).await {
+                    Ok(read) => Woken::Read(read),
+                    Err(_) => Woken::Timer,
+                },
+                None => Woken::Read(reader.read(&mut chunk).await),
             }
         };
         // A connection that died elsewhere (the writer failed) stops reading too.
-        let read = tokio::select! {
-            read = read => read,
+        let woken = tokio::select! {
+            woken = read => woken,
+            () = pipe.wake_reader.notified() => Woken::Rewake,
             _ = dead.wait_for(|dead| *dead) => return,
         };
-        match read {
-            Some(Ok(0)) => break format!("{endpoint} closed the connection"),
-            Some(Ok(read)) => buffer.extend_from_slice(&chunk[..read]),
-            Some(Err(error)) => break format!("reading from {endpoint}: {error}"),
-            None => {
+        match woken {
+            Woken::Read(Ok(0)) => break format!("{endpoint} closed the connection"),
+            Woken::Read(Ok(read)) => {
+                heard = Instant::now();
+                buffer.extend_from_slice(&chunk[..read]);
+            }
+            Woken::Read(Err(error)) => break format!("reading from {endpoint}: {error}"),
+            Woken::Rewake => {}
+            Woken::Timer => {
                 let now = Instant::now();
                 if reopened_by.is_some_and(|by| now >= by) && pipe.lock().reopening.is_some() {
                     break format!(
@@ -720,20 +894,25 @@ async fn read_loop(
 pub(crate) struct PublishLane {
     pub(crate) state: Arc<watch::Sender<LinkState<Pipe>>>,
     pub(crate) recoveries: Arc<AtomicU64>,
+    /// Copies confirmed after their callers stopped waiting, on any of its connections.
+    pub(crate) remembered: Arc<Remembered>,
 }
 
 impl PublishLane {
     /// Connects (one attempt) and starts the supervisor that reconnects after a loss.
     pub(crate) async fn start(config: &AmqpConfig) -> Result<PublishLane, BrokerError> {
-        let pipe = open(config, 1, 0).await?;
+        let remembered = Arc::<Remembered>::default();
+        let pipe = open(config, 1, 0, &remembered).await?;
         let lane = PublishLane {
             state: Arc::new(watch::Sender::new(LinkState::Up(pipe.clone()))),
             recoveries: Arc::default(),
+            remembered: remembered.clone(),
         };
         tokio::spawn(supervise(
             config.clone(),
             Arc::downgrade(&lane.state),
             lane.recoveries.clone(),
+            remembered,
             pipe,
         ));
         Ok(lane)
@@ -757,10 +936,11 @@ async fn open(
     config: &AmqpConfig,
     generation: u64,
     first: usize,
+    remembered: &Arc<Remembered>,
 ) -> Result<Arc<Pipe>, BrokerError> {
     config
         .on_first_answering(first, |node_config, node| {
-            Pipe::open(node_config, node, generation)
+            Pipe::open(node_config, node, generation, remembered.clone())
         })
         .await
 }
@@ -772,6 +952,7 @@ async fn supervise(
     config: AmqpConfig,
     state: Weak<watch::Sender<LinkState<Pipe>>>,
     recoveries: Arc<AtomicU64>,
+    remembered: Arc<Remembered>,
     mut pipe: Arc<Pipe>,
 ) {
     let closed = |state: &Weak<watch::Sender<LinkState<Pipe>>>| {
@@ -807,7 +988,7 @@ async fn supervise(
                 () = until_closed(&mut watcher) => return,
             }
             attempt = attempt.saturating_add(1);
-            match open(&config, generation, next_node).await {
+            match open(&config, generation, next_node, &remembered).await {
                 Ok(pipe) => break pipe,
                 Err(error) => {
                     tracing::warn!(%error, attempt, "AMQP publishing reconnect failed");
@@ -911,17 +1092,14 @@ mod tests {
     #[test]
     fn publish_frames_split_the_body_at_frame_max() {
         let body = vec![7u8; 10_000];
-        let properties = encode_properties(&message(), CC_HEADER).unwrap();
-        let frames = PublishFrames {
-            channel: 3,
-            exchange: b"exchange/x",
-            routing_key: b"a.b",
-            mandatory: true,
-            properties: &properties,
-            body: &body,
+        let sent = OutgoingMessage {
+            body: body.clone(),
+            ..message()
         };
+        let copy = Prepared::new("exchange/x", "a.b", sent, true, CC_HEADER).unwrap();
         let mut out = Vec::new();
-        frames.encode(&mut out, 4096);
+        encode_publish(&mut out, 3, &copy, 4096);
+        assert_eq!(out.len(), copy.wire_len(4096));
         let mut parsed = Vec::new();
         let mut start = 0;
         while let Some((frame, used)) = Frame::parse(&out[start..], 4096).unwrap() {
@@ -939,6 +1117,12 @@ mod tests {
         assert_eq!(args.u8("bits").unwrap(), 1);
         let header = super::super::wire::ContentHeader::parse(&parsed[1].payload).unwrap();
         assert_eq!(header.body_size, 10_000);
+        let (_, properties) =
+            lapin::protocol::basic::parse_properties(&parsed[1].payload[12..]).unwrap();
+        assert_eq!(
+            properties.message_id().as_ref().map(|id| id.as_str()),
+            Some("job-1")
+        );
         let sent: Vec<u8> = parsed[2..].iter().flat_map(|f| f.payload.clone()).collect();
         assert_eq!(sent, body);
         assert!(parsed[2..].iter().all(|f| f.payload.len() <= 4088));
@@ -958,31 +1142,41 @@ mod tests {
             let (listener, config) = broker(heartbeat).await;
             let config = config.with_connect_timeout(connect_timeout);
             let (pipe, peer) = tokio::join!(
-                super::Pipe::open(config, 0, 1),
+                super::Pipe::open(config, 0, 1, Default::default()),
                 accept(&listener, heartbeat)
             );
             (pipe.expect("connects to the scripted broker"), peer)
         }
     }
 
-    fn key(text: &str) -> ShortString {
-        ShortString::try_new(text.to_owned()).unwrap()
+    /// A message to `ex` with routing key `name` (its body too), under its own id.
+    fn prepared(name: &str, mandatory: bool) -> Arc<Prepared> {
+        let message = OutgoingMessage {
+            body: name.as_bytes().to_vec(),
+            message_id: Some(name.to_owned()),
+            ..OutgoingMessage::default()
+        };
+        Prepared::new("ex", name, message, mandatory, CC_HEADER).unwrap()
+    }
+
+    /// Sends `copy` on `pipe` and waits for its outcome, for at most `within`.
+    async fn send_and_wait(pipe: &Pipe, copy: &Arc<Prepared>, within: Duration) -> Waited {
+        match pipe.send(copy, Instant::now() + within) {
+            Sending::Sent(epoch) => Settled::new(copy, epoch).await,
+            Sending::Joined(other, epoch) => Waited::Settled(joined(other, epoch).await),
+            Sending::Lost(reason) => Waited::Settled(Outcome::Lost(reason)),
+        }
     }
 
     /// Publishes `name` on `pipe` in a task; mandatory when `name` says so.
-    fn publish(pipe: &Arc<Pipe>, name: &'static str) -> tokio::task::JoinHandle<Confirm> {
+    fn publish(pipe: &Arc<Pipe>, name: &'static str) -> tokio::task::JoinHandle<Outcome> {
         let pipe = pipe.clone();
         tokio::spawn(async move {
-            let properties = encode_properties(&OutgoingMessage::default(), "CC").unwrap();
-            let mandatory = name.starts_with("mandatory");
-            pipe.publish(
-                &key("ex"),
-                &key(name),
-                mandatory,
-                &properties,
-                name.as_bytes(),
-            )
-            .await
+            let copy = prepared(name, name.starts_with("mandatory"));
+            match send_and_wait(&pipe, &copy, Duration::from_secs(60)).await {
+                Waited::Settled(confirm) => confirm,
+                Waited::TimedOut => panic!("{name}: timed out"),
+            }
         })
     }
 
@@ -1014,17 +1208,124 @@ mod tests {
         peer.confirm(80, 3, false).await;
         peer.confirm(80, 2, false).await; // again: settled already
         peer.confirm(120, 1, false).await;
-        assert_eq!(second.await.unwrap(), Confirm::Acked);
+        assert_eq!(second.await.unwrap(), Outcome::Acked);
         assert_eq!(
             third.await.unwrap(),
-            Confirm::Returned("312 NO_ROUTE".to_owned())
+            Outcome::Returned("312 NO_ROUTE".into())
         );
-        assert_eq!(first.await.unwrap(), Confirm::Nacked);
+        assert_eq!(first.await.unwrap(), Outcome::Nacked);
         assert!(pipe.is_up(), "odd confirms do not end the connection");
         let fourth = publish(&pipe, "fourth");
         publishes_arrive(&mut peer, 1).await;
         peer.confirm(80, 4, true).await;
-        assert_eq!(fourth.await.unwrap(), Confirm::Acked);
+        assert_eq!(fourth.await.unwrap(), Outcome::Acked);
+    }
+
+    /// A publish whose deadline passes while its copy is in flight hears so
+    /// then (the connection's one timer), not at its confirm; the copy goes
+    /// on: a retry waits for it instead of sending another, and its confirm
+    /// is remembered for later retries.
+    #[tokio::test]
+    async fn a_publish_whose_deadline_passes_in_flight_times_out_and_its_copy_goes_on() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let copy = prepared("slow", false);
+        let started = Instant::now();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            send_and_wait(&pipe, &copy, Duration::from_millis(300)),
+        )
+        .await
+        .expect("woken at its deadline");
+        assert_eq!(waited, Waited::TimedOut);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "timed out after {took:?}"
+        );
+        publishes_arrive(&mut peer, 1).await;
+        // A retry of the same message joins the copy in flight.
+        let retry = prepared("slow", false);
+        let Sending::Joined(joined_copy, epoch) =
+            pipe.send(&retry, Instant::now() + Duration::from_secs(60))
+        else {
+            panic!("a second copy was queued");
+        };
+        let joiner = tokio::spawn(joined(joined_copy, epoch));
+        peer.confirm(80, 1, false).await;
+        assert_eq!(joiner.await.unwrap(), Outcome::Acked);
+        assert!(
+            pipe.remembered.confirmed(&prepared("slow", false)),
+            "confirmed after its caller gave up: remembered"
+        );
+        // Nothing else was sent: the next publish is tag 2.
+        let next = publish(&pipe, "next");
+        publishes_arrive(&mut peer, 1).await;
+        peer.confirm(80, 2, false).await;
+        assert_eq!(next.await.unwrap(), Outcome::Acked);
+    }
+
+    /// Two publishes of one message at once: one copy goes out, both hear its confirm.
+    #[tokio::test]
+    async fn a_message_in_flight_is_not_sent_twice() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let first = publish(&pipe, "twice");
+        publishes_arrive(&mut peer, 1).await;
+        let second = publish(&pipe, "twice");
+        let other = publish(&pipe, "other");
+        publishes_arrive(&mut peer, 1).await;
+        peer.confirm(80, 2, true).await;
+        assert_eq!(first.await.unwrap(), Outcome::Acked);
+        assert_eq!(second.await.unwrap(), Outcome::Acked);
+        assert_eq!(other.await.unwrap(), Outcome::Acked);
+        assert!(
+            !pipe.remembered.confirmed(&prepared("twice", false)),
+            "its callers saw the confirm: nothing to remember"
+        );
+    }
+
+    /// Many publishes at once, more than one write's batch: none waits to
+    /// be queued, all go out in order, one multiple ack settles them all.
+    #[tokio::test]
+    async fn publishes_beyond_a_batch_go_out_in_order() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let count = 2 * WRITE_BATCH / 1024 + 10;
+        let copies: Vec<_> = (0..count)
+            .map(|n| {
+                let message = OutgoingMessage {
+                    body: vec![b'x'; 1024],
+                    message_id: Some(format!("m-{n}")),
+                    ..OutgoingMessage::default()
+                };
+                Prepared::new("ex", &format!("k.{n}"), message, false, CC_HEADER).unwrap()
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let epochs: Vec<u32> = copies
+            .iter()
+            .map(|copy| match pipe.send(copy, deadline) {
+                Sending::Sent(epoch) => epoch,
+                _ => panic!("not queued"),
+            })
+            .collect();
+        for n in 0..count {
+            let frame = loop {
+                let frame = peer.frame().await.expect("a frame");
+                if frame.kind == FRAME_METHOD {
+                    break frame;
+                }
+            };
+            let (_, _, mut args) = frame.method().unwrap();
+            args.u16("reserved").unwrap();
+            args.short("exchange").unwrap();
+            assert_eq!(args.short("key").unwrap(), format!("k.{n}").as_bytes());
+        }
+        peer.confirm(80, count as u64, true).await;
+        for (copy, epoch) in copies.iter().zip(epochs) {
+            assert_eq!(
+                Settled::new(copy, epoch).await,
+                Waited::Settled(Outcome::Acked)
+            );
+        }
     }
 
     #[tokio::test]
@@ -1041,7 +1342,7 @@ mod tests {
         peer.send(1, close).await;
         for publish in doomed {
             assert!(
-                matches!(publish.await.unwrap(), Confirm::ChannelClosed { code: 404, ref text } if text.contains("'ex'"))
+                matches!(publish.await.unwrap(), Outcome::ChannelClosed { code: 404, ref text } if text.contains("'ex'"))
             );
         }
         assert_eq!(peer.method().await, Some((CHANNEL, 41)), "close-ok");
@@ -1053,7 +1354,7 @@ mod tests {
         peer.confirm(80, 1, false).await;
         assert_eq!(
             later.await.unwrap(),
-            Confirm::Acked,
+            Outcome::Acked,
             "tags start again at 1"
         );
     }
@@ -1070,7 +1371,7 @@ mod tests {
         let waiting = publish(&pipe, "waiting");
         peer.send(1, close()).await;
         assert!(
-            matches!(waiting.await.unwrap(), Confirm::Lost(reason) if reason.contains("while it was being opened"))
+            matches!(waiting.await.unwrap(), Outcome::Lost(reason) if reason.contains("while it was being opened"))
         );
         tokio::time::timeout(Duration::from_secs(5), pipe.died())
             .await
@@ -1099,7 +1400,7 @@ mod tests {
             .expect("the publish does not wait forever")
             .unwrap();
         assert!(
-            matches!(&confirm, Confirm::Lost(reason) if reason.contains("did not reopen")),
+            matches!(&confirm, Outcome::Lost(reason) if reason.contains("did not reopen")),
             "{confirm:?}"
         );
     }
@@ -1136,14 +1437,14 @@ mod tests {
         // A method frame whose frame-end byte is wrong.
         peer.raw(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 0, 80, 0x00]).await;
         assert!(
-            matches!(waiting.await.unwrap(), Confirm::Lost(reason) if reason.contains("malformed frame")),
+            matches!(waiting.await.unwrap(), Outcome::Lost(reason) if reason.contains("malformed frame")),
         );
         tokio::time::timeout(Duration::from_secs(5), pipe.died())
             .await
             .expect("the connection is dead");
         assert!(matches!(
             publish(&pipe, "after").await.unwrap(),
-            Confirm::Lost(_)
+            Outcome::Lost(_)
         ));
         let hung_up = async { while peer.frame().await.is_some() {} };
         tokio::time::timeout(Duration::from_secs(5), hung_up)
@@ -1152,18 +1453,25 @@ mod tests {
     }
 
     /// A peer that neither reads nor speaks: the writer stuck on a full
-    /// socket ends with the connection, and publishers waiting for room hear of it.
+    /// socket ends with the connection, and every queued publish hears of it.
     #[tokio::test]
     async fn a_broker_that_stops_reading_does_not_hold_the_writer() {
         let (pipe, peer) = scripted::connected(1, Duration::from_secs(5)).await;
         let body = vec![b'x'; 1 << 20];
-        let properties = encode_properties(&OutgoingMessage::default(), "CC").unwrap();
         let publishes: Vec<_> = (0..48)
-            .map(|_| {
-                let (pipe, body, properties) = (pipe.clone(), body.clone(), properties.clone());
+            .map(|n| {
+                let (pipe, body) = (pipe.clone(), body.clone());
                 tokio::spawn(async move {
-                    pipe.publish(&key("ex"), &key("k"), false, &properties, &body)
-                        .await
+                    let message = OutgoingMessage {
+                        body,
+                        message_id: Some(format!("m-{n}")),
+                        ..OutgoingMessage::default()
+                    };
+                    let copy = Prepared::new("ex", "k", message, false, CC_HEADER).unwrap();
+                    match send_and_wait(&pipe, &copy, Duration::from_secs(60)).await {
+                        Waited::Settled(confirm) => confirm,
+                        Waited::TimedOut => panic!("timed out"),
+                    }
                 })
             })
             .collect();
@@ -1172,7 +1480,7 @@ mod tests {
                 .await
                 .expect("no publish waits forever")
                 .unwrap();
-            assert!(matches!(confirm, Confirm::Lost(_)), "{confirm:?}");
+            assert!(matches!(confirm, Outcome::Lost(_)), "{confirm:?}");
         }
         let ended = async {
             while Arc::strong_count(&pipe) > 1 {
@@ -1195,7 +1503,7 @@ mod tests {
             .await
             .expect("the publish does not wait forever")
             .unwrap();
-        assert!(matches!(confirm, Confirm::Lost(reason) if reason.contains("no heartbeat")));
+        assert!(matches!(confirm, Outcome::Lost(reason) if reason.contains("no heartbeat")));
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),
