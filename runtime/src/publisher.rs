@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::binding::Binding;
+use crate::binding::{Binding, Message};
 use crate::broker::{Broker, BrokerError, ExchangeOptions, OutgoingMessage};
 use crate::consumer::ROUTE_PREFIX;
 use crate::deadline;
@@ -104,7 +104,7 @@ pub struct Publisher<B: Broker> {
     options: PublisherOptions,
     /// Per exchange, its declaration: done once however many first
     /// publishes race (they wait for the one declaring; a failed one is tried again).
-    declared: Mutex<HashMap<&'static str, Arc<tokio::sync::OnceCell<()>>>>,
+    declared: Mutex<HashMap<&'static str, Arc<Declaration>>>,
     /// The size of the last body serialized: the next one's buffer starts that
     /// large, instead of growing through several copies.
     body_size_hint: AtomicUsize,
@@ -133,53 +133,148 @@ impl<B: Broker> Publisher<B> {
 
     /// Publishes `message` on the binding's exchange with its concrete
     /// routing key; returns once the broker confirmed it.
-    pub async fn publish<Bd: Binding>(
+    pub fn publish<Bd: Binding>(
         &self,
         binding: &Bd,
         message: &Bd::Message,
-    ) -> Result<(), PublishError> {
-        self.publish_with_routes(binding, message, &[]).await
+    ) -> impl Future<Output = Result<(), PublishError>> {
+        self.publish_with_routes(binding, message, &[])
     }
 
     /// Publishes like [`publish`](Self::publish), CC'd to each route as
     /// `route.<route>`. Routes are given without the `route.` prefix, as in
     /// a task's `routes` (`notify.by-email`).
-    pub async fn publish_with_routes<Bd: Binding>(
+    ///
+    /// (A plain function returning an `async move` block: an `async fn`
+    /// would keep each argument twice in the future, which lives as long as
+    /// the publish is in flight.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    pub fn publish_with_routes<Bd: Binding>(
         &self,
         binding: &Bd,
         message: &Bd::Message,
         routes: &[&str],
-    ) -> Result<(), PublishError> {
-        let exchange = Bd::EXCHANGE;
-        let routing_key = binding.routing_key()?;
-        let cc = cc_keys(exchange, &routing_key, routes)?;
-        // Serialized once: the bytes checked against the schema are the bytes sent.
-        let serialize = || {
-            validate::validated_body(message, self.body_size_hint.load(Ordering::Relaxed)).map_err(
-                |source| PublishError::InvalidMessage {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.clone(),
-                    source,
-                },
-            )
-        };
-        let body = serialize()?;
+    ) -> impl Future<Output = Result<(), PublishError>> {
+        async move {
+            // The deadline of the retries starts now.
+            let started = Instant::now();
+            let routing_key = binding.routing_key()?;
+            // One id for every retry of this call: consumers can deduplicate by it.
+            let message_id = uuid::Uuid::new_v4();
+            let serialized = self.serialized(Bd::EXCHANGE, &routing_key, message, routes)?;
+            // A retry (rare) serializes the body again: the same bytes, and no
+            // second copy of them kept by every publish in flight. (Made where
+            // it is needed: nothing for retries takes room in the future of a
+            // publish in flight.)
+            macro_rules! again {
+                () => {
+                    || self.outgoing(Bd::EXCHANGE, &routing_key, message, routes, message_id)
+                };
+            }
+            // Every path but the common one is boxed, and whole values are
+            // moved (never taken apart) before an await: the future of a
+            // publish in flight only has room for what that needs.
+            let mut held = (serialized, message_id);
+            let mut failed = None;
+            if !self.declared(Bd::EXCHANGE) {
+                (held, failed) = Box::pin(self.declared_for(Bd::EXCHANGE, held)).await;
+            }
+            let first = Self::message(held);
+            if let Some(error) = failed {
+                let first = Some(first);
+                let retry = self.send(
+                    Bd::EXCHANGE,
+                    &routing_key,
+                    started,
+                    first,
+                    Some(*error),
+                    again!(),
+                );
+                return Box::pin(retry).await;
+            }
+            let error = match self.broker.publish(Bd::EXCHANGE, &routing_key, first).await {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            let retry = self.send(
+                Bd::EXCHANGE,
+                &routing_key,
+                started,
+                None,
+                Some(error),
+                again!(),
+            );
+            Box::pin(retry).await
+        }
+    }
+
+    /// Waits until `exchange` is declared (declaring it if no other publish
+    /// is), holding `held` (the serialized message) meanwhile: a future of
+    /// its own, so that the publish's does not keep room for it while in
+    /// flight. Returns it, and the declaration's error if it failed (boxed:
+    /// the publish's future keeps room for it). (A plain function returning
+    /// an `async move` block: an `async fn` would keep each argument twice.)
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    fn declared_for<T>(
+        &self,
+        exchange: &'static str,
+        held: T,
+    ) -> impl Future<Output = (T, Option<Box<BrokerError>>)> {
+        async move {
+            let declared = self.declare_once(exchange).await;
+            (held, declared.err().map(Box::new))
+        }
+    }
+
+    /// The message to send: serialized once (the bytes checked against the
+    /// schema are the bytes sent), with its CC keys and id.
+    fn outgoing<M: Message>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &M,
+        routes: &[&str],
+        message_id: uuid::Uuid,
+    ) -> Result<OutgoingMessage, PublishError> {
+        let serialized = self.serialized(exchange, routing_key, message, routes)?;
+        Ok(Self::message((serialized, message_id)))
+    }
+
+    /// The body (serialized and checked against the schema) and the CC keys.
+    fn serialized<M: Message>(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: &M,
+        routes: &[&str],
+    ) -> Result<(Vec<u8>, Vec<String>), PublishError> {
+        let cc = cc_keys(exchange, routing_key, routes)?;
+        let body = validate::validated_body(message, self.body_size_hint.load(Ordering::Relaxed))
+            .map_err(|source| PublishError::InvalidMessage {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+            source,
+        })?;
         self.body_size_hint.store(body.len(), Ordering::Relaxed);
-        // One id for every retry of this call: consumers can deduplicate by it.
-        let message_id = uuid::Uuid::new_v4().to_string();
-        let outgoing = |body| OutgoingMessage {
+        Ok((body, cc))
+    }
+
+    /// The message sent: the body, persistent JSON, with its CC keys and id.
+    fn message(((body, cc), message_id): ((Vec<u8>, Vec<String>), uuid::Uuid)) -> OutgoingMessage {
+        OutgoingMessage {
             body,
             content_type: Some("application/json".to_owned()),
-            message_id: Some(message_id.clone()),
+            message_id: Some(message_id.to_string()),
             persistent: true,
             headers: Default::default(),
-            cc: cc.clone(),
-        };
-        // A retry (rare) serializes the body again: the same bytes, and no
-        // second copy of them kept by every publish in flight.
-        let again = || serialize().map(outgoing);
-        self.send(exchange, &routing_key, outgoing(body), again)
-            .await
+            cc,
+        }
     }
 
     /// Whether `exchange` was declared by this publisher already.
@@ -188,45 +283,88 @@ impl<B: Broker> Publisher<B> {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .get(exchange)
-            .is_some_and(|cell| cell.initialized())
+            .is_some_and(|declaration| declaration.done.load(Ordering::Acquire))
     }
 
-    /// Declares `exchange` (durable) once for this publisher.
+    /// Declares `exchange` (durable) once for this publisher. A publish
+    /// that finds another one declaring it waits for that one (a small
+    /// wait: the first publishes all wait at once) and declares it itself
+    /// if that one failed.
     async fn declare_once(&self, exchange: &'static str) -> Result<(), BrokerError> {
-        let cell = self
+        let declaration = self
             .declared
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .entry(exchange)
             .or_default()
             .clone();
-        cell.get_or_try_init(|| {
-            self.broker.declare_exchange(
-                exchange,
-                ExchangeOptions {
-                    passive: false,
-                    durable: true,
-                },
-            )
-        })
-        .await
-        .map(|_| ())
+        loop {
+            let finished = declaration.finished.notified();
+            tokio::pin!(finished);
+            finished.as_mut().enable();
+            if declaration.done.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if !declaration.running.swap(true, Ordering::AcqRel) {
+                // Reset however this ends, even if the caller stops waiting.
+                let _running = Running(&declaration);
+                let declared = Box::pin(self.broker.declare_exchange(
+                    exchange,
+                    ExchangeOptions {
+                        passive: false,
+                        durable: true,
+                    },
+                ))
+                .await;
+                if declared.is_ok() {
+                    declaration.done.store(true, Ordering::Release);
+                }
+                return declared;
+            }
+            finished.await;
+        }
     }
 
-    /// Publishes `first`, and after a retryable failure the message `again`
-    /// makes, with backoff, until the publisher's deadline.
+    /// Publishes `first` (if given; after `failed`, the first attempt's
+    /// error, if not), and after a retryable failure the message `again`
+    /// makes, with backoff, until the publisher's deadline from `started`.
     async fn send(
         &self,
         exchange: &'static str,
         routing_key: &str,
-        first: OutgoingMessage,
+        started: Instant,
+        mut first: Option<OutgoingMessage>,
+        mut failed: Option<BrokerError>,
         again: impl Fn() -> Result<OutgoingMessage, PublishError>,
     ) -> Result<(), PublishError> {
-        let deadline = deadline::after(self.options.deadline);
+        let deadline = started
+            .checked_add(self.options.deadline)
+            .unwrap_or_else(|| deadline::after(self.options.deadline));
         let mut backoff = self.options.initial_backoff;
-        let mut attempts = 0;
-        let mut first = Some(first);
+        let mut attempts = u32::from(failed.is_some());
         loop {
+            if let Some(error) = failed.take() {
+                let retryable = matches!(
+                    error,
+                    BrokerError::Connection(_)
+                        | BrokerError::NotConfirmed { .. }
+                        | BrokerError::Unreachable(_)
+                        | BrokerError::Unconfirmed(_)
+                );
+                // A retry too far away to represent is past any deadline.
+                let retry_at = Instant::now().checked_add(backoff);
+                if !retryable || retry_at.is_none_or(|at| at >= deadline) {
+                    return Err(PublishError::Broker {
+                        exchange: exchange.to_owned(),
+                        routing_key: routing_key.to_owned(),
+                        attempts,
+                        source: error,
+                    });
+                }
+                tracing::warn!(%exchange, %routing_key, %error, retry_in = ?backoff, "publish failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(self.options.max_backoff);
+            }
             attempts += 1;
             let message = match first.take() {
                 Some(message) => message,
@@ -234,39 +372,38 @@ impl<B: Broker> Publisher<B> {
             };
             let attempt = async {
                 if !self.declared(exchange) {
-                    // Boxed: only the first publishes wait for it, and its
-                    // future would otherwise take room in every publish's.
-                    Box::pin(self.declare_once(exchange)).await?;
+                    self.declare_once(exchange).await?;
                 }
                 self.broker.publish(exchange, routing_key, message).await
             };
             // The broker bounds one attempt (its operation timeout) and says
             // what became of the message; the deadline bounds the retries.
-            let error = match attempt.await {
+            match attempt.await {
                 Ok(()) => return Ok(()),
-                Err(error) => error,
-            };
-            let retryable = matches!(
-                error,
-                BrokerError::Connection(_)
-                    | BrokerError::NotConfirmed { .. }
-                    | BrokerError::Unreachable(_)
-                    | BrokerError::Unconfirmed(_)
-            );
-            // A retry too far away to represent is past any deadline.
-            let retry_at = Instant::now().checked_add(backoff);
-            if !retryable || retry_at.is_none_or(|at| at >= deadline) {
-                return Err(PublishError::Broker {
-                    exchange: exchange.to_owned(),
-                    routing_key: routing_key.to_owned(),
-                    attempts,
-                    source: error,
-                });
+                Err(error) => failed = Some(error),
             }
-            tracing::warn!(%exchange, %routing_key, %error, retry_in = ?backoff, "publish failed; retrying");
-            tokio::time::sleep(backoff).await;
-            backoff = backoff.saturating_mul(2).min(self.options.max_backoff);
         }
+    }
+}
+
+/// One exchange's declaration by a [`Publisher`].
+#[derive(Debug, Default)]
+struct Declaration {
+    /// Declared.
+    done: std::sync::atomic::AtomicBool,
+    /// A publish is declaring it now.
+    running: std::sync::atomic::AtomicBool,
+    /// Wakes the publishes waiting for the one declaring.
+    finished: tokio::sync::Notify,
+}
+
+/// The declaring publish's mark: cleared (and the waiters woken) when it ends.
+struct Running<'a>(&'a Declaration);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Release);
+        self.0.finished.notify_waiters();
     }
 }
 

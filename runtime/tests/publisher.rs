@@ -180,6 +180,65 @@ async fn racing_first_publishes_declare_the_exchange_once() {
     assert_eq!(memory.pending(&queue).await.unwrap().len(), 100);
 }
 
+/// The publishes waiting for another one's declaration go on when that
+/// one fails or is dropped: one of them declares the exchange then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declaration_that_fails_or_is_dropped_is_made_by_a_waiting_publish() {
+    let memory = MemoryBroker::new();
+    let broker = Flaky::new(memory.clone(), 0, 0);
+    broker.declaration_ms.store(100, Ordering::SeqCst);
+    broker.fail_declarations.store(1, Ordering::SeqCst);
+    let queue = tap(&memory).await;
+    let publisher = std::sync::Arc::new(Publisher::with_options(
+        broker.clone(),
+        quick(Duration::from_secs(10)),
+    ));
+    let publish = |n: u32| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let (binding, message) = defined(n, "w");
+            publisher.publish(&binding, &message).await
+        })
+    };
+    // The first declares (and its declaration will fail); the next wait for it.
+    let first = publish(0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiting: Vec<_> = (1..20).map(publish).collect();
+    first.await.unwrap().unwrap();
+    for task in waiting {
+        task.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        broker.declarations.load(Ordering::SeqCst),
+        2,
+        "failed once, then declared"
+    );
+    assert_eq!(memory.pending(&queue).await.unwrap().len(), 20);
+
+    // A declaring publish that is dropped: a waiting one declares instead.
+    let publisher = std::sync::Arc::new(Publisher::with_options(
+        broker.clone(),
+        quick(Duration::from_secs(10)),
+    ));
+    let publish = |n: u32| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let (binding, message) = defined(n, "w");
+            publisher.publish(&binding, &message).await
+        })
+    };
+    let dropped = publish(100);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let waiting = publish(101);
+    dropped.abort();
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting publish does not hang")
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.declarations.load(Ordering::SeqCst), 4);
+}
+
 #[tokio::test]
 async fn the_deadline_bounds_retries_and_the_error_names_exchange_and_key() {
     let memory = MemoryBroker::new();

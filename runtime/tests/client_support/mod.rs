@@ -363,6 +363,8 @@ pub struct Flaky {
     /// `(message id, body)` of every publish attempt, failed ones included.
     pub sent: Arc<Mutex<Vec<SentAttempt>>>,
     pub declarations: Arc<AtomicU32>,
+    /// The next this many exchange declarations fail with a connection error.
+    pub fail_declarations: Arc<AtomicU32>,
     /// Milliseconds each exchange declaration takes.
     pub declaration_ms: Arc<AtomicU32>,
     pub subscriptions: Arc<AtomicU32>,
@@ -378,6 +380,7 @@ impl Flaky {
             publishes: Arc::new(AtomicU32::new(0)),
             sent: Arc::default(),
             declarations: Arc::new(AtomicU32::new(0)),
+            fail_declarations: Arc::new(AtomicU32::new(0)),
             declaration_ms: Arc::new(AtomicU32::new(0)),
             subscriptions: Arc::new(AtomicU32::new(0)),
         }
@@ -402,6 +405,9 @@ impl Broker for Flaky {
         self.declarations.fetch_add(1, Ordering::SeqCst);
         let pause = self.declaration_ms.load(Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(pause.into())).await;
+        if take_one(&self.fail_declarations) {
+            return Err(BrokerError::Connection("injected failure".to_owned()));
+        }
         self.inner.declare_exchange(name, options).await
     }
 
