@@ -1,7 +1,7 @@
 //! Publishing typed messages, validated against their schema, with publisher
 //! confirms and retries across reconnections.
 //!
-//! A message is serialized once, its bytes checked against [`Message::SCHEMA`](crate::Message::SCHEMA)
+//! A message is serialized once, its bytes checked against [`Message::SCHEMA`]
 //! (nothing is sent if it breaks the schema), and published persistent as
 //! `application/json` with the binding's concrete routing key. Task-specific
 //! routes are added as CC routing keys `route.<route>`.

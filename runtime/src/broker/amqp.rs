@@ -35,10 +35,10 @@
 //!   else goes over the main one. Each connection is two tasks on the
 //!   caller's runtime (one writes what was queued, one write per batch; one
 //!   reads), with heartbeats both ways: a broker silent for two heartbeat
-//!   intervals is left and reconnected. A queued publish costs only its
-//!   message's shared record (kept for a resend anyway): the writer encodes
-//!   from the queue, at most 256 KiB per write, so a blocked or slow
-//!   connection holds no second copy of what waits.
+//!   intervals is left and reconnected. A publish queues its message's
+//!   encoded record (kept for a resend anyway) and never waits for room:
+//!   the publishing writer encodes from that queue, 256 KiB a write, so a
+//!   blocked or slow connection holds nothing else for what waits.
 //! - Channel errors (404, 406, ...) cost only the channel: declarations,
 //!   bindings and deletions take turns on one operations channel, replaced
 //!   after an error; each consumer, `get` and `pending` has a channel of its

@@ -14,6 +14,7 @@
 //! `serde_json::Value` path.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::io;
 
 use jsonschema::JsonType;
@@ -50,6 +51,21 @@ enum Entry {
     },
 }
 
+thread_local! {
+    /// The index of the last document serialized on this thread, for the next.
+    static ENTRIES: Cell<Vec<Entry>> = const { Cell::new(Vec::new()) };
+    /// The open-container stack of the last serialization on this thread.
+    static OPEN: Cell<Vec<usize>> = const { Cell::new(Vec::new()) };
+}
+
+/// Keeps `buffer` in `slot` for the next serialization on this thread,
+/// unless it grew too large to keep.
+fn keep<T>(slot: &'static std::thread::LocalKey<Cell<Vec<T>>>, buffer: Vec<T>) {
+    if buffer.capacity() <= 1 << 16 {
+        slot.set(buffer);
+    }
+}
+
 /// A serialized message: its JSON text and the index of its values.
 #[derive(Debug)]
 pub(crate) struct Document {
@@ -64,10 +80,17 @@ impl Document {
         value: &T,
         capacity: usize,
     ) -> Result<Option<Document>, serde_json::Error> {
+        // The index buffers of this thread's last serialization: no
+        // allocation, growth or page fault per message once warm.
+        let mut entries = ENTRIES.take();
+        entries.clear();
+        entries.reserve(capacity / 8);
+        let mut open = OPEN.take();
+        open.clear();
         let mut recorder = Recorder {
             position: 0,
-            entries: Vec::with_capacity(capacity / 8),
-            open: Vec::new(),
+            entries,
+            open,
             key_start: None,
             string_start: 0,
             escaped: false,
@@ -75,8 +98,12 @@ impl Document {
         };
         let mut bytes = Vec::with_capacity(capacity);
         let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, &mut recorder);
-        value.serialize(&mut serializer)?;
-        if !recorder.exact || recorder.entries.is_empty() || !recorder.open.is_empty() {
+        let serialized = value.serialize(&mut serializer);
+        let closed = recorder.open.is_empty();
+        keep(&OPEN, std::mem::take(&mut recorder.open));
+        serialized?;
+        if !recorder.exact || recorder.entries.is_empty() || !closed {
+            keep(&ENTRIES, recorder.entries);
             return Ok(None);
         }
         // serde_json writes UTF-8 only; the check is a cheap guard, never an expected failure.
@@ -98,8 +125,9 @@ impl Document {
         }
     }
 
-    /// The JSON text.
+    /// The JSON text (the index goes back to this thread's buffers).
     pub(crate) fn into_bytes(self) -> Vec<u8> {
+        keep(&ENTRIES, self.entries);
         self.text.into_bytes()
     }
 
@@ -145,8 +173,10 @@ impl Document {
     /// Whether an object names a member twice, which a reader of the text
     /// would resolve (the last one wins) but the index would not.
     fn has_repeated_key(&self) -> bool {
-        // Names are compared as written: serde_json escapes a string one way only.
-        let mut names: Vec<&str> = Vec::new();
+        // Names are compared as written: serde_json escapes a string one way
+        // only. Up to 32 names on the stack; larger objects in a vector.
+        let mut small = [""; 32];
+        let mut large: Vec<&str> = Vec::new();
         self.entries.iter().enumerate().any(|(index, entry)| {
             let Entry::Object { len, end } = *entry else {
                 return false;
@@ -154,14 +184,28 @@ impl Document {
             if len < 2 {
                 return false;
             }
-            names.clear();
+            let mut count = 0;
+            large.clear();
             let mut name = index + 1;
             while name + 1 < end {
                 if let Some((raw, _)) = self.raw(name) {
-                    names.push(raw);
+                    if count < small.len() {
+                        small[count] = raw;
+                    } else {
+                        if large.is_empty() {
+                            large.extend_from_slice(&small);
+                        }
+                        large.push(raw);
+                    }
+                    count += 1;
                 }
                 name = self.after(name + 1);
             }
+            let names = if count <= small.len() {
+                &small[..count]
+            } else {
+                &large[..]
+            };
             names
                 .iter()
                 .enumerate()
@@ -951,6 +995,19 @@ mod tests {
             more: [("other", "b")].into_iter().collect(),
         };
         assert!(Document::serialize(&unique, 0).unwrap().is_some());
+        // Objects with more names than the check keeps on the stack.
+        let names: Vec<String> = (0..40).map(|n| format!("k{n}")).collect();
+        let many = |last: &'static str| Repeated {
+            name: "a",
+            more: names
+                .iter()
+                .map(|name| -> &'static str { Box::leak(name.clone().into_boxed_str()) })
+                .chain([last])
+                .map(|name| (name, "v"))
+                .collect(),
+        };
+        assert!(Document::serialize(&many("name"), 0).unwrap().is_none());
+        assert!(Document::serialize(&many("k99"), 0).unwrap().is_some());
         assert!(Document::serialize(&[0.1f32], 0).unwrap().is_none());
         assert!(Document::serialize(&[u128::MAX], 0).unwrap().is_none());
         assert!(Document::serialize(&[i128::MIN], 0).unwrap().is_none());
