@@ -21,8 +21,8 @@
 //! not one per publish).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use super::config::AmqpConfig;
 use super::copies::{
     InFlight, InFlightSet, Prepared, Remembered, Settled, Waited, check_short as short, joined,
 };
-use super::link::{LinkState, Supervised, close_lane, set_down, until_closed};
+use super::link::{LinkState, Supervised, Watched, close_lane, supervise};
 use super::raw::{ClientInfo, RawConnection, RawIo};
 use super::wire::{
     CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD, Frame, Reader, ShortString, Writer,
@@ -908,12 +908,17 @@ impl PublishLane {
             recoveries: Arc::default(),
             remembered: remembered.clone(),
         };
+        let reconnect_config = config.clone();
         tokio::spawn(supervise(
+            "AMQP publishing connection",
             config.clone(),
             Arc::downgrade(&lane.state),
             lane.recoveries.clone(),
-            remembered,
             pipe,
+            move |generation, first| {
+                let (config, remembered) = (reconnect_config.clone(), remembered.clone());
+                async move { open(&config, generation, first, &remembered).await }
+            },
         ));
         Ok(lane)
     }
@@ -945,76 +950,29 @@ async fn open(
         .await
 }
 
-/// Waits for the connection to die, then reconnects with capped
-/// exponential backoff (the nodes after the lost one first) and publishes
-/// the new connection. Ends when the lane is closed or dropped.
-async fn supervise(
-    config: AmqpConfig,
-    state: Weak<watch::Sender<LinkState<Pipe>>>,
-    recoveries: Arc<AtomicU64>,
-    remembered: Arc<Remembered>,
-    mut pipe: Arc<Pipe>,
-) {
-    let closed = |state: &Weak<watch::Sender<LinkState<Pipe>>>| {
-        state
-            .upgrade()
-            .map(|sender| sender.subscribe())
-            .filter(|watcher| !matches!(*watcher.borrow(), LinkState::Closed))
-    };
-    loop {
-        let Some(mut watcher) = closed(&state) else {
-            pipe.close().await;
-            return;
-        };
-        tokio::select! {
-            () = pipe.died() => {}
-            () = until_closed(&mut watcher) => {
-                pipe.close().await;
-                return;
-            }
-        }
-        let reason = pipe.death_reason();
-        tracing::warn!(endpoint = %pipe.node_config.endpoint(), generation = pipe.generation, %reason, "AMQP publishing connection lost; reconnecting");
-        set_down(&state, reason);
-        let next_node = pipe.node + 1;
-        let generation = recoveries.load(Ordering::SeqCst) + 2;
-        let mut attempt = 0;
-        pipe = loop {
-            let Some(mut watcher) = closed(&state) else {
-                return;
-            };
-            tokio::select! {
-                () = tokio::time::sleep(config.backoff(attempt)) => {}
-                () = until_closed(&mut watcher) => return,
-            }
-            attempt = attempt.saturating_add(1);
-            match open(&config, generation, next_node, &remembered).await {
-                Ok(pipe) => break pipe,
-                Err(error) => {
-                    tracing::warn!(%error, attempt, "AMQP publishing reconnect failed");
-                    set_down(&state, error.to_string());
-                }
-            }
-        };
-        let Some(sender) = state.upgrade() else {
-            pipe.close().await;
-            return;
-        };
-        let replaced = sender.send_if_modified(|current| {
-            if matches!(current, LinkState::Closed) {
-                false
-            } else {
-                *current = LinkState::Up(pipe.clone());
-                true
-            }
-        });
-        drop(sender);
-        if !replaced {
-            pipe.close().await;
-            return;
-        }
-        recoveries.fetch_add(1, Ordering::SeqCst);
-        tracing::info!(endpoint = %pipe.node_config.endpoint(), generation = pipe.generation, "AMQP publishing connection recovered");
+impl Watched for Pipe {
+    fn node(&self) -> usize {
+        self.node
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn endpoint(&self) -> String {
+        self.node_config.endpoint()
+    }
+
+    fn death_reason(&self) -> String {
+        Pipe::death_reason(self)
+    }
+
+    async fn died(&self) {
+        Pipe::died(self).await;
+    }
+
+    async fn close(&self) {
+        Pipe::close(self).await;
     }
 }
 
