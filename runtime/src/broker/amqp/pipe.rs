@@ -1,8 +1,8 @@
 //! The publishing connection: AMQP 0-9-1 on the tokio runtime itself.
 //!
-//! lapin runs each connection's I/O on a thread of its own, so every publish
-//! and every confirm crossed threads; the wake-ups were more than half of a
-//! publish's CPU. This connection is two tasks on the caller's runtime over
+//! (lapin, used before, ran each connection's I/O on a thread of its own, so
+//! every publish and every confirm crossed threads; the wake-ups were more
+//! than half of a publish's CPU.) This connection is two tasks on the caller's runtime over
 //! the lenient codec in [`wire`](super::wire): a writer that sends what
 //! publishers queued, as one write per batch, and a reader that settles
 //! publishes from the broker's confirms. It only publishes: one channel in

@@ -1,21 +1,19 @@
-//! A small AMQP connection that treats short strings as bytes.
+//! Poison messages, and a small AMQP connection that treats short strings as bytes.
 //!
 //! RabbitMQ accepts a routing key, a property (`message-id`, `content-type`,
 //! `app-id`, ...) or a header name that is not valid UTF-8 from any publisher;
-//! lapin's frame parser rejects it and drops the whole connection. Left alone,
-//! RabbitMQ redelivers the message, the connection drops again, and every
-//! message behind it waits forever.
+//! many clients refuse such a message, and lapin's parser drops the whole
+//! connection over it, so that RabbitMQ redelivers it and every message
+//! behind it waits forever. [`AmqpBroker`](super::AmqpBroker)'s connections
+//! read short strings as bytes: such a message never breaks them and is
+//! never handed to a consumer, `get` or `pending`. It is moved to its
+//! queue's dead-letter destination (its dead-letter exchange, else
+//! `<queue>.dead`) — the strings made valid (invalid sequences replaced by
+//! U+FFFD), `user-id` and `expiration` dropped, and the
+//! [`POISON_REASON_HEADER`] and [`POISON_QUEUE_HEADER`] headers saying what
+//! was wrong and where it came from — and reported as a [`PoisonEvent`].
 //!
-//! [`AmqpBroker`](super::AmqpBroker) uses this connection to break that cycle:
-//! after a connection died failing to parse a frame, and before its consumers
-//! resubscribe, it takes the first messages of every queue it was reading
-//! with `basic.get`, moves each message holding such a string to the queue's
-//! dead-letter destination — with the strings made valid (invalid sequences
-//! replaced by U+FFFD), `user-id` and `expiration` dropped, and the
-//! `tc-poison-reason` and `tc-poison-queue` headers saying what was wrong —
-//! and puts the others back in order by closing the channel. It reports each
-//! one as a [`PoisonEvent`].
-//!
+//! [`RawConnection`] is the handshake both connections start with, and
 //! [`RawConnection::publish`] sends arbitrary bytes, as Go's and Node's
 //! clients can: a diagnostic tool, and how the tests play a hostile publisher.
 
@@ -159,7 +157,7 @@ const SHORT_PROPERTIES: [&str; 10] = [
     "cluster-id",
 ];
 
-/// The I/O the connection runs over: TCP or TLS, as lapin connects.
+/// The I/O a connection runs over: TCP or TLS (`amq-protocol-tcp`).
 pub(crate) trait RawIo: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> RawIo for T {}
 

@@ -3,10 +3,9 @@
 //! lapin's parser (amq-protocol) decodes short strings as strict UTF-8 and
 //! drops the whole connection on a message whose routing key, property or
 //! header name is not valid UTF-8 — which RabbitMQ accepts from any publisher.
-//! This codec reads such messages without judging them, so
-//! [`raw`](super::raw) can set them aside; it covers only the methods that
-//! needs (handshake, channels, confirms, `basic.get`/`publish`/`ack`,
-//! `queue.declare`).
+//! This codec, which every connection of this module reads and writes with,
+//! reads such messages without judging them, so that they can be set aside
+//! (see [`raw`](super::raw)).
 
 use std::fmt;
 
