@@ -443,3 +443,47 @@ async fn poison_in_an_exclusive_queue_is_set_aside_and_consuming_goes_on() {
     assert_eq!(broker.recoveries(), 0);
     cleanup(&broker, &exchange, &[&dead]).await;
 }
+
+/// A consumer dropped right after the message behind a poison one still
+/// sets the poison aside (it does not go back to wait for the next
+/// consumer). Without waiting for its set-aside before closing, this
+/// failed about half the time: the close won the race.
+#[tokio::test]
+async fn a_consumer_dropped_at_once_still_sets_aside_what_it_was_handed() {
+    let broker = connect().await;
+    let (exchange, queue, dead) = setup(&broker, QueueType::Classic).await;
+    let mut publisher = RawConnection::connect(&config()).await.unwrap();
+    for round in 0..5 {
+        let mut events = broker.poison_events();
+        publisher
+            .publish(&Poison::MessageId.message(&exchange, &format!("poison-{round}")))
+            .await
+            .unwrap();
+        publisher
+            .publish(&valid(&exchange, &format!("ok-{round}")))
+            .await
+            .unwrap();
+        let mut stream = broker.consume(&queue, 5).await.unwrap();
+        let delivery = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("the valid message within 20 s")
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivery.body, format!("ok-{round}").as_bytes());
+        delivery.ack().await.unwrap();
+        drop(stream);
+        let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("round {round}: the poison is reported"))
+            .unwrap();
+        assert!(
+            matches!(&event, PoisonEvent::SetAside { queue: from, .. } if *from == queue),
+            "round {round}: {event:?}"
+        );
+    }
+    publisher.close().await;
+    let dead_lettered = drain(&broker, &dead).await;
+    assert_eq!(dead_lettered.len(), 5);
+    assert!(drain(&broker, &queue).await.is_empty());
+    cleanup(&broker, &exchange, &[&queue, &dead]).await;
+}

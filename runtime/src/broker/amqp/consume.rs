@@ -27,6 +27,10 @@ const CONSUMER_TAG: &str = "tc-exchanges";
 /// back to its queue (and comes back to be tried again).
 const SET_ASIDE_RETRY: Duration = Duration::from_secs(1);
 
+/// How long a consumer whose stream was dropped waits for the messages it
+/// is setting aside before it closes its channel.
+const SET_ASIDE_WAIT: Duration = Duration::from_secs(10);
+
 type Sender = mpsc::Sender<Result<Delivery, BrokerError>>;
 
 /// What a consumer's sink tells its task.
@@ -420,11 +424,31 @@ pub(super) async fn run_consumer(
     sender: Sender,
     mut subscription: Subscription,
 ) {
+    // Unreadable deliveries being set aside (each acks its own when done).
+    let mut aside = tokio::task::JoinSet::new();
+    let set_aside = |aside: &mut tokio::task::JoinSet<()>, incoming, acker| {
+        aside.spawn(set_aside_delivery(
+            broker.clone(),
+            queue.as_str().to_owned(),
+            incoming,
+            acker,
+        ));
+    };
     loop {
         let mut dead = subscription.dead.clone();
         loop {
             tokio::select! {
                 _ = sender.closed() => {
+                    // What the connection handed over is still set aside, and
+                    // acked, before the channel closes (else it would be
+                    // requeued, and wait for the next consumer).
+                    while let Ok(event) = subscription.events.try_recv() {
+                        if let SinkEvent::Unreadable(incoming, acker) = event {
+                            set_aside(&mut aside, incoming, acker);
+                        }
+                    }
+                    let settled = async { while aside.join_next().await.is_some() {} };
+                    let _ = tokio::time::timeout(SET_ASIDE_WAIT, settled).await;
                     // Closed even while deliveries hold it: what they hold goes
                     // back to the queue now; what was settled goes out first.
                     subscription.batcher.flush();
@@ -436,12 +460,7 @@ pub(super) async fn run_consumer(
                 () = link::until_dead(&mut dead) => break,
                 event = subscription.events.recv() => match event {
                     Some(SinkEvent::Unreadable(incoming, acker)) => {
-                        tokio::spawn(set_aside_delivery(
-                            broker.clone(),
-                            queue.as_str().to_owned(),
-                            incoming,
-                            acker,
-                        ));
+                        set_aside(&mut aside, incoming, acker);
                     }
                     Some(SinkEvent::Ended(reason)) => {
                         tracing::debug!(%reason, queue = queue.as_str(), "AMQP consumer ended; subscribing again");
@@ -449,6 +468,7 @@ pub(super) async fn run_consumer(
                     }
                     None => break,
                 },
+                Some(_) = aside.join_next(), if !aside.is_empty() => {}
                 () = subscription.sink.overflowed.notified() => {
                     if !move_overflow(&subscription.sink, &sender).await {
                         return;
