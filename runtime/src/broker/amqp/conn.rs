@@ -195,22 +195,7 @@ impl Connection {
         config: &AmqpConfig,
         client: &ClientInfo,
     ) -> Result<Arc<Connection>, BrokerError> {
-        let opening = async {
-            RawConnection::connect_node(config, client)
-                .await
-                .map(RawConnection::into_opened)
-        };
-        let opened = match tokio::time::timeout(config.connect_timeout(), opening).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(BrokerError::Connection(format!(
-                    "cannot connect to {} as `{}`: no answer within {:?}",
-                    config.endpoint(),
-                    config.username(),
-                    config.connect_timeout()
-                )));
-            }
-        };
+        let opened = RawConnection::open(config, client, false).await?;
         let connection = Arc::new(Connection {
             endpoint: config.endpoint(),
             channel_max: if opened.channel_max == 0 {

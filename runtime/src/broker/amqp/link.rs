@@ -137,10 +137,7 @@ async fn open_node(
     node: usize,
     generation: u64,
 ) -> Result<Arc<Link>, BrokerError> {
-    let client = ClientInfo {
-        connection_name: Some(config.connection_name().to_owned()),
-        heartbeat: u16::try_from(config.heartbeat().as_secs()).unwrap_or(u16::MAX),
-    };
+    let client = ClientInfo::named(&config, config.connection_name().to_owned());
     let connection = Connection::open(&config, &client)
         .await
         .map_err(|error| match error {

@@ -179,27 +179,9 @@ impl Pipe {
         generation: u64,
         remembered: Arc<Remembered>,
     ) -> Result<Arc<Pipe>, BrokerError> {
-        let client = ClientInfo {
-            connection_name: Some(format!("{} (publish)", config.connection_name())),
-            heartbeat: u16::try_from(config.heartbeat().as_secs()).unwrap_or(u16::MAX),
-        };
-        let opening = async {
-            RawConnection::connect_node(&config, &client)
-                .await?
-                .into_confirm_channel()
-                .await
-        };
-        let opened = match tokio::time::timeout(config.connect_timeout(), opening).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(BrokerError::Connection(format!(
-                    "cannot connect to {} as `{}`: no answer within {:?}",
-                    config.endpoint(),
-                    config.username(),
-                    config.connect_timeout()
-                )));
-            }
-        };
+        let name = format!("{} (publish)", config.connection_name());
+        let client = ClientInfo::named(&config, name);
+        let opened = RawConnection::open(&config, &client, true).await?;
         let (reader, writer) = opened.io.split();
         let pipe = Arc::new(Pipe {
             generation,

@@ -172,6 +172,14 @@ pub(crate) struct ClientInfo {
 }
 
 impl ClientInfo {
+    /// A long-lived connection of `config`'s named `name`, proposing its heartbeat.
+    pub(crate) fn named(config: &AmqpConfig, name: String) -> Self {
+        ClientInfo {
+            connection_name: Some(name),
+            heartbeat: u16::try_from(config.heartbeat().as_secs()).unwrap_or(u16::MAX),
+        }
+    }
+
     /// The client-properties table: the name, and the capabilities that make
     /// RabbitMQ send `connection.blocked` and `basic.nack`.
     fn properties(&self) -> Result<Vec<u8>, WireError> {
@@ -362,6 +370,33 @@ impl RawConnection {
         self.send_method(0, open).await?;
         self.expect(0, CONNECTION, 41).await.map_err(Self::hard)?;
         Ok(())
+    }
+
+    /// Connects to the one node `config` names, as `client` says, and hands
+    /// the connection over — with a channel in confirm mode open when
+    /// `confirm_channel` — all within the connect timeout.
+    pub(crate) async fn open(
+        config: &AmqpConfig,
+        client: &ClientInfo,
+        confirm_channel: bool,
+    ) -> Result<Opened, BrokerError> {
+        let opening = async {
+            let connection = Self::connect_node(config, client).await?;
+            if confirm_channel {
+                connection.into_confirm_channel().await
+            } else {
+                Ok(connection.into_opened())
+            }
+        };
+        match tokio::time::timeout(config.connect_timeout(), opening).await {
+            Ok(result) => result,
+            Err(_) => Err(BrokerError::Connection(format!(
+                "cannot connect to {} as `{}`: no answer within {:?}",
+                config.endpoint(),
+                config.username(),
+                config.connect_timeout()
+            ))),
+        }
     }
 
     /// Opens a channel in confirm mode and hands the connection over.
