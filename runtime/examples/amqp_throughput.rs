@@ -6,21 +6,13 @@
 //! ```
 //!
 //! Against the RabbitMQ at `AMQP_URL` (default
-//! `amqp://guest:guest@127.0.0.1:5672/%2f`): a durable topic exchange
-//! (`exchange/tc-exchanges-bench/v1/task-pending`, a Binding of the bench's
-//! own, so that no real exchange is touched) and durable queues of unique
-//! names. The message is a schema-valid `TaskPendingMessage` of about 1 KiB,
-//! persistent.
-//!
-//! Runs at the same time stay apart: the exchange name is the binding's
-//! constant, but each run publishes with a routing-key word of its own
-//! (`bench.<run>.broker`; the typed binding's worker type is `<run>`) and
-//! binds its queues to that word only. Afterwards the run deletes its
-//! queues, then the exchange *if unused* (`exchange.delete` with
-//! `if-unused`, sent on a connection of the bench's own): while another
-//! run's queues are bound to it, RabbitMQ keeps it and that run deletes it
-//! when it is done. A run that finds the exchange deleted under it before
-//! it bound its first queue declares it again.
+//! `amqp://guest:guest@127.0.0.1:5672/%2f`): a durable topic exchange and
+//! durable queues, all of names unique to the run (the exchange
+//! `exchange/tc-exchanges-bench/<run>/task-pending`), deleted afterwards.
+//! The typed layer uses the generated `TaskPending` binding with its
+//! exchange renamed to that one (`ExchangeNames`), so that no real exchange
+//! is touched. The message is a schema-valid `TaskPendingMessage` of about
+//! 1 KiB, persistent, published with the binding's full routing key.
 //!
 //! `--layer broker` or `--layer typed` runs one layer only (for profiling).
 //!
@@ -52,20 +44,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use exchange_runtime::DecodeError;
 use exchange_runtime::broker::amqp::{AmqpBroker, AmqpConfig};
-use exchange_runtime::broker::{
-    Broker, BrokerError, ExchangeOptions, OutgoingMessage, QueueOptions,
-};
+use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage, QueueOptions};
 use exchange_runtime::consumer::{ConsumerBuilder, DeliveryInfo, HandlerError};
 use exchange_runtime::publisher::Publisher;
+use exchange_runtime::{Binding, DecodeError, Exchange, ExchangeNames};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use taskcluster_exchanges::queue::TaskPendingMessage;
+use taskcluster_exchanges::queue::{TaskPending, TaskPendingMessage};
 
 #[path = "../benches/support/mod.rs"]
 mod support;
-use support::{EXCHANGE, binding_for_run, run_pattern, task_pending_message};
+use support::{binding_for_run, run_pattern, task_pending_message};
 
 const PREFETCH: u16 = 100;
 /// How long a phase may take before the bench gives up.
@@ -186,6 +176,7 @@ async fn within<T>(what: &str, future: impl Future<Output = T>) -> Result<T, Str
 /// Publishes `count` copies of `body` at the `Broker` level, all in flight, then consumes them.
 async fn broker_layer(
     broker: &AmqpBroker,
+    exchange: &str,
     queue: &str,
     routing_key: &str,
     body: &[u8],
@@ -200,7 +191,7 @@ async fn broker_layer(
                 persistent: true,
                 ..OutgoingMessage::default()
             };
-            broker.publish(EXCHANGE, routing_key, message)
+            broker.publish(exchange, routing_key, message)
         })
         .collect();
     within("broker publish", async {
@@ -237,6 +228,7 @@ async fn broker_layer(
 /// Publishes `count` typed messages, all in flight, then consumes them with a typed consumer.
 async fn typed_layer(
     broker: &AmqpBroker,
+    names: &ExchangeNames,
     queue_name: &str,
     run: &str,
     message: &TaskPendingMessage,
@@ -249,8 +241,9 @@ async fn typed_layer(
         let all_handled = all_handled.clone();
         ConsumerBuilder::new(broker.clone())
             .queue(queue_name)
-            .bind(run_pattern(run))
+            .bind(run_pattern(run).0)
             .map_err(|error| error.to_string())?
+            .exchange_names(names.clone())
             .prefetch(PREFETCH)
             .build(
                 move |message: Result<TaskPendingMessage, DecodeError>, _info: DeliveryInfo| {
@@ -272,8 +265,8 @@ async fn typed_layer(
     consumer.stop().map_err(|error| error.to_string())?;
     consumer.wait().await;
 
-    let publisher = Publisher::new(broker.clone());
-    let binding = binding_for_run(run);
+    let publisher = Publisher::new(broker.clone()).with_exchange_names(names.clone());
+    let binding = binding_for_run(run).0;
     let phase = Phase::start("publish_confirmed", "typed");
     let mut publishes: FuturesUnordered<_> = (0..count)
         .map(|_| publisher.publish(&binding, message))
@@ -354,28 +347,6 @@ fn run_word() -> String {
     format!("bench-{}-{nanos:x}", std::process::id())
 }
 
-/// Declares the exchange and binds `queue` to it with `pattern`; declares
-/// it again when another run deleted it (unused) in between.
-async fn declare_and_bind(broker: &AmqpBroker, queue: &str, pattern: &str) -> Result<(), String> {
-    let durable = ExchangeOptions {
-        passive: false,
-        durable: true,
-    };
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        broker
-            .declare_exchange(EXCHANGE, durable)
-            .await
-            .map_err(|error| error.to_string())?;
-        match broker.bind_queue(queue, EXCHANGE, pattern).await {
-            Ok(()) => return Ok(()),
-            Err(BrokerError::ExchangeNotFound(_)) if attempts < 5 => {}
-            Err(error) => return Err(error.to_string()),
-        }
-    }
-}
-
 async fn run() -> Result<(), String> {
     let (messages, layers) = arguments()?;
     let url = std::env::var("AMQP_URL")
@@ -395,41 +366,59 @@ async fn run() -> Result<(), String> {
     );
 
     let run = run_word();
-    let queue = broker
-        .declare_queue(
-            &broker.qualify_queue_name(&format!("throughput-broker-{run}")),
-            QueueOptions {
-                durable: true,
-                ..QueueOptions::default()
-            },
-        )
-        .await
+    let exchange = format!("exchange/tc-exchanges-bench/{run}/task-pending");
+    let names = ExchangeNames::new()
+        .rename(TaskPending::EXCHANGE, exchange.as_str())
         .map_err(|error| error.to_string())?;
-    // Bound until the end (whatever the layers): the exchange is in use,
-    // so no other run's if-unused delete takes it away meanwhile.
     let outcome = async {
-        declare_and_bind(&broker, &queue, &format!("bench.{run}.#")).await?;
+        let durable = ExchangeOptions {
+            passive: false,
+            durable: true,
+        };
+        broker
+            .declare_exchange(&exchange, durable)
+            .await
+            .map_err(|error| error.to_string())?;
         if layers != Layers::Typed {
-            let key = format!("bench.{run}.broker");
-            broker_layer(&broker, &queue, &key, &body, messages).await?;
+            let queue = broker
+                .declare_queue(
+                    &broker.qualify_queue_name(&format!("throughput-broker-{run}")),
+                    QueueOptions {
+                        durable: true,
+                        ..QueueOptions::default()
+                    },
+                )
+                .await
+                .map_err(|error| error.to_string())?;
+            let layer = async {
+                broker
+                    .bind_queue(&queue, &exchange, "#")
+                    .await
+                    .map_err(|error| error.to_string())?;
+                // The typed layer's key, so that both layers route alike.
+                let key = binding_for_run(&run)
+                    .0
+                    .routing_key()
+                    .map_err(|error| error.to_string())?;
+                broker_layer(&broker, &exchange, &queue, &key, &body, messages).await
+            }
+            .await;
+            broker
+                .delete_queue(&queue)
+                .await
+                .map_err(|error| error.to_string())?;
+            layer?;
         }
         if layers != Layers::Broker {
             let typed_queue = format!("throughput-typed-{run}");
-            typed_layer(&broker, &typed_queue, &run, &message, messages).await?;
+            typed_layer(&broker, &names, &typed_queue, &run, &message, messages).await?;
         }
         Ok::<_, String>(())
     }
     .await;
-    broker
-        .delete_queue(&queue)
-        .await
-        .map_err(|error| error.to_string())?;
+    let deleted = broker.delete_exchange(&exchange).await;
     broker.close().await;
-    match raw::delete_exchange_if_unused(&url, EXCHANGE).await {
-        Ok(true) => {}
-        Ok(false) => println!("exchange `{EXCHANGE}` still in use by another run: left to it"),
-        Err(error) => eprintln!("amqp_throughput: exchange `{EXCHANGE}` not deleted: {error}"),
-    }
+    deleted.map_err(|error| format!("exchange `{exchange}` not deleted: {error}"))?;
     outcome
 }
 
@@ -441,192 +430,5 @@ async fn main() -> std::process::ExitCode {
             eprintln!("amqp_throughput: {error}");
             std::process::ExitCode::FAILURE
         }
-    }
-}
-
-/// `exchange.delete` with `if-unused` (which the runtime's broker does not
-/// offer), on a plain AMQP connection of the bench's own.
-mod raw {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
-
-    /// A method frame's arguments.
-    struct Method(Vec<u8>);
-
-    impl Method {
-        fn new(class: u16, method: u16) -> Method {
-            let mut bytes = class.to_be_bytes().to_vec();
-            bytes.extend_from_slice(&method.to_be_bytes());
-            Method(bytes)
-        }
-        fn u8(mut self, value: u8) -> Method {
-            self.0.push(value);
-            self
-        }
-        fn u16(mut self, value: u16) -> Method {
-            self.0.extend_from_slice(&value.to_be_bytes());
-            self
-        }
-        fn u32(mut self, value: u32) -> Method {
-            self.0.extend_from_slice(&value.to_be_bytes());
-            self
-        }
-        fn short(mut self, value: &str) -> Method {
-            self.0.push(value.len() as u8);
-            self.0.extend_from_slice(value.as_bytes());
-            self
-        }
-        fn long(mut self, value: &[u8]) -> Method {
-            self = self.u32(value.len() as u32);
-            self.0.extend_from_slice(value);
-            self
-        }
-    }
-
-    struct Connection {
-        stream: TcpStream,
-    }
-
-    impl Connection {
-        async fn send(&mut self, channel: u16, method: Method) -> std::io::Result<()> {
-            let mut frame = vec![1];
-            frame.extend_from_slice(&channel.to_be_bytes());
-            frame.extend_from_slice(&(method.0.len() as u32).to_be_bytes());
-            frame.extend_from_slice(&method.0);
-            frame.push(0xCE);
-            self.stream.write_all(&frame).await
-        }
-
-        /// The next method frame: class, method, arguments (heartbeats and content skipped).
-        async fn method(&mut self) -> std::io::Result<(u16, u16, Vec<u8>)> {
-            loop {
-                let mut header = [0; 7];
-                self.stream.read_exact(&mut header).await?;
-                let size = u32::from_be_bytes([header[3], header[4], header[5], header[6]]);
-                let mut payload = vec![0; size as usize + 1];
-                self.stream.read_exact(&mut payload).await?;
-                if header[0] == 1 && payload.len() >= 5 {
-                    let class = u16::from_be_bytes([payload[0], payload[1]]);
-                    let method = u16::from_be_bytes([payload[2], payload[3]]);
-                    payload.truncate(size as usize);
-                    return Ok((class, method, payload.split_off(4)));
-                }
-            }
-        }
-
-        async fn expect(&mut self, class: u16, method: u16) -> Result<Vec<u8>, String> {
-            let (got_class, got_method, arguments) =
-                self.method().await.map_err(|error| error.to_string())?;
-            if (got_class, got_method) != (class, method) {
-                return Err(format!(
-                    "expected method {class}.{method}, got {got_class}.{got_method}"
-                ));
-            }
-            Ok(arguments)
-        }
-    }
-
-    /// `amqp://user:password@host:port/vhost` (percent-encoded vhost).
-    fn parse(url: &str) -> Result<(String, String, String, String), String> {
-        let rest = url
-            .strip_prefix("amqp://")
-            .ok_or("only plain amqp:// URLs are supported here")?;
-        let (authority, vhost) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, host) = authority
-            .rsplit_once('@')
-            .unwrap_or(("guest:guest", authority));
-        let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
-        let host = if host.contains(':') {
-            host.to_owned()
-        } else {
-            format!("{host}:5672")
-        };
-        let decode = |text: &str| -> String {
-            let bytes = text.as_bytes();
-            let mut out = Vec::new();
-            let mut i = 0;
-            while i < bytes.len() {
-                let hex = bytes
-                    .get(i + 1..i + 3)
-                    .and_then(|hex| std::str::from_utf8(hex).ok())
-                    .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-                match (bytes[i], hex) {
-                    (b'%', Some(byte)) => {
-                        out.push(byte);
-                        i += 3;
-                    }
-                    (byte, _) => {
-                        out.push(byte);
-                        i += 1;
-                    }
-                }
-            }
-            String::from_utf8_lossy(&out).into_owned()
-        };
-        let vhost = if vhost.is_empty() {
-            "/".to_owned()
-        } else {
-            decode(vhost)
-        };
-        Ok((host, decode(user), decode(password), vhost))
-    }
-
-    /// Deletes `exchange` unless queues are bound to it: `Ok(false)` when it is in use.
-    pub async fn delete_exchange_if_unused(url: &str, exchange: &str) -> Result<bool, String> {
-        let (host, user, password, vhost) = parse(url)?;
-        let io = |error: std::io::Error| error.to_string();
-        let stream = TcpStream::connect(&host).await.map_err(io)?;
-        let mut connection = Connection { stream };
-        connection
-            .stream
-            .write_all(b"AMQP\x00\x00\x09\x01")
-            .await
-            .map_err(io)?;
-        connection.expect(10, 10).await?;
-        let mut response = vec![0];
-        response.extend_from_slice(user.as_bytes());
-        response.push(0);
-        response.extend_from_slice(password.as_bytes());
-        let start_ok = Method::new(10, 11)
-            .long(&[])
-            .short("PLAIN")
-            .long(&response)
-            .short("en_US");
-        connection.send(0, start_ok).await.map_err(io)?;
-        let tune = connection.expect(10, 30).await?;
-        let frame_max = tune.get(2..6).map_or(131_072, |bytes| {
-            u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-        });
-        let tune_ok = Method::new(10, 31).u16(1).u32(frame_max).u16(0);
-        connection.send(0, tune_ok).await.map_err(io)?;
-        let open = Method::new(10, 40).short(&vhost).short("").u8(0);
-        connection.send(0, open).await.map_err(io)?;
-        connection.expect(10, 41).await?;
-        connection
-            .send(1, Method::new(20, 10).short(""))
-            .await
-            .map_err(io)?;
-        connection.expect(20, 11).await?;
-        // Ticket, exchange, bits: if-unused (1), no-wait (2).
-        let delete = Method::new(40, 20).u16(0).short(exchange).u8(1);
-        connection.send(1, delete).await.map_err(io)?;
-        let (class, method, arguments) = connection.method().await.map_err(io)?;
-        let deleted = match (class, method) {
-            (40, 21) => Ok(true),
-            // channel.close: 406 PRECONDITION_FAILED is "in use".
-            (20, 40) if arguments.starts_with(&406u16.to_be_bytes()) => Ok(false),
-            (20, 40) => Err(format!(
-                "refused: {}",
-                String::from_utf8_lossy(arguments.get(3..).unwrap_or_default())
-            )),
-            other => Err(format!("unexpected answer {other:?}")),
-        };
-        let close = Method::new(10, 50).u16(200).short("done").u16(0).u16(0);
-        if connection.send(0, close).await.is_ok() {
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(1), connection.expect(10, 51))
-                    .await;
-        }
-        deleted
     }
 }

@@ -78,7 +78,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 
-use crate::binding::{Binding, Decode, DecodeError};
+use crate::binding::{Binding, Decode, DecodeError, ExchangeNames};
 use crate::broker::{
     BoxFuture, Broker, BrokerError, DEFAULT_EXCHANGE, Delivery, ExchangeOptions, QueueOptions,
 };
@@ -100,7 +100,8 @@ pub type RoutingFields = BTreeMap<&'static str, Option<String>>;
 /// Facts about a delivery, handed to the handler with the decoded message.
 #[derive(Debug, Clone)]
 pub struct DeliveryInfo {
-    /// The exchange the message was published to.
+    /// The exchange the message was published to, by its reference name
+    /// (the name on the broker may differ: [`ConsumerBuilder::exchange_names`]).
     pub exchange: String,
     /// The (primary) routing key it was published with.
     pub routing_key: String,
@@ -279,6 +280,7 @@ pub struct ConsumerBuilder<B: Broker> {
     max_in_flight: Option<usize>,
     ack_mode: AckMode,
     drain_timeout: Option<Duration>,
+    names: ExchangeNames,
 }
 
 impl<B: Broker> ConsumerBuilder<B> {
@@ -293,6 +295,7 @@ impl<B: Broker> ConsumerBuilder<B> {
             max_in_flight: None,
             ack_mode: AckMode::Manual,
             drain_timeout: None,
+            names: ExchangeNames::new(),
         }
     }
 
@@ -324,6 +327,15 @@ impl<B: Broker> ConsumerBuilder<B> {
             pattern: pattern.into(),
             words: None,
         });
+        self
+    }
+
+    /// Consumes from the exchanges under the broker names `names` gives
+    /// them instead of their reference names (for every binding, those of
+    /// [`bind_pattern`](Self::bind_pattern) too). Handlers still see the
+    /// reference name in [`DeliveryInfo::exchange`].
+    pub fn exchange_names(mut self, names: ExchangeNames) -> Self {
+        self.names = names;
         self
     }
 
@@ -389,6 +401,17 @@ impl<B: Broker> ConsumerBuilder<B> {
                 "the queue name is empty (leave it unset for an unnamed queue)".to_owned(),
             ));
         }
+        let mut references = HashMap::new();
+        for bound in &self.bindings {
+            let broker_name = self.names.broker_name(&bound.exchange);
+            let reference = references.entry(broker_name).or_insert(&bound.exchange);
+            if *reference != &bound.exchange {
+                return Err(ConsumerError::InvalidOption(format!(
+                    "exchanges `{reference}` and `{}` are both bound under the broker name `{broker_name}`: their deliveries could not be told apart",
+                    bound.exchange
+                )));
+            }
+        }
         let mut words = HashMap::new();
         for bound in &self.bindings {
             let entry = words.entry(bound.exchange.clone()).or_insert(None);
@@ -411,6 +434,7 @@ impl<B: Broker> ConsumerBuilder<B> {
             queue: self.queue,
             bindings: self.bindings,
             words,
+            names: self.names,
             ack_mode: self.ack_mode,
             handler: Box::new(handler),
             dead_letter_queue: Mutex::new(None),
@@ -489,6 +513,7 @@ struct ConsumerDispatch<B: Broker, M> {
     queue: Option<String>,
     bindings: Vec<BoundPattern>,
     words: HashMap<String, Option<&'static [RoutingKeyWord]>>,
+    names: ExchangeNames,
     ack_mode: AckMode,
     handler: Box<dyn DynHandler<M>>,
     dead_letter_queue: Mutex<Option<String>>,
@@ -499,16 +524,15 @@ impl<B: Broker, M: Decode> ConsumerDispatch<B, M> {
     async fn declare(&self) -> Result<String, BrokerError> {
         let mut checked = Vec::new();
         for bound in &self.bindings {
-            if !checked.contains(&&bound.exchange) {
+            let exchange = self.names.broker_name(&bound.exchange);
+            if !checked.contains(&exchange) {
                 // Passive: consumers (on Pulse) may not create exchanges, only use them.
                 let options = ExchangeOptions {
                     passive: true,
                     durable: true,
                 };
-                self.broker
-                    .declare_exchange(&bound.exchange, options)
-                    .await?;
-                checked.push(&bound.exchange);
+                self.broker.declare_exchange(exchange, options).await?;
+                checked.push(exchange);
             }
         }
         let (queue, dead_letter) = match &self.queue {
@@ -536,8 +560,9 @@ impl<B: Broker, M: Decode> ConsumerDispatch<B, M> {
             }
         };
         for bound in &self.bindings {
+            let exchange = self.names.broker_name(&bound.exchange);
             self.broker
-                .bind_queue(&queue, &bound.exchange, &bound.pattern)
+                .bind_queue(&queue, exchange, &bound.pattern)
                 .await?;
         }
         *self
@@ -645,6 +670,10 @@ impl<B: Broker, M: Decode> Dispatch for ConsumerDispatch<B, M> {
     ) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             let mut delivery = delivery;
+            if !self.names.is_empty() {
+                // Handlers, decoding and parsing know exchanges by reference name.
+                delivery.exchange = self.names.reference_name(&delivery.exchange).to_owned();
+            }
             let message = M::decode(&delivery.exchange, &delivery.body);
             // The body is decoded: free it before the handler runs.
             delivery.body = Vec::new();

@@ -20,7 +20,7 @@ pub mod topic;
 pub mod validate;
 
 pub use binding::{
-    Binding, Decode, DecodeError, DecodeErrorKind, Exchange, Message, SchemaDocument,
+    Binding, Decode, DecodeError, DecodeErrorKind, Exchange, ExchangeNames, Message, SchemaDocument,
 };
 pub use broker::{Broker, BrokerError, Delivery, DeliveryStream, OutgoingMessage};
 pub use routing::{RoutingKeyError, RoutingKeyErrorKind, RoutingKeyWord};

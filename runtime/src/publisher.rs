@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::binding::{Binding, Message};
+use crate::binding::{Binding, ExchangeNames, Message};
 use crate::broker::{Broker, BrokerError, ExchangeOptions, OutgoingMessage};
 use crate::consumer::ROUTE_PREFIX;
 use crate::deadline;
@@ -108,6 +108,8 @@ pub struct Publisher<B: Broker> {
     /// The size of the last body serialized: the next one's buffer starts that
     /// large, instead of growing through several copies.
     body_size_hint: AtomicUsize,
+    /// Where the bindings' exchanges are on the broker.
+    names: ExchangeNames,
 }
 
 impl<B: Broker> Publisher<B> {
@@ -123,7 +125,15 @@ impl<B: Broker> Publisher<B> {
             options,
             declared: Mutex::new(HashMap::new()),
             body_size_hint: AtomicUsize::new(0),
+            names: ExchangeNames::new(),
         }
+    }
+
+    /// Publishes to the exchanges under the broker names `names` gives them
+    /// (declaring them under those names) instead of their reference names.
+    pub fn with_exchange_names(mut self, names: ExchangeNames) -> Self {
+        self.names = names;
+        self
     }
 
     /// The broker published to.
@@ -162,16 +172,17 @@ impl<B: Broker> Publisher<B> {
             // The deadline of the retries starts now.
             let started = Instant::now();
             let routing_key = binding.routing_key()?;
+            let exchange = self.names.broker_name(Bd::EXCHANGE);
             // One id for every retry of this call: consumers can deduplicate by it.
             let message_id = uuid::Uuid::new_v4();
-            let serialized = self.serialized(Bd::EXCHANGE, &routing_key, message, routes)?;
+            let serialized = self.serialized(exchange, &routing_key, message, routes)?;
             // A retry (rare) serializes the body again: the same bytes, and no
             // second copy of them kept by every publish in flight. (Made where
             // it is needed: nothing for retries takes room in the future of a
             // publish in flight.)
             macro_rules! again {
                 () => {
-                    || self.outgoing(Bd::EXCHANGE, &routing_key, message, routes, message_id)
+                    || self.outgoing(exchange, &routing_key, message, routes, message_id)
                 };
             }
             // Every path but the common one is boxed, and whole values are
@@ -195,7 +206,7 @@ impl<B: Broker> Publisher<B> {
                 );
                 return Box::pin(retry).await;
             }
-            let error = match self.broker.publish(Bd::EXCHANGE, &routing_key, first).await {
+            let error = match self.broker.publish(exchange, &routing_key, first).await {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
@@ -277,7 +288,7 @@ impl<B: Broker> Publisher<B> {
         }
     }
 
-    /// Whether `exchange` was declared by this publisher already.
+    /// Whether `exchange` (by reference name) was declared by this publisher already.
     fn declared(&self, exchange: &'static str) -> bool {
         self.declared
             .lock()
@@ -286,10 +297,10 @@ impl<B: Broker> Publisher<B> {
             .is_some_and(|declaration| declaration.done.load(Ordering::Acquire))
     }
 
-    /// Declares `exchange` (durable) once for this publisher. A publish
-    /// that finds another one declaring it waits for that one (a small
-    /// wait: the first publishes all wait at once) and declares it itself
-    /// if that one failed.
+    /// Declares `exchange` (a reference name) under its broker name,
+    /// durable, once for this publisher. A publish that finds another one
+    /// declaring it waits for that one (a small wait: the first publishes
+    /// all wait at once) and declares it itself if that one failed.
     async fn declare_once(&self, exchange: &'static str) -> Result<(), BrokerError> {
         let declaration = self
             .declared
@@ -309,7 +320,7 @@ impl<B: Broker> Publisher<B> {
                 // Reset however this ends, even if the caller stops waiting.
                 let _running = Running(&declaration);
                 let declared = Box::pin(self.broker.declare_exchange(
-                    exchange,
+                    self.names.broker_name(exchange),
                     ExchangeOptions {
                         passive: false,
                         durable: true,
@@ -328,9 +339,10 @@ impl<B: Broker> Publisher<B> {
     /// Publishes `first` (if given; after `failed`, the first attempt's
     /// error, if not), and after a retryable failure the message `again`
     /// makes, with backoff, until the publisher's deadline from `started`.
+    /// `reference` is the exchange's reference name.
     async fn send(
         &self,
-        exchange: &'static str,
+        reference: &'static str,
         routing_key: &str,
         started: Instant,
         mut first: Option<OutgoingMessage>,
@@ -342,6 +354,7 @@ impl<B: Broker> Publisher<B> {
             .unwrap_or_else(|| deadline::after(self.options.deadline));
         let mut backoff = self.options.initial_backoff;
         let mut attempts = u32::from(failed.is_some());
+        let exchange = self.names.broker_name(reference);
         loop {
             if let Some(error) = failed.take() {
                 let retryable = matches!(
@@ -371,8 +384,8 @@ impl<B: Broker> Publisher<B> {
                 None => again()?,
             };
             let attempt = async {
-                if !self.declared(exchange) {
-                    self.declare_once(exchange).await?;
+                if !self.declared(reference) {
+                    self.declare_once(reference).await?;
                 }
                 self.broker.publish(exchange, routing_key, message).await
             };

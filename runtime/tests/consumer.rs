@@ -15,7 +15,7 @@ use exchange_runtime::consumer::{
     AckMode, ConsumerBuilder, ConsumerError, DeliveryInfo, Handler, HandlerError,
 };
 use exchange_runtime::publisher::Publisher;
-use exchange_runtime::{DecodeError, DecodeErrorKind};
+use exchange_runtime::{DecodeError, DecodeErrorKind, ExchangeNames};
 use tokio::sync::mpsc;
 
 type Seen = (Result<QueueEvent, DecodeError>, DeliveryInfo);
@@ -570,4 +570,61 @@ async fn a_failed_delivery_stream_is_resubscribed() {
     assert_eq!(received.unwrap(), QueueEvent::TaskDefined(message));
     assert_eq!(broker.subscriptions.load(Ordering::SeqCst), 3);
     assert!(consumer.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renamed_exchanges_meet_and_handlers_see_reference_names() {
+    const STAGING: &str = "exchange/staging-queue/v1/task-defined";
+    // No exchange under the reference names: the publisher must declare the
+    // broker name, and the consumer must bind to it.
+    let broker = MemoryBroker::new();
+    let names = ExchangeNames::new().rename(DEFINED, STAGING).unwrap();
+    let publisher = Publisher::new(broker.clone()).with_exchange_names(names.clone());
+    let (gaia, gaia_message) = defined(1, "gaia");
+    publisher.publish(&gaia, &gaia_message).await.unwrap();
+
+    let (handler, mut seen) = recorder();
+    let consumer = ConsumerBuilder::new(broker.clone())
+        .queue("renamed")
+        .bind(TaskDefined::default())
+        .unwrap()
+        .exchange_names(names.clone())
+        .build_handler(handler)
+        .unwrap();
+    consumer.start().await.unwrap();
+    publisher.publish(&gaia, &gaia_message).await.unwrap();
+    let (message, info) = next(&mut seen, "the message published on the renamed exchange").await;
+    assert_eq!(message.unwrap(), QueueEvent::TaskDefined(gaia_message));
+    assert_eq!(info.exchange, DEFINED, "handlers see the reference name");
+    assert_eq!(info.binding::<TaskDefined>().unwrap().unwrap(), gaia);
+    consumer.stop().unwrap();
+    consumer.wait().await;
+
+    // Without the names, the consumer looks for the reference name, which
+    // does not exist on this broker.
+    let (handler, _seen) = recorder();
+    let unnamed = ConsumerBuilder::new(broker.clone())
+        .queue("not-renamed")
+        .bind(TaskDefined::default())
+        .unwrap()
+        .build_handler(handler)
+        .unwrap();
+    let error = unnamed.start().await.unwrap_err().to_string();
+    assert!(error.contains(DEFINED), "{error}");
+
+    // Two bound exchanges under one broker name could not be told apart.
+    let (handler, _seen) = recorder();
+    let error = ConsumerBuilder::new(broker)
+        .bind(TaskDefined::default())
+        .unwrap()
+        .bind_pattern(STAGING, "#")
+        .exchange_names(names)
+        .build_handler(handler)
+        .err()
+        .expect("a collision is refused")
+        .to_string();
+    assert!(
+        error.contains(DEFINED) && error.contains(STAGING),
+        "{error}"
+    );
 }

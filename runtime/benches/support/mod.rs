@@ -2,10 +2,9 @@
 //! and `examples/amqp_throughput.rs`): a schema-valid `TaskPendingMessage`
 //! of about 1 KiB on an exchange of the benchmarks' own.
 //!
-//! The exchange name is a constant (a binding's exchange is); a run keeps
-//! to its own messages by a routing-key word of its own
-//! ([`binding_for_run`], [`run_pattern`]), so that runs at the same time
-//! do not see each other's messages.
+//! The criterion bench publishes on the exchange of [`BenchPending`];
+//! the throughput example uses the generated `TaskPending` binding inside
+//! (`.0`) with its exchange renamed to one of the run's own.
 
 use exchange_runtime::{Binding, Exchange, RoutingKeyWord};
 use taskcluster_exchanges::queue::{TaskPending, TaskPendingMessage};
