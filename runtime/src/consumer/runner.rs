@@ -248,10 +248,17 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                 Some(Ok(delivery)) => {
                     let dispatch = Arc::clone(&self.dispatch);
                     let interrupt = Interrupt(interrupt_rx.clone());
-                    tokio::spawn(async move {
+                    let mut work = Box::pin(async move {
                         dispatch.process(delivery, interrupt).await;
                         drop(slot);
                     });
+                    // A handler that does not wait finishes in this first
+                    // poll, here: no task to spawn, and no other thread to
+                    // wake (which costs more than such a handler). One that
+                    // waits goes on in a task of its own.
+                    if futures_util::poll!(&mut work).is_pending() {
+                        tokio::spawn(work);
+                    }
                 }
                 Some(Err(error)) => {
                     tracing::warn!(queue = %queue, %error, "delivery stream failed; resubscribing");
