@@ -8,7 +8,9 @@
 //! their channel (AMQP answers a channel's synchronous methods in order).
 //! Deliveries go to the consumer's [`ConsumerSink`], called by the reader
 //! task: sinks never block it. A channel's id is free again only once the
-//! broker confirmed its close, so a late frame never reaches a new channel.
+//! broker confirmed its close, so a late frame never reaches a new channel;
+//! a broker that does not confirm it within the operation timeout is left
+//! (the connection dies and is reconnected), so no id stays taken forever.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 
 use super::config::AmqpConfig;
 use super::io::{self, Wired};
@@ -141,6 +144,10 @@ struct ChannelState {
     /// This client sent `channel.close` (or is about to): nothing more is
     /// sent on it, and its id is free once the broker's `close-ok` came.
     closing: bool,
+    /// When this client sent `channel.close`: a broker that does not answer
+    /// within the operation timeout is left (the id would stay taken, and a
+    /// caller of [`Channel::close`] wait, forever).
+    close_sent: Option<Instant>,
     /// Which opening of the id this is: a [`Channel`] handle of an earlier
     /// channel with the same id (closed by the broker, the id reused) is stale.
     serial: u64,
@@ -173,6 +180,8 @@ enum After {
 /// One AMQP connection with any number of channels.
 pub(crate) struct Connection {
     endpoint: String,
+    /// How long the broker may take to answer a `channel.close`.
+    close_timeout: Duration,
     channel_max: u16,
     frame_max: u32,
     state: Mutex<State>,
@@ -198,6 +207,7 @@ impl Connection {
         let opened = RawConnection::open(config, client, false).await?;
         let connection = Arc::new(Connection {
             endpoint: config.endpoint(),
+            close_timeout: config.operation_timeout(),
             channel_max: if opened.channel_max == 0 {
                 u16::MAX
             } else {
@@ -486,6 +496,7 @@ impl Connection {
                 };
                 if let Some(kept) = state.channels.get_mut(&id) {
                     kept.closing = true;
+                    kept.close_sent = channel.close_sent;
                     kept.serial = channel.serial;
                 }
                 let sinks = Self::fail_channel(channel, &error);
@@ -722,6 +733,22 @@ impl Wired for Connection {
         self.lock().farewell.take()
     }
 
+    fn deadline(&self) -> Option<(Instant, String)> {
+        let state = self.lock();
+        let (id, sent) = state
+            .channels
+            .iter()
+            .filter_map(|(id, channel)| Some((*id, channel.close_sent?)))
+            .min_by_key(|(_, sent)| *sent)?;
+        Some((
+            sent + self.close_timeout,
+            format!(
+                "{} did not answer channel.close on channel {id} within {:?}",
+                self.endpoint, self.close_timeout
+            ),
+        ))
+    }
+
     fn take_queued(&self, batch: &mut Vec<u8>) -> bool {
         // Outside the connection's lock: a flush takes its own, then this one.
         let deferred =
@@ -890,6 +917,7 @@ impl Channel {
             let mut state = self.connection.lock();
             let channel = open_state(&mut state, self.id, self.serial)?;
             channel.closing = true;
+            channel.close_sent = Some(Instant::now());
             let (waiter, reply) = oneshot::channel();
             channel.waiting.push_back(waiter);
             Connection::queue(&mut state.out, self.id, &close_method());
@@ -932,6 +960,7 @@ impl Drop for Channel {
             return;
         }
         channel.closing = true;
+        channel.close_sent = Some(Instant::now());
         Connection::queue(&mut state.out, self.id, &close_method());
         drop(state);
         self.connection.wake_writer.notify_one();

@@ -40,7 +40,16 @@ async fn until(what: &str, mut condition: impl FnMut() -> bool) {
 
 /// A main connection to a scripted broker proposing `tune`; the broker side is the peer.
 async fn connected(tune: Tune) -> (Arc<Connection>, Peer) {
+    connected_with(tune, |config| config).await
+}
+
+/// As [`connected`], the client's config changed by `change` first.
+async fn connected_with(
+    tune: Tune,
+    change: impl FnOnce(AmqpConfig) -> AmqpConfig,
+) -> (Arc<Connection>, Peer) {
     let (listener, config) = scripted::broker(tune.heartbeat).await;
+    let config = change(config);
     let client = ClientInfo {
         connection_name: None,
         heartbeat: tune.heartbeat,
@@ -581,6 +590,37 @@ async fn crossing_closes_keep_the_id_until_the_brokers_close_ok() {
     assert!(!connection.lock().channels.contains_key(&channel.id));
     let again = open(&connection, &mut peer).await;
     assert_eq!(again.id, channel.id);
+}
+
+#[tokio::test]
+async fn a_broker_that_never_answers_a_channel_close_is_left() {
+    let timeout = Duration::from_millis(300);
+    let (connection, mut peer) =
+        connected_with(channels(2), |config| config.with_operation_timeout(timeout)).await;
+    let channel = open(&connection, &mut peer).await;
+    let other = open(&connection, &mut peer).await;
+    let closing = {
+        let channel = channel.clone();
+        tokio::spawn(async move { channel.close().await })
+    };
+    assert_eq!(peer.expect(CHANNEL, 40).await.channel, channel.id);
+    // No close-ok, ever. The other channel still works meanwhile.
+    let sync = declare_sent(&other, &mut peer, "sync").await;
+    peer.send(other.id, declare_ok("sync")).await;
+    assert_eq!(declared_queue(outcome(sync).await.unwrap()), "sync");
+    let started = Instant::now();
+    let reason = match outcome(closing).await {
+        Err(AmqpError::Connection(reason)) => reason,
+        other => panic!("the close got {other:?}"),
+    };
+    assert!(
+        reason.contains(&format!("channel.close on channel {}", channel.id)),
+        "{reason}"
+    );
+    assert!(started.elapsed() <= timeout + Duration::from_secs(2));
+    assert!(!connection.is_up());
+    assert_eq!(connection.death_reason(), reason);
+    peer.hung_up().await;
 }
 
 #[tokio::test]
