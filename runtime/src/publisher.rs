@@ -181,8 +181,8 @@ impl<B: Broker> Publisher<B> {
             // it is needed: nothing for retries takes room in the future of a
             // publish in flight.)
             macro_rules! again {
-                () => {
-                    || self.outgoing(exchange, &routing_key, message, routes, message_id)
+                ($routing_key:expr) => {
+                    || self.outgoing(exchange, $routing_key, message, routes, message_id)
                 };
             }
             // Every path but the common one is boxed, and whole values are
@@ -202,21 +202,25 @@ impl<B: Broker> Publisher<B> {
                     started,
                     first,
                     Some(*error),
-                    again!(),
+                    again!(&routing_key),
                 );
                 return Box::pin(retry).await;
             }
-            let error = match self.broker.publish(exchange, &routing_key, first).await {
+            // The broker keeps the key in what it sends: no second copy held
+            // while in flight. A failure (rare) makes it again.
+            let sent = self.broker.publish_owned_key(exchange, routing_key, first);
+            let error = match sent.await {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
             };
+            let routing_key = binding.routing_key()?;
             let retry = self.send(
                 Bd::EXCHANGE,
                 &routing_key,
                 started,
                 None,
                 Some(error),
-                again!(),
+                again!(&routing_key),
             );
             Box::pin(retry).await
         }

@@ -138,10 +138,11 @@ async fn connection_failures_are_retried_until_confirmed() {
         "3 failures, then success"
     );
     assert_eq!(memory.pending(&queue).await.unwrap().len(), 1);
-    // Every retry sends the same message: its id and its bytes.
+    // Every retry sends the same message: its id, its key and its bytes.
     let sent = broker.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 4);
     assert!(sent[0].0.is_some(), "a message id");
+    assert_eq!(sent[0].1, format!("primary.{}.w._", task_id(1)));
     assert!(sent.iter().all(|attempt| *attempt == sent[0]), "{sent:?}");
 
     // The exchange is declared once per publisher, not once per publish.

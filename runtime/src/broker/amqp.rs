@@ -424,7 +424,22 @@ impl AmqpBroker {
         mandatory: bool,
         cc_header: &str,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'s, 'e, 'r> {
-        match Prepared::new(exchange, routing_key, message, mandatory, cc_header) {
+        self.send_prepared(Prepared::new(
+            exchange,
+            routing_key,
+            message,
+            mandatory,
+            cc_header,
+        ))
+    }
+
+    /// Sends a prepared record and waits for its confirm; a message that
+    /// could not be prepared fails at once.
+    fn send_prepared(
+        &self,
+        prepared: Result<Arc<Prepared>, BrokerError>,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send + use<'_> {
+        match prepared {
             Ok(copy) => futures_util::future::Either::Left(self.send_confirmed(copy)),
             Err(error) => futures_util::future::Either::Right(std::future::ready(Err(error))),
         }
@@ -801,6 +816,20 @@ impl Broker for AmqpBroker {
         let message = message.with_message_id();
         // Not an `async fn`: the returned future holds no copy of the message.
         self.publish_confirmed(exchange, routing_key, message, mandatory, CC_HEADER)
+    }
+
+    fn publish_owned_key(
+        &self,
+        exchange: &str,
+        routing_key: String,
+        message: OutgoingMessage,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        let mandatory = exchange == DEFAULT_EXCHANGE;
+        let message = message.with_message_id();
+        // The record holds the key as sent: the caller's copy is freed now.
+        let prepared = Prepared::new(exchange, &routing_key, message, mandatory, CC_HEADER);
+        drop(routing_key);
+        self.send_prepared(prepared)
     }
 
     async fn publish_delayed(

@@ -369,6 +369,19 @@ pub trait Broker: Clone + Send + Sync + 'static {
         message: OutgoingMessage,
     ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
+    /// Publishes like [`publish`](Self::publish), taking the routing key: a
+    /// broker that copies the key into what it sends frees it at once, so a
+    /// publish in flight does not hold it twice (the typed publisher keeps
+    /// thousands in flight).
+    fn publish_owned_key(
+        &self,
+        exchange: &str,
+        routing_key: String,
+        message: OutgoingMessage,
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        async move { self.publish(exchange, &routing_key, message).await }
+    }
+
     /// Puts a message into a queue directly, visible only after `delay`
     /// (zero: at once). Returns once the broker holds the message.
     ///

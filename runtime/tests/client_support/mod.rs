@@ -343,8 +343,8 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// What one publish attempt sent: its message id and body.
-pub type SentAttempt = (Option<String>, Vec<u8>);
+/// What one publish attempt sent: its message id, routing key and body.
+pub type SentAttempt = (Option<String>, String, Vec<u8>);
 
 /// Wraps a `MemoryBroker` to fail on purpose: the next `fail_publishes`
 /// publishes fail with a connection error, the next `broken_streams`
@@ -352,7 +352,7 @@ pub type SentAttempt = (Option<String>, Vec<u8>);
 /// `fail_delays_from` is `Some(least)` every `publish_delayed` with a delay of
 /// at least `least` fails with a connection error. Counts publishes,
 /// exchange declarations and subscriptions, and keeps what each publish
-/// attempt sent (message id and body).
+/// attempt sent (message id, routing key and body).
 #[derive(Clone)]
 pub struct Flaky {
     pub inner: MemoryBroker,
@@ -360,7 +360,7 @@ pub struct Flaky {
     pub broken_streams: Arc<AtomicU32>,
     pub fail_delays_from: Arc<Mutex<Option<Duration>>>,
     pub publishes: Arc<AtomicU32>,
-    /// `(message id, body)` of every publish attempt, failed ones included.
+    /// `(message id, routing key, body)` of every publish attempt, failed ones included.
     pub sent: Arc<Mutex<Vec<SentAttempt>>>,
     pub declarations: Arc<AtomicU32>,
     /// The next this many exchange declarations fail with a connection error.
@@ -442,7 +442,11 @@ impl Broker for Flaky {
         self.sent
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push((message.message_id.clone(), message.body.clone()));
+            .push((
+                message.message_id.clone(),
+                routing_key.to_owned(),
+                message.body.clone(),
+            ));
         if take_one(&self.fail_publishes) {
             return Err(BrokerError::Connection("injected failure".to_owned()));
         }
