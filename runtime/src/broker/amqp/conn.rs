@@ -657,17 +657,10 @@ impl Connection {
     ) -> Result<(), String> {
         match (class, method) {
             (CONNECTION, 50) => {
-                let code = args.u16("reply code").unwrap_or(0);
-                let text = args
-                    .short("reply text")
-                    .map(|t| String::from_utf8_lossy(t).into_owned())
-                    .unwrap_or_default();
-                // Queued frames die with the connection (the broker ignores
-                // anything but close-ok now): the writer sends it last.
-                let mut close_ok = Vec::new();
-                Self::queue(&mut close_ok, 0, &Writer::method(CONNECTION, 51));
+                // Queued frames die with the connection: the writer sends the close-ok last.
+                let (close_ok, reason) = io::closed_by_broker(args);
                 self.lock().farewell = Some(close_ok);
-                Err(format!("the broker closed the connection: {code} {text}"))
+                Err(reason)
             }
             (CONNECTION, 51) if self.lock().closing => Err("closed by application".to_owned()),
             (CONNECTION, 51) => {
@@ -706,6 +699,11 @@ impl Connection {
 }
 
 impl Wired for Connection {
+    /// The writer swaps the queued bytes whole: nothing to keep.
+    type WriterScratch = ();
+    /// Frames are handled in place: nothing to keep.
+    type ReaderScratch = ();
+
     fn endpoint(&self) -> String {
         self.endpoint.clone()
     }
@@ -722,7 +720,7 @@ impl Wired for Connection {
         self.lock().farewell.take()
     }
 
-    fn take_queued(&self, batch: &mut Vec<u8>) -> bool {
+    fn take_queued(&self, batch: &mut Vec<u8>, _: &mut ()) -> bool {
         // Outside the connection's lock: a flush takes its own, then this one.
         let deferred =
             std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
@@ -761,7 +759,7 @@ impl Wired for Connection {
         self.drop_deferred();
     }
 
-    fn handle(&self, frame: FrameRef<'_>) -> Result<(), String> {
+    fn handle(&self, frame: FrameRef<'_>, _: &mut ()) -> Result<(), String> {
         let after = match frame.kind {
             FRAME_METHOD => {
                 let (class, method, args) = frame.method().map_err(|e| e.to_string())?;
