@@ -22,7 +22,8 @@ const HEARTBEAT_FRAME: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, 0xCE];
 /// A write buffer larger than this is not kept for the next batch.
 const WRITE_BUFFER_KEPT: usize = 1 << 20;
 
-/// How long the last words of a dead connection may take to write.
+/// How long the last words of a dead connection may take to write (and the
+/// batch it died writing, to finish first).
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What the I/O tasks need of a connection.
@@ -162,6 +163,14 @@ async fn write_loop<C: Wired>(
             _ = dead.wait_for(|dead| *dead) => None,
         };
         let Some(written) = written else {
+            // Died mid-write. A broker that closed the connection reads on
+            // until its close-ok: the batch is finished (briefly) for the
+            // close-ok to follow on a whole frame.
+            if let Some(last) = connection.farewell()
+                && let Ok(Ok(())) = tokio::time::timeout(FAREWELL_TIMEOUT, writing).await
+            {
+                farewell = Some(last);
+            }
             break;
         };
         if let Err(error) = written {

@@ -1336,6 +1336,39 @@ mod tests {
             .collect()
     }
 
+    /// A broker that closes the connection while the writer is stuck
+    /// mid-write (it was not reading) still hears the close-ok once it
+    /// reads again: the batch being written is finished, then the close-ok
+    /// follows (a stream cut mid-frame could not carry it).
+    #[tokio::test]
+    async fn the_broker_closing_the_connection_mid_write_is_answered_after_the_batch() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let publishes = more_than_a_socket_holds(&pipe);
+        // The writer fills the socket and waits for room.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        peer.close_connection(320, "CONNECTION_FORCED - shutdown")
+            .await;
+        let close_ok = async {
+            loop {
+                match peer.next_method().await {
+                    Some(method) if (method.class, method.method) == (CLASS_BASIC, 40) => {}
+                    other => break other,
+                }
+            }
+        };
+        let close_ok = tokio::time::timeout(Duration::from_secs(10), close_ok)
+            .await
+            .expect("the client answers or hangs up");
+        let close_ok = close_ok.expect("close-ok, not a hang-up");
+        assert_eq!(
+            (close_ok.channel, close_ok.class, close_ok.method),
+            (0, CONNECTION, 51)
+        );
+        for publish in publishes {
+            assert_lost(publish, "320 CONNECTION_FORCED").await;
+        }
+    }
+
     /// A peer that neither reads nor speaks: the writer stuck on a full
     /// socket ends with the connection, and every queued publish hears of it.
     #[tokio::test]
