@@ -668,17 +668,10 @@ impl Connection {
     ) -> Result<(), String> {
         match (class, method) {
             (CONNECTION, 50) => {
-                let code = args.u16("reply code").unwrap_or(0);
-                let text = args
-                    .short("reply text")
-                    .map(|t| String::from_utf8_lossy(t).into_owned())
-                    .unwrap_or_default();
-                // Queued frames die with the connection (the broker ignores
-                // anything but close-ok now): the writer sends it last.
-                let mut close_ok = Vec::new();
-                Self::queue(&mut close_ok, 0, &Writer::method(CONNECTION, 51));
+                // Queued frames die with the connection: the writer sends the close-ok last.
+                let (close_ok, reason) = io::closed_by_broker(args);
                 self.lock().farewell = Some(close_ok);
-                Err(format!("the broker closed the connection: {code} {text}"))
+                Err(reason)
             }
             (CONNECTION, 51) if self.lock().closing => Err("closed by application".to_owned()),
             (CONNECTION, 51) => {
@@ -717,6 +710,11 @@ impl Connection {
 }
 
 impl Wired for Connection {
+    /// The writer swaps the queued bytes whole: nothing to keep.
+    type WriterScratch = ();
+    /// Frames are handled in place: nothing to keep.
+    type ReaderScratch = ();
+
     fn endpoint(&self) -> String {
         self.endpoint.clone()
     }
@@ -733,23 +731,27 @@ impl Wired for Connection {
         self.lock().farewell.take()
     }
 
-    fn deadline(&self) -> Option<(Instant, String)> {
+    fn timers(&self, now: Instant, wake_at: Option<Instant>) -> Result<Option<Instant>, String> {
         let state = self.lock();
-        let (id, sent) = state
+        let oldest_close = state
             .channels
             .iter()
             .filter_map(|(id, channel)| Some((*id, channel.close_sent?)))
-            .min_by_key(|(_, sent)| *sent)?;
-        Some((
-            sent + self.close_timeout,
-            format!(
+            .min_by_key(|(_, sent)| *sent);
+        let Some((id, sent)) = oldest_close else {
+            return Ok(wake_at);
+        };
+        let due = sent + self.close_timeout;
+        if now >= due {
+            return Err(format!(
                 "{} did not answer channel.close on channel {id} within {:?}",
                 self.endpoint, self.close_timeout
-            ),
-        ))
+            ));
+        }
+        Ok(Some(wake_at.map_or(due, |at| at.min(due))))
     }
 
-    fn take_queued(&self, batch: &mut Vec<u8>) -> bool {
+    fn take_queued(&self, batch: &mut Vec<u8>, _: &mut ()) -> bool {
         // Outside the connection's lock: a flush takes its own, then this one.
         let deferred =
             std::mem::take(&mut *self.deferred.lock().unwrap_or_else(|e| e.into_inner()));
@@ -788,7 +790,7 @@ impl Wired for Connection {
         self.drop_deferred();
     }
 
-    fn handle(&self, frame: FrameRef<'_>) -> Result<(), String> {
+    fn handle(&self, frame: FrameRef<'_>, _: &mut ()) -> Result<(), String> {
         let after = match frame.kind {
             FRAME_METHOD => {
                 let (class, method, args) = frame.method().map_err(|e| e.to_string())?;

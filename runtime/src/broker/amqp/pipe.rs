@@ -2,8 +2,9 @@
 //!
 //! (lapin, used before, ran each connection's I/O on a thread of its own, so
 //! every publish and every confirm crossed threads; the wake-ups were more
-//! than half of a publish's CPU.) This connection is two tasks on the caller's runtime over
-//! the lenient codec in [`wire`](super::wire): a writer that sends what
+//! than half of a publish's CPU.) This connection is two tasks on the
+//! caller's runtime, the main connection's ([`io`](super::io)), over the
+//! lenient codec in [`wire`](super::wire): a writer that sends what
 //! publishers queued, as one write per batch, and a reader that settles
 //! publishes from the broker's confirms. It only publishes: one channel in
 //! confirm mode, reopened when the broker closes it.
@@ -26,7 +27,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Waker;
 use std::time::Duration;
 
-use futures_util::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -34,10 +34,12 @@ use super::config::AmqpConfig;
 use super::copies::{
     InFlight, InFlightSet, Prepared, Remembered, Settled, Waited, check_short as short, joined,
 };
+use super::io::{self, Wired};
 use super::link::{LinkState, Supervised, Watched, close_lane, supervise};
-use super::raw::{ClientInfo, RawConnection, RawIo};
+use super::raw::{ClientInfo, RawConnection};
 use super::wire::{
-    CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD, Frame, Reader, ShortString, Writer,
+    CLASS_BASIC, FRAME_BODY, FRAME_HEADER, FRAME_METHOD, Frame, FrameRef, Reader, ShortString,
+    Writer,
 };
 use crate::broker::{BrokerError, OutgoingMessage};
 
@@ -45,16 +47,12 @@ const CONNECTION: u16 = 10;
 const CHANNEL: u16 = 20;
 const CONFIRM: u16 = 85;
 const FRAME_END: u8 = 0xCE;
-const HEARTBEAT_FRAME: [u8; 8] = [8, 0, 0, 0, 0, 0, 0, FRAME_END];
 
 /// The writer encodes about this much from the queue per write: what waits
 /// for the socket beyond the queued records themselves stays bounded,
 /// however many publishes are in flight or however long RabbitMQ blocks the
 /// connection.
 const WRITE_BATCH: usize = 256 * 1024;
-
-/// A write buffer larger than this is not kept for the next batch.
-const WRITE_BUFFER_KEPT: usize = 1 << 20;
 
 /// What became of one publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +141,9 @@ struct State {
     reader_wakes_at: Option<Instant>,
     /// Why the connection died, once it did.
     dead: Option<Arc<str>>,
+    /// The `connection.close-ok` answering the broker's close: written once
+    /// the connection is dead (nothing queued is sent after the close).
+    farewell: Option<Vec<u8>>,
 }
 
 /// One publishing connection.
@@ -182,7 +183,6 @@ impl Pipe {
         let name = format!("{} (publish)", config.connection_name());
         let client = ClientInfo::named(&config, name);
         let opened = RawConnection::open(&config, &client, true).await?;
-        let (reader, writer) = opened.io.split();
         let pipe = Arc::new(Pipe {
             generation,
             node,
@@ -202,6 +202,7 @@ impl Pipe {
                 next_expiry: None,
                 reader_wakes_at: None,
                 dead: None,
+                farewell: None,
             }),
             wake_writer: Notify::new(),
             wake_reader: Notify::new(),
@@ -210,8 +211,7 @@ impl Pipe {
             dead: watch::Sender::new(false),
         });
         let heartbeat = Duration::from_secs(opened.heartbeat.into());
-        tokio::spawn(write_loop(pipe.clone(), writer, heartbeat));
-        tokio::spawn(read_loop(pipe.clone(), reader, opened.buffer, heartbeat));
+        io::spawn(&pipe, opened.io, opened.buffer, opened.frame_max, heartbeat);
         Ok(pipe)
     }
 
@@ -325,30 +325,6 @@ impl Pipe {
             .extend_from_slice(&Frame::encode(FRAME_METHOD, channel, &method.0));
         state.writer_idle = false;
         self.wake_writer.notify_one();
-    }
-
-    /// Marks the connection dead (once): every queued and pending publish is told, the writer stops.
-    fn die(&self, reason: String) {
-        let reason: Arc<str> = reason.into();
-        let (unsent, pending) = {
-            let mut state = self.lock();
-            if state.dead.is_some() {
-                return;
-            }
-            state.out = Vec::new();
-            state.dead = Some(reason.clone());
-            state.in_flight = InFlightSet::default();
-            state.returns.clear();
-            (
-                std::mem::take(&mut state.unsent),
-                std::mem::take(&mut state.pending),
-            )
-        };
-        for copy in unsent.into_iter().chain(pending.into_iter().flatten()) {
-            copy.settle(Outcome::Lost(reason.clone()), &self.remembered);
-        }
-        self.wake_writer.notify_one();
-        self.dead.send_replace(true);
     }
 
     /// Closes the connection politely (waiting a moment for the broker's answer).
@@ -515,11 +491,80 @@ impl Pipe {
         }
         state.channel
     }
+}
+
+impl Wired for Pipe {
+    /// Publishes taken for the next write, encoded outside the state's lock.
+    type WriterScratch = Vec<Arc<Prepared>>;
+    /// Publishes settled by a confirm, told outside the state's lock.
+    type ReaderScratch = Vec<(Arc<Prepared>, Outcome)>;
+
+    fn endpoint(&self) -> String {
+        self.node_config.endpoint()
+    }
+
+    fn writer_wake(&self) -> &Notify {
+        &self.wake_writer
+    }
+
+    fn dead_signal(&self) -> watch::Receiver<bool> {
+        self.dead.subscribe()
+    }
+
+    /// Control frames, then publishes from the queue, about [`WRITE_BATCH`]
+    /// bytes of them; marks the writer idle when there is nothing (a
+    /// publish wakes it only then).
+    fn take_queued(&self, batch: &mut Vec<u8>, sending: &mut Vec<Arc<Prepared>>) -> bool {
+        let channel = {
+            let mut state = self.lock();
+            if state.dead.is_some() {
+                return false;
+            }
+            std::mem::swap(&mut state.out, batch);
+            let channel = self.take_batch(&mut state, sending);
+            if batch.is_empty() && sending.is_empty() {
+                state.writer_idle = true;
+            }
+            channel
+        };
+        for copy in sending.drain(..) {
+            encode_publish(batch, channel, &copy, self.frame_max);
+        }
+        true
+    }
+
+    /// Marks the connection dead (once): every queued and pending publish is told, the writer stops.
+    fn die(&self, reason: String) {
+        let reason: Arc<str> = reason.into();
+        let (unsent, pending) = {
+            let mut state = self.lock();
+            if state.dead.is_some() {
+                return;
+            }
+            state.out = Vec::new();
+            state.dead = Some(reason.clone());
+            state.in_flight = InFlightSet::default();
+            state.returns.clear();
+            (
+                std::mem::take(&mut state.unsent),
+                std::mem::take(&mut state.pending),
+            )
+        };
+        for copy in unsent.into_iter().chain(pending.into_iter().flatten()) {
+            copy.settle(Outcome::Lost(reason.clone()), &self.remembered);
+        }
+        self.wake_writer.notify_one();
+        self.dead.send_replace(true);
+    }
+
+    fn farewell(&self) -> Option<Vec<u8>> {
+        self.lock().farewell.take()
+    }
 
     /// Handles one frame from the broker; `Err` ends the connection.
     fn handle(
         &self,
-        frame: &Frame,
+        frame: FrameRef<'_>,
         settled: &mut Vec<(Arc<Prepared>, Outcome)>,
     ) -> Result<(), String> {
         if frame.kind != FRAME_METHOD {
@@ -535,11 +580,10 @@ impl Pipe {
         let channel = self.lock().channel;
         match (frame.channel, class, method) {
             (0, CONNECTION, 50) => {
-                let (code, text) = closing(&mut args)?;
-                let mut state = self.lock();
-                self.send_control(&mut state, 0, Writer::method(CONNECTION, 51));
-                drop(state);
-                return Err(format!("the broker closed the connection: {code} {text}"));
+                // Queued frames die with the connection: the writer sends the close-ok last.
+                let (close_ok, reason) = io::closed_by_broker(args);
+                self.lock().farewell = Some(close_ok);
+                return Err(reason);
             }
             (0, CONNECTION, 51) => return Err("closed by application".to_owned()),
             (0, CONNECTION, 60) => {
@@ -601,6 +645,39 @@ impl Pipe {
             }
         }
         Ok(())
+    }
+
+    /// Wakes the callers whose deadlines passed (not an error: their
+    /// copies go on), and ends the connection when the channel was not
+    /// reopened within the connect timeout.
+    fn timers(&self, now: Instant, wake_at: Option<Instant>) -> Result<Option<Instant>, String> {
+        loop {
+            let mut state = self.lock();
+            if state.next_expiry.is_some_and(|at| now >= at) {
+                drop(state);
+                self.expire(now);
+                continue;
+            }
+            let timeout = self.node_config.connect_timeout();
+            let reopened_by = state.reopening.map(|since| since + timeout);
+            if reopened_by.is_some_and(|by| now >= by) {
+                return Err(format!(
+                    "{} did not reopen the publishing channel within {timeout:?}",
+                    self.node_config.endpoint()
+                ));
+            }
+            let wake_at = [wake_at, reopened_by, state.next_expiry]
+                .into_iter()
+                .flatten()
+                .min();
+            // A publish due earlier wakes the reader (`send`).
+            state.reader_wakes_at = wake_at;
+            return Ok(wake_at);
+        }
+    }
+
+    fn reader_wake(&self) -> Option<&Notify> {
+        Some(&self.wake_reader)
     }
 }
 
@@ -692,184 +769,6 @@ pub(crate) fn encode_properties(
     let mut properties = flags.to_be_bytes().to_vec();
     properties.extend_from_slice(&values.0);
     Ok(properties)
-}
-
-/// Sends what was queued: control frames, and publishes from the queue in
-/// batches of about [`WRITE_BATCH`] bytes, one write each.
-async fn write_loop(pipe: Arc<Pipe>, mut writer: WriteHalf<Box<dyn RawIo>>, heartbeat: Duration) {
-    let mut batch = Vec::new();
-    let mut sending: Vec<Arc<Prepared>> = Vec::new();
-    let mut dead = pipe.dead.subscribe();
-    // Heartbeats at half the negotiated interval, when nothing else was sent.
-    let idle = (!heartbeat.is_zero()).then(|| heartbeat / 2);
-    let mut quiet = false;
-    loop {
-        let channel = {
-            let mut state = pipe.lock();
-            if state.dead.is_some() {
-                break;
-            }
-            if batch.is_empty() {
-                std::mem::swap(&mut state.out, &mut batch);
-            } else {
-                batch.append(&mut state.out);
-            }
-            let channel = pipe.take_batch(&mut state, &mut sending);
-            if batch.is_empty() && sending.is_empty() {
-                if quiet {
-                    batch.extend_from_slice(&HEARTBEAT_FRAME);
-                } else {
-                    state.writer_idle = true;
-                }
-            }
-            channel
-        };
-        if batch.is_empty() && sending.is_empty() {
-            quiet = match idle {
-                Some(idle) => tokio::time::timeout(idle, pipe.wake_writer.notified())
-                    .await
-                    .is_err(),
-                None => {
-                    pipe.wake_writer.notified().await;
-                    false
-                }
-            };
-            continue;
-        }
-        quiet = false;
-        for copy in sending.drain(..) {
-            encode_publish(&mut batch, channel, &copy, pipe.frame_max);
-        }
-        let written = async {
-            writer.write_all(&batch).await?;
-            writer.flush().await
-        };
-        // A write stuck on a peer that stopped reading ends when the reader
-        // declares the connection dead (silence), not when TCP gives up.
-        let written = tokio::select! {
-            written = written => written,
-            _ = dead.wait_for(|dead| *dead) => break,
-        };
-        if let Err(error) = written {
-            pipe.die(format!(
-                "writing to {}: {error}",
-                pipe.node_config.endpoint()
-            ));
-            break;
-        }
-        batch.clear();
-        if batch.capacity() > WRITE_BUFFER_KEPT {
-            batch = Vec::new();
-        }
-    }
-    let _ = writer.close().await;
-}
-
-/// What woke the reader.
-enum Woken {
-    Read(std::io::Result<usize>),
-    /// Its wake-up time came.
-    Timer,
-    /// A publish with an earlier deadline than it planned for.
-    Rewake,
-}
-
-/// Reads the broker's frames until the connection ends, or goes silent
-/// longer than two heartbeat intervals; wakes callers whose deadlines passed.
-async fn read_loop(
-    pipe: Arc<Pipe>,
-    mut reader: ReadHalf<Box<dyn RawIo>>,
-    mut buffer: Vec<u8>,
-    heartbeat: Duration,
-) {
-    let endpoint = pipe.node_config.endpoint();
-    let frame_max = u32::try_from(pipe.frame_max).unwrap_or(u32::MAX);
-    let silence = (!heartbeat.is_zero()).then(|| heartbeat * 2);
-    let mut start = 0;
-    let mut chunk = vec![0; 64 * 1024];
-    let mut settled = Vec::new();
-    let mut dead = pipe.dead.subscribe();
-    let mut heard = Instant::now();
-    let reason = 'connection: loop {
-        loop {
-            match Frame::parse(&buffer[start..], frame_max) {
-                Ok(Some((frame, used))) => {
-                    start += used;
-                    if let Err(reason) = pipe.handle(&frame, &mut settled) {
-                        break 'connection reason;
-                    }
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    break 'connection format!("malformed frame from {endpoint}: {error}");
-                }
-            }
-        }
-        buffer.drain(..start);
-        start = 0;
-        // Silence past two heartbeats ends the connection, and so does a
-        // channel the broker does not reopen within the connect timeout.
-        // Callers whose deadlines passed are woken, after every wake-up (a
-        // reader busy with confirms may never time out its read).
-        let silent_at = silence.map(|silence| heard + silence);
-        let now = Instant::now();
-        let (reopened_by, wake_at) = loop {
-            let mut state = pipe.lock();
-            if state.next_expiry.is_some_and(|at| now >= at) {
-                drop(state);
-                pipe.expire(now);
-                continue;
-            }
-            let reopened_by = state
-                .reopening
-                .map(|since| since + pipe.node_config.connect_timeout());
-            let wake_at = [silent_at, reopened_by, state.next_expiry]
-                .into_iter()
-                .flatten()
-                .min();
-            state.reader_wakes_at = wake_at;
-            break (reopened_by, wake_at);
-        };
-        let read = async {
-            match wake_at {
-                Some(at) => match tokio::time::timeout_at(at, reader.read(&mut chunk)).await {
-                    Ok(read) => Woken::Read(read),
-                    Err(_) => Woken::Timer,
-                },
-                None => Woken::Read(reader.read(&mut chunk).await),
-            }
-        };
-        // A connection that died elsewhere (the writer failed) stops reading too.
-        let woken = tokio::select! {
-            woken = read => woken,
-            () = pipe.wake_reader.notified() => Woken::Rewake,
-            _ = dead.wait_for(|dead| *dead) => return,
-        };
-        match woken {
-            Woken::Read(Ok(0)) => break format!("{endpoint} closed the connection"),
-            Woken::Read(Ok(read)) => {
-                heard = Instant::now();
-                buffer.extend_from_slice(&chunk[..read]);
-            }
-            Woken::Read(Err(error)) => break format!("reading from {endpoint}: {error}"),
-            Woken::Rewake => {}
-            Woken::Timer => {
-                let now = Instant::now();
-                if reopened_by.is_some_and(|by| now >= by) && pipe.lock().reopening.is_some() {
-                    break format!(
-                        "{endpoint} did not reopen the publishing channel within {:?}",
-                        pipe.node_config.connect_timeout()
-                    );
-                }
-                if let (Some(at), Some(silence)) = (silent_at, silence)
-                    && now >= at
-                {
-                    break format!("no heartbeat from {endpoint} for {silence:?}");
-                }
-            }
-        }
-    };
-    pipe.die(reason);
 }
 
 /// The publishing connection's state and its supervisor's counters.
@@ -1120,6 +1019,19 @@ mod tests {
         })
     }
 
+    /// Waits (10 s at most) for `publish`, made in a task, to be lost for a
+    /// reason naming `naming`.
+    async fn assert_lost(publish: tokio::task::JoinHandle<Outcome>, naming: &str) {
+        let confirm = tokio::time::timeout(Duration::from_secs(10), publish)
+            .await
+            .expect("the publish does not wait forever")
+            .unwrap();
+        assert!(
+            matches!(&confirm, Outcome::Lost(reason) if reason.contains(naming)),
+            "{confirm:?}"
+        );
+    }
+
     /// Waits until `count` publishes reached the peer (method, header, body each).
     async fn publishes_arrive(peer: &mut scripted::Peer, count: usize) {
         for _ in 0..count {
@@ -1310,9 +1222,7 @@ mod tests {
         assert_eq!(peer.method().await, Some((CHANNEL, 10)));
         let waiting = publish(&pipe, "waiting");
         peer.send(1, close()).await;
-        assert!(
-            matches!(waiting.await.unwrap(), Outcome::Lost(reason) if reason.contains("while it was being opened"))
-        );
+        assert_lost(waiting, "while it was being opened").await;
         tokio::time::timeout(Duration::from_secs(5), pipe.died())
             .await
             .expect("the connection ends");
@@ -1334,15 +1244,7 @@ mod tests {
             Some((CHANNEL, 10)),
             "asked to reopen; no answer"
         );
-        let waiting = publish(&pipe, "waiting");
-        let confirm = tokio::time::timeout(Duration::from_secs(5), waiting)
-            .await
-            .expect("the publish does not wait forever")
-            .unwrap();
-        assert!(
-            matches!(&confirm, Outcome::Lost(reason) if reason.contains("did not reopen")),
-            "{confirm:?}"
-        );
+        assert_lost(publish(&pipe, "waiting"), "did not reopen").await;
     }
 
     #[tokio::test]
@@ -1369,6 +1271,27 @@ mod tests {
             .expect("unblocked");
     }
 
+    /// The broker closing the publishing connection hears its `close-ok`
+    /// (else it waits for it until its own timeout), and every publish in
+    /// flight fails with the broker's reason.
+    #[tokio::test]
+    async fn the_broker_closing_the_connection_is_answered_and_fails_every_publish() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let waiting = [publish(&pipe, "a"), publish(&pipe, "b")];
+        publishes_arrive(&mut peer, 2).await;
+        peer.close_connection_answered(
+            320,
+            "CONNECTION_FORCED - broker forced connection closure with reason 'shutdown'",
+        )
+        .await;
+        for publish in waiting {
+            assert_lost(publish, "320 CONNECTION_FORCED").await;
+        }
+        assert!(!pipe.is_up());
+        assert_lost(publish(&pipe, "after"), "320 CONNECTION_FORCED").await;
+        peer.hung_up().await;
+    }
+
     #[tokio::test]
     async fn garbage_from_the_broker_ends_the_connection_and_every_publish_hears_of_it() {
         let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
@@ -1376,9 +1299,7 @@ mod tests {
         publishes_arrive(&mut peer, 1).await;
         // A method frame whose frame-end byte is wrong.
         peer.raw(&[1, 0, 1, 0, 0, 0, 4, 0, 60, 0, 80, 0x00]).await;
-        assert!(
-            matches!(waiting.await.unwrap(), Outcome::Lost(reason) if reason.contains("malformed frame")),
-        );
+        assert_lost(waiting, "malformed frame").await;
         tokio::time::timeout(Duration::from_secs(5), pipe.died())
             .await
             .expect("the connection is dead");
@@ -1392,13 +1313,11 @@ mod tests {
             .expect("the client hangs up");
     }
 
-    /// A peer that neither reads nor speaks: the writer stuck on a full
-    /// socket ends with the connection, and every queued publish hears of it.
-    #[tokio::test]
-    async fn a_broker_that_stops_reading_does_not_hold_the_writer() {
-        let (pipe, peer) = scripted::connected(1, Duration::from_secs(5)).await;
+    /// 48 publishes of 1 MiB each in tasks: more than loopback sockets
+    /// buffer, so a peer that does not read leaves the writer stuck mid-write.
+    fn more_than_a_socket_holds(pipe: &Arc<Pipe>) -> Vec<tokio::task::JoinHandle<Outcome>> {
         let body = vec![b'x'; 1 << 20];
-        let publishes: Vec<_> = (0..48)
+        (0..48)
             .map(|n| {
                 let (pipe, body) = (pipe.clone(), body.clone());
                 tokio::spawn(async move {
@@ -1414,13 +1333,49 @@ mod tests {
                     }
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    /// A broker that closes the connection while the writer is stuck
+    /// mid-write (it was not reading) still hears the close-ok once it
+    /// reads again: the batch being written is finished, then the close-ok
+    /// follows (a stream cut mid-frame could not carry it).
+    #[tokio::test]
+    async fn the_broker_closing_the_connection_mid_write_is_answered_after_the_batch() {
+        let (pipe, mut peer) = scripted::connected(0, Duration::from_secs(5)).await;
+        let publishes = more_than_a_socket_holds(&pipe);
+        // The writer fills the socket and waits for room.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        peer.close_connection(320, "CONNECTION_FORCED - shutdown")
+            .await;
+        let close_ok = async {
+            loop {
+                match peer.next_method().await {
+                    Some(method) if (method.class, method.method) == (CLASS_BASIC, 40) => {}
+                    other => break other,
+                }
+            }
+        };
+        let close_ok = tokio::time::timeout(Duration::from_secs(10), close_ok)
+            .await
+            .expect("the client answers or hangs up");
+        let close_ok = close_ok.expect("close-ok, not a hang-up");
+        assert_eq!(
+            (close_ok.channel, close_ok.class, close_ok.method),
+            (0, CONNECTION, 51)
+        );
         for publish in publishes {
-            let confirm = tokio::time::timeout(Duration::from_secs(10), publish)
-                .await
-                .expect("no publish waits forever")
-                .unwrap();
-            assert!(matches!(confirm, Outcome::Lost(_)), "{confirm:?}");
+            assert_lost(publish, "320 CONNECTION_FORCED").await;
+        }
+    }
+
+    /// A peer that neither reads nor speaks: the writer stuck on a full
+    /// socket ends with the connection, and every queued publish hears of it.
+    #[tokio::test]
+    async fn a_broker_that_stops_reading_does_not_hold_the_writer() {
+        let (pipe, peer) = scripted::connected(1, Duration::from_secs(5)).await;
+        for publish in more_than_a_socket_holds(&pipe) {
+            assert_lost(publish, "").await;
         }
         let ended = async {
             while Arc::strong_count(&pipe) > 1 {
@@ -1439,11 +1394,7 @@ mod tests {
         let waiting = publish(&pipe, "unanswered");
         publishes_arrive(&mut peer, 1).await;
         let started = Instant::now();
-        let confirm = tokio::time::timeout(Duration::from_secs(10), waiting)
-            .await
-            .expect("the publish does not wait forever")
-            .unwrap();
-        assert!(matches!(confirm, Outcome::Lost(reason) if reason.contains("no heartbeat")));
+        assert_lost(waiting, "no heartbeat").await;
         let waited = started.elapsed();
         assert!(
             waited >= Duration::from_millis(1900) && waited < Duration::from_secs(4),

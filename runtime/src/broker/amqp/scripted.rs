@@ -280,6 +280,14 @@ impl Peer {
         close.u16(0).u16(0);
         self.send(0, close).await;
     }
+
+    /// The broker closes the connection with `code` and `text`; the client
+    /// must answer `connection.close-ok` (on channel 0).
+    pub(crate) async fn close_connection_answered(&mut self, code: u16, text: &str) {
+        self.close_connection(code, text).await;
+        let close_ok = self.expect(CONNECTION, 51).await;
+        assert_eq!(close_ok.channel, 0, "close-ok on channel 0");
+    }
 }
 
 /// Listens on a loopback port; the config connects there with `heartbeat` seconds.
