@@ -635,12 +635,18 @@ pub(crate) async fn declare_durable<B: Broker>(
     broker.declare_queue(queue, options).await
 }
 
-/// Runs a handler's future to its end: `Ok`, or the text of its error or
-/// panic (`handler panicked: ...`), as a failed attempt is logged and recorded.
-pub(crate) async fn run_caught(
-    handler: impl Future<Output = Result<(), HandlerError>>,
-) -> Result<(), String> {
-    match AssertUnwindSafe(handler).catch_unwind().await {
+/// Calls a handler (`call` makes its future) and runs that future to its
+/// end: `Ok`, or the text of its error or panic (`handler panicked: ...`),
+/// as a failed attempt is logged and recorded. The call is caught too: a
+/// handler may panic before it returns its future.
+pub(crate) async fn run_caught<Fut>(call: impl FnOnce() -> Fut) -> Result<(), String>
+where
+    Fut: Future<Output = Result<(), HandlerError>>,
+{
+    match AssertUnwindSafe(async move { call().await })
+        .catch_unwind()
+        .await
+    {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => Err(error.to_string()),
         Err(panic) => Err(format!("handler panicked: {}", panic_message(&*panic))),
@@ -688,7 +694,7 @@ impl<B: Broker, M: Decode> Dispatch for ConsumerDispatch<B, M> {
                 tracing::warn!(%exchange, %routing_key, %error, "auto-acknowledging failed");
             }
             let outcome = tokio::select! {
-                outcome = run_caught(self.handler.call(message, info)) => outcome,
+                outcome = run_caught(|| self.handler.call(message, info)) => outcome,
                 () = interrupt.interrupted() => {
                     if let Some(delivery) = delivery {
                         tracing::warn!(%exchange, %routing_key, "handler interrupted by stop; requeueing");

@@ -1141,7 +1141,7 @@ impl<B: Broker> JobDispatch<B> {
             let Some(registered) = registered else {
                 return Err(format!("no handler is registered for job `{}`", job.name));
             };
-            let attempt = run_caught((registered.handler)(context.clone()));
+            let attempt = run_caught(|| (registered.handler)(context.clone()));
             match job.timeout {
                 None => attempt.await,
                 Some(limit) => tokio::time::timeout(limit, attempt)

@@ -767,7 +767,7 @@ impl<B: Broker> Dispatch for QueueDispatch<B> {
             let queue = self.queue.name().to_owned();
             let (received, acker) = Received::from_delivery(&queue, delivery);
             let outcome = tokio::select! {
-                outcome = run_caught((self.handle)(received.clone())) => outcome,
+                outcome = run_caught(|| (self.handle)(received.clone())) => outcome,
                 () = interrupt.interrupted() => {
                     tracing::warn!(%queue, "handler interrupted by stop; returning the message");
                     if let Err(error) = acker.nack(true).await {

@@ -214,8 +214,16 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
         .bind(TaskDefined::default())
         .unwrap()
         .build(
-            move |message: Result<TaskDefinedMessage, DecodeError>, info| {
+            move |message: Result<TaskDefinedMessage, DecodeError>, info: DeliveryInfo| {
                 let sender = sender.clone();
+                // A panic in the handler itself, before it returns a future,
+                // is a handler panic too (and must not take the consumer down).
+                if let Ok(message) = &message
+                    && message.status.worker_type == "panics-early"
+                {
+                    let _ = sender.send(("panics-early".to_owned(), info.redelivered));
+                    panic!("handler bug before its future");
+                }
                 async move {
                     let message = message?;
                     let worker_type = message.status.worker_type;
@@ -232,13 +240,18 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
     consumer.start().await.unwrap();
 
     let publisher = Publisher::new(broker.clone());
-    for (n, worker_type) in [(1, "fails"), (2, "panics"), (3, "works")] {
+    for (n, worker_type) in [
+        (1, "panics-early"),
+        (2, "fails"),
+        (3, "panics"),
+        (4, "works"),
+    ] {
         let (binding, message) = defined(n, worker_type);
         publisher.publish(&binding, &message).await.unwrap();
     }
     let mut attempts = Vec::new();
-    for _ in 0..5 {
-        attempts.push(next(&mut seen, "five handler runs").await);
+    for _ in 0..7 {
+        attempts.push(next(&mut seen, "seven handler runs").await);
     }
     attempts.sort();
     assert_eq!(
@@ -248,11 +261,13 @@ async fn handler_errors_and_panics_requeue_once_then_dead_letter() {
             ("fails".to_owned(), true),
             ("panics".to_owned(), false),
             ("panics".to_owned(), true),
+            ("panics-early".to_owned(), false),
+            ("panics-early".to_owned(), true),
             ("works".to_owned(), false),
         ]
     );
-    eventually("both failing messages dead-lettered", || async {
-        broker.pending("failing.dead").await.unwrap().len() == 2
+    eventually("the three failing messages dead-lettered", || async {
+        broker.pending("failing.dead").await.unwrap().len() == 3
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;

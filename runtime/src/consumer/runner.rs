@@ -4,9 +4,11 @@
 //! in flight, resubscribing with backoff when the broker's stream ends.
 
 use std::ops::Deref;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{Semaphore, watch};
 
 use crate::broker::{BoxFuture, Broker, BrokerError, Delivery, DeliveryStream};
@@ -199,6 +201,7 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
         let (interrupt_tx, interrupt_rx) = watch::channel(false);
         let mut phases = self.phase.subscribe();
         let mut stream = Some(stream);
+        let mut queue_label: Arc<str> = Arc::from(queue.as_str());
         'taking: loop {
             let Some(current) = stream.as_mut() else {
                 // Resubscribe with backoff until it works or we are told to stop.
@@ -212,6 +215,7 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                     match self.subscribe().await {
                         Ok((name, fresh)) => {
                             tracing::info!(queue = %name, "resubscribed");
+                            queue_label = Arc::from(name.as_str());
                             queue = name;
                             *self
                                 .queue
@@ -248,9 +252,17 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                 Some(Ok(delivery)) => {
                     let dispatch = Arc::clone(&self.dispatch);
                     let interrupt = Interrupt(interrupt_rx.clone());
+                    let queue = Arc::clone(&queue_label);
                     let mut work = Box::pin(async move {
-                        dispatch.process(delivery, interrupt).await;
+                        // Handlers' panics are caught where they are called;
+                        // this is a net for the rest: whatever panics here
+                        // must not take the consuming loop (or a slot) with it.
+                        let work = async move { dispatch.process(delivery, interrupt).await };
+                        let processed = AssertUnwindSafe(work).catch_unwind().await;
                         drop(slot);
+                        if processed.is_err() {
+                            tracing::error!(%queue, "processing a delivery panicked; it goes back to its queue");
+                        }
                     });
                     // A handler that does not wait finishes in this first
                     // poll, here: no task to spawn, and no other thread to
@@ -300,5 +312,82 @@ async fn stop_requested(phases: &mut watch::Receiver<Phase>) {
     {
         // The runner (holding the sender) is gone: nothing will ever ask.
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{OutgoingMessage, QueueOptions};
+
+    /// Panics on the first delivery of a body `panic` (dropping it, which
+    /// requeues it), handles the rest.
+    struct Fragile {
+        broker: MemoryBroker,
+        handled: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    }
+
+    impl Dispatch for Fragile {
+        fn prepare(&self) -> BoxFuture<'_, Result<String, BrokerError>> {
+            Box::pin(async {
+                self.broker
+                    .declare_queue("fragile", QueueOptions::default())
+                    .await
+            })
+        }
+
+        fn process(
+            self: Arc<Self>,
+            delivery: Delivery,
+            _interrupt: Interrupt,
+        ) -> BoxFuture<'static, ()> {
+            assert!(
+                delivery.body != b"panic" || delivery.redelivered,
+                "a bug in processing"
+            );
+            Box::pin(async move {
+                let _ = self.handled.send(delivery.body.clone());
+                let _ = delivery.ack().await;
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_processing_does_not_stop_the_runner() {
+        let broker = MemoryBroker::new();
+        let (handled, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let dispatch = Arc::new(Fragile {
+            broker: broker.clone(),
+            handled,
+        });
+        let config = RunnerConfig {
+            max_in_flight: 1,
+            ..RunnerConfig::default()
+        };
+        let runner = Runner::owned(broker.clone(), dispatch, config);
+        runner.start().await.unwrap();
+        for body in ["panic", "after"] {
+            let message = OutgoingMessage {
+                body: body.as_bytes().to_vec(),
+                ..OutgoingMessage::default()
+            };
+            broker.publish("", "fragile", message).await.unwrap();
+        }
+        let mut handled = Vec::new();
+        while handled.len() < 2 {
+            let body = tokio::time::timeout(Duration::from_secs(10), seen.recv())
+                .await
+                .expect("both deliveries handled after the panic")
+                .expect("the dispatcher lives");
+            handled.push(String::from_utf8(body).unwrap());
+        }
+        handled.sort();
+        assert_eq!(handled, ["after", "panic"], "the panicking one came back");
+        assert!(runner.is_running());
+        runner.stop().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), runner.wait())
+            .await
+            .expect("the runner stops: every slot came back");
     }
 }
