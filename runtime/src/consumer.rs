@@ -44,7 +44,11 @@
 //!   logged (at most once).
 //! - **Flow control**: at most `prefetch` unacknowledged deliveries are pushed
 //!   by the broker, and at most `max_in_flight` handlers run at once (default:
-//!   the prefetch).
+//!   the prefetch). A handler that finishes without waiting runs in the
+//!   consumer's own task (no task spawned for it); one that waits goes on in
+//!   a task of its own. Handlers run on the tokio runtime: blocking work
+//!   belongs in `tokio::task::spawn_blocking`, or it holds up the consumer's
+//!   other deliveries meanwhile.
 //! - **Reconnection**: when the broker's delivery stream fails, the consumer
 //!   declares its queue and bindings again and resubscribes, with exponential
 //!   backoff (100 ms doubling to 30 s), until it is stopped.
