@@ -424,7 +424,14 @@ async fn run() -> Result<(), String> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
+    // On a worker thread, as an application's consumers and publishers run:
+    // `main`'s own future runs on a thread of its own, which every delivery
+    // and confirm would have to wake.
+    let outcome = match tokio::spawn(run()).await {
+        Ok(outcome) => outcome,
+        Err(error) => Err(format!("the bench's task failed: {error}")),
+    };
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("amqp_throughput: {error}");
