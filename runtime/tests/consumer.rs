@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use client_support::*;
 use exchange_runtime::broker::memory::MemoryBroker;
-use exchange_runtime::broker::{Broker, OutgoingMessage};
+use exchange_runtime::broker::{Broker, ExchangeOptions, OutgoingMessage};
 use exchange_runtime::consumer::{
     AckMode, ConsumerBuilder, ConsumerError, DeliveryInfo, Handler, HandlerError,
 };
@@ -615,17 +615,14 @@ async fn renamed_exchanges_meet_and_handlers_see_reference_names() {
     consumer.stop().unwrap();
     consumer.wait().await;
 
-    // Without the names, the consumer looks for the reference name, which
-    // does not exist on this broker.
-    let (handler, _seen) = recorder();
-    let unnamed = ConsumerBuilder::new(broker.clone())
-        .queue("not-renamed")
-        .bind(TaskDefined::default())
-        .unwrap()
-        .build_handler(handler)
-        .unwrap();
-    let error = unnamed.start().await.unwrap_err().to_string();
-    assert!(error.contains(DEFINED), "{error}");
+    // The publisher declared the broker name only: nothing is under the
+    // reference name (a consumer without the names would not find it).
+    let passive = ExchangeOptions {
+        passive: true,
+        durable: true,
+    };
+    let missing = broker.declare_exchange(DEFINED, passive).await;
+    assert!(missing.is_err(), "{missing:?}");
 
     // Two bound exchanges under one broker name could not be told apart.
     let (handler, _seen) = recorder();

@@ -183,6 +183,18 @@ async fn racing_first_publishes_declare_the_exchange_once() {
 
 /// The publishes waiting for another one's declaration go on when that
 /// one fails or is dropped: one of them declares the exchange then.
+/// Publishes the `n`th task-defined message in a task of its own.
+fn spawn_publish(
+    publisher: &std::sync::Arc<Publisher<Flaky>>,
+    n: u32,
+) -> tokio::task::JoinHandle<Result<(), PublishError>> {
+    let publisher = publisher.clone();
+    tokio::spawn(async move {
+        let (binding, message) = defined(n, "w");
+        publisher.publish(&binding, &message).await
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_declaration_that_fails_or_is_dropped_is_made_by_a_waiting_publish() {
     let memory = MemoryBroker::new();
@@ -194,13 +206,7 @@ async fn a_declaration_that_fails_or_is_dropped_is_made_by_a_waiting_publish() {
         broker.clone(),
         quick(Duration::from_secs(10)),
     ));
-    let publish = |n: u32| {
-        let publisher = publisher.clone();
-        tokio::spawn(async move {
-            let (binding, message) = defined(n, "w");
-            publisher.publish(&binding, &message).await
-        })
-    };
+    let publish = |n: u32| spawn_publish(&publisher, n);
     // The first declares (and its declaration will fail); the next wait for it.
     let first = publish(0);
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -221,13 +227,7 @@ async fn a_declaration_that_fails_or_is_dropped_is_made_by_a_waiting_publish() {
         broker.clone(),
         quick(Duration::from_secs(10)),
     ));
-    let publish = |n: u32| {
-        let publisher = publisher.clone();
-        tokio::spawn(async move {
-            let (binding, message) = defined(n, "w");
-            publisher.publish(&binding, &message).await
-        })
-    };
+    let publish = |n: u32| spawn_publish(&publisher, n);
     let dropped = publish(100);
     tokio::time::sleep(Duration::from_millis(20)).await;
     let waiting = publish(101);
