@@ -195,13 +195,14 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
         Ok((queue, stream))
     }
 
-    async fn run(self: Arc<Self>, mut queue: String, stream: DeliveryStream) {
+    async fn run(self: Arc<Self>, queue: String, stream: DeliveryStream) {
         let permits = self.config.max_in_flight.max(1);
         let slots = Arc::new(Semaphore::new(permits));
         let (interrupt_tx, interrupt_rx) = watch::channel(false);
         let mut phases = self.phase.subscribe();
         let mut stream = Some(stream);
-        let mut queue_label: Arc<str> = Arc::from(queue.as_str());
+        // Shared with each delivery's work, for its logs.
+        let mut queue: Arc<str> = Arc::from(queue);
         'taking: loop {
             let Some(current) = stream.as_mut() else {
                 // Resubscribe with backoff until it works or we are told to stop.
@@ -215,13 +216,11 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                     match self.subscribe().await {
                         Ok((name, fresh)) => {
                             tracing::info!(queue = %name, "resubscribed");
-                            queue_label = Arc::from(name.as_str());
-                            queue = name;
+                            queue = Arc::from(name.as_str());
                             *self
                                 .queue
                                 .lock()
-                                .unwrap_or_else(|poisoned| poisoned.into_inner()) =
-                                Some(queue.clone());
+                                .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(name);
                             stream = Some(fresh);
                             continue 'taking;
                         }
@@ -252,7 +251,7 @@ impl<B: Broker, D: Dispatch> Runner<B, D> {
                 Some(Ok(delivery)) => {
                     let dispatch = Arc::clone(&self.dispatch);
                     let interrupt = Interrupt(interrupt_rx.clone());
-                    let queue = Arc::clone(&queue_label);
+                    let queue = Arc::clone(&queue);
                     let mut work = Box::pin(async move {
                         // Handlers' panics are caught where they are called;
                         // this is a net for the rest: whatever panics here
